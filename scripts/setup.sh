@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs what rebalancer's tests and demo need, idempotently:
+#   redis-server (Debian), consul (Debian bullseye's 1.8.7 package).
+# Consul is looked for on PATH, then unpacked from ../shared/vendor/consul_*.deb, then
+# downloaded from the bullseye suite of the machine's own Debian mirror. It is unpacked into
+# .tools/consul/ (no root needed for that part); scripts and tests find it there.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+tools="$root/.tools"
+mkdir -p "$tools"
+
+say() { printf 'setup: %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# --- redis-server -------------------------------------------------------------------
+if command -v redis-server >/dev/null 2>&1; then
+  say "redis-server: $(redis-server --version | cut -d' ' -f3)"
+else
+  say "installing redis-server (Debian)"
+  apt_install redis-server redis-tools
+  # The package starts a system instance on 6379; the tests and the demo start their own.
+  as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+
+# --- consul ---------------------------------------------------------------------------
+consul_bin="$tools/consul/usr/bin/consul"
+if command -v consul >/dev/null 2>&1; then
+  say "consul: on PATH ($(command -v consul))"
+  ln -sf "$(command -v consul)" "$tools/consul-bin"
+elif [ -x "$consul_bin" ]; then
+  say "consul: $consul_bin"
+  ln -sf "$consul_bin" "$tools/consul-bin"
+else
+  deb=$(ls "$root"/../shared/vendor/consul_*.deb 2>/dev/null | head -n1 || true)
+  if [ -z "$deb" ]; then
+    say "consul: downloading Debian bullseye's package from the machine's own mirror"
+    mirror=$(grep -rhoE '^(deb|URIs:)\s+\S+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
+      | awk '{print $2}' | grep -v security | head -n1)
+    [ -z "$mirror" ] && mirror=$(grep -rhoE 'URIs:\s*\S+' /etc/apt/sources.list.d/ | awk '{print $2}' | head -n1)
+    lists="$tools/apt-bullseye"
+    mkdir -p "$lists/partial"
+    echo "deb $mirror bullseye main" > "$lists/sources.list"
+    opts=(-o "Dir::Etc::SourceList=$lists/sources.list" -o Dir::Etc::SourceParts=/dev/null
+          -o "Dir::State::Lists=$lists" -o Dir::Cache::archives="$lists")
+    apt-get "${opts[@]}" update -qq
+    (cd "$tools" && apt-get "${opts[@]}" download consul)
+    deb=$(ls "$tools"/consul_*.deb | head -n1)
+  fi
+  say "consul: unpacking $(basename "$deb")"
+  rm -rf "$tools/consul" && mkdir -p "$tools/consul"
+  dpkg -x "$deb" "$tools/consul"
+  ln -sf "$consul_bin" "$tools/consul-bin"
+fi
+"$tools/consul-bin" version | head -n1 | sed 's/^/setup: /'

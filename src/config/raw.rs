@@ -1,0 +1,200 @@
+//! The pipeline file as written: serde structs with the documented defaults.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPipeline {
+    pub name: String,
+    pub service: String,
+    pub dry_run: bool,
+    pub consul: RawConsul,
+    pub redis: RawRedis,
+    pub debounce: RawDebounce,
+    pub rebalance: RawRebalance,
+    pub scale: RawScale,
+    pub safety: RawSafety,
+    pub leader: RawLeader,
+    pub metrics: RawMetrics,
+}
+
+impl Default for RawPipeline {
+    fn default() -> Self {
+        RawPipeline {
+            name: "ws".into(),
+            service: "ws".into(),
+            dry_run: false,
+            consul: RawConsul::default(),
+            redis: RawRedis::default(),
+            debounce: RawDebounce::default(),
+            rebalance: RawRebalance::default(),
+            scale: RawScale::default(),
+            safety: RawSafety::default(),
+            leader: RawLeader::default(),
+            metrics: RawMetrics::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConsul {
+    pub address: String,
+    /// ACL token sent as `X-Consul-Token` (empty: none).
+    pub token: String,
+    /// How long one blocking query may wait for a change.
+    pub wait: String,
+}
+
+impl Default for RawConsul {
+    fn default() -> Self {
+        RawConsul {
+            address: "http://127.0.0.1:8500".into(),
+            token: String::new(),
+            wait: "5m".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    pub url: String,
+    /// Full SCAN + MGET resync period, on top of the one after every reconnect.
+    pub reconcile: String,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            url: "redis://127.0.0.1:6379/0".into(),
+            reconcile: "30s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDebounce {
+    pub quiet: String,
+    pub max_delay: String,
+}
+
+impl Default for RawDebounce {
+    fn default() -> Self {
+        RawDebounce {
+            quiet: "200ms".into(),
+            max_delay: "1s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRebalance {
+    pub enabled: bool,
+    pub tolerance: f64,
+    pub shed_fraction: f64,
+    pub min_shed: i64,
+    pub max_shed: i64,
+    pub round_interval: String,
+    /// Sessions per round closed on a cordoned server.
+    pub drain_rate: i64,
+    /// Fraction of the fleet's live sessions that may be shed or drained per minute.
+    pub disruption_budget: f64,
+    /// How long a command stays valid after it is issued.
+    pub command_ttl: String,
+}
+
+impl Default for RawRebalance {
+    fn default() -> Self {
+        RawRebalance {
+            enabled: true,
+            tolerance: 0.10,
+            shed_fraction: 1.0,
+            min_shed: 1,
+            max_shed: 1000,
+            round_interval: "15s".into(),
+            drain_rate: 100,
+            disruption_budget: 0.5,
+            command_ttl: "10s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawScale {
+    pub enabled: bool,
+    pub scale_out_at: f64,
+    pub scale_in_at: f64,
+    pub target_utilization: f64,
+    pub min_servers: i64,
+    pub max_servers: i64,
+    pub scale_in_after: String,
+    pub cooldown: String,
+    pub reap_after: String,
+    /// Most servers reactivated, started, cordoned or reaped in one round.
+    pub max_per_round: i64,
+}
+
+impl Default for RawScale {
+    fn default() -> Self {
+        RawScale {
+            enabled: true,
+            scale_out_at: 0.70,
+            scale_in_at: 0.40,
+            target_utilization: 0.55,
+            min_servers: 1,
+            max_servers: 100,
+            scale_in_after: "60s".into(),
+            cooldown: "30s".into(),
+            reap_after: "10s".into(),
+            max_per_round: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSafety {
+    /// Above this fraction of registered servers failing health, every action halts.
+    pub halt_unhealthy_fraction: f64,
+}
+
+impl Default for RawSafety {
+    fn default() -> Self {
+        RawSafety {
+            halt_unhealthy_fraction: 0.45,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLeader {
+    /// TTL of the Consul session that holds the leader lock.
+    pub session_ttl: String,
+}
+
+impl Default for RawLeader {
+    fn default() -> Self {
+        RawLeader {
+            session_ttl: "15s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub listen: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! What past rounds did and how long conditions have held: the memory the pure decisions
+//! are given, updated by the pipeline from each snapshot and each plan.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{ActionKind, DecideConfig, Plan};
+use crate::topology::{ServerId, Topology};
+
+/// Window of the disruption budget.
+pub const BUDGET_WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    last_shed: HashMap<ServerId, Instant>,
+    disruptions: VecDeque<(Instant, u64)>,
+    last_scale_out: Option<Instant>,
+    last_scale_in: Option<Instant>,
+    low_since: Option<Instant>,
+    zero_since: HashMap<ServerId, Instant>,
+}
+
+impl History {
+    /// Notes how long conditions of `t` have held. Call once per decision, before it.
+    pub fn observe(&mut self, t: &Topology, cfg: &DecideConfig, now: Instant) {
+        let totals = t.totals();
+        let trustworthy = !t.is_stale() && totals.unknown == 0;
+        let low = trustworthy && totals.capacity > 0 && totals.utilization() < cfg.scale.scale_in_at;
+        self.low_since = if low { self.low_since.or(Some(now)) } else { None };
+
+        let mut zero = HashMap::with_capacity(self.zero_since.len());
+        if trustworthy {
+            for s in &t.servers {
+                if s.is_live() && s.is_cordoned() && s.sessions.known() == Some(0) {
+                    zero.insert(s.id.clone(), self.zero_since.get(&s.id).copied().unwrap_or(now));
+                }
+            }
+        }
+        self.zero_since = zero;
+
+        let horizon = cfg.rebalance.round_interval.max(BUDGET_WINDOW);
+        self.last_shed.retain(|_, at| now.saturating_duration_since(*at) < horizon);
+        while let Some((at, _)) = self.disruptions.front() {
+            if now.saturating_duration_since(*at) >= BUDGET_WINDOW {
+                self.disruptions.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Remembers what a plan did (or, in dry-run, would have done).
+    pub fn record(&mut self, plan: &Plan, now: Instant) {
+        for a in &plan.actions {
+            match &a.kind {
+                ActionKind::Shed { server, count } | ActionKind::Drain { server, count } => {
+                    self.last_shed.insert(server.clone(), now);
+                    self.disruptions.push_back((now, *count));
+                }
+                ActionKind::Cordon { .. } => self.last_scale_in = Some(now),
+                ActionKind::Reactivate { .. } | ActionKind::Start { .. } => self.last_scale_out = Some(now),
+                ActionKind::Reap { server } => {
+                    self.zero_since.remove(server);
+                }
+            }
+        }
+    }
+
+    pub fn shed_within(&self, server: &str, now: Instant, window: Duration) -> bool {
+        self.last_shed
+            .get(server)
+            .is_some_and(|at| now.saturating_duration_since(*at) < window)
+    }
+
+    /// Sessions shed or drained within the budget window before `now`.
+    pub fn disrupted(&self, now: Instant) -> u64 {
+        self.disruptions
+            .iter()
+            .filter(|(at, _)| now.saturating_duration_since(*at) < BUDGET_WINDOW)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    pub fn scaled_out_within(&self, now: Instant, window: Duration) -> bool {
+        self.last_scale_out
+            .is_some_and(|at| now.saturating_duration_since(at) < window)
+    }
+
+    pub fn scaled_within(&self, now: Instant, window: Duration) -> bool {
+        self.scaled_out_within(now, window)
+            || self
+                .last_scale_in
+                .is_some_and(|at| now.saturating_duration_since(at) < window)
+    }
+
+    /// How long the fleet has been below `scale_in_at` on trustworthy snapshots.
+    pub fn low_for(&self, now: Instant) -> Option<Duration> {
+        self.low_since.map(|at| now.saturating_duration_since(at))
+    }
+
+    /// How long a cordoned server has had zero sessions.
+    pub fn zero_for(&self, server: &str, now: Instant) -> Option<Duration> {
+        self.zero_since.get(server).map(|at| now.saturating_duration_since(*at))
+    }
+}

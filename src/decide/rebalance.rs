@@ -1,0 +1,325 @@
+//! The rebalance stage: which over-utilized servers shed how many sessions this round, and
+//! how much each cordoned server drains.
+//!
+//! `U = Σ sessions of live servers / Σ capacity of live active servers`; a server is
+//! over-utilized when `u > U + tolerance`; `threshold = ceil(capacity × U)`;
+//! `offload = sessions − threshold`. Each round sheds `ceil(offload × shed_fraction)`,
+//! clamped to `max_shed`, zero below `min_shed`, never more in total than the
+//! under-utilized servers can absorb, never from a server shed within `round_interval`,
+//! never beyond the fleet's disruption budget per minute.
+
+use tokio::time::Instant;
+
+use super::{Action, ActionKind, History, Plan, RebalanceConfig};
+use crate::topology::{Server, Topology, Totals};
+
+/// `ceil(capacity × S / C)` in exact integer arithmetic.
+pub fn threshold(capacity: u32, totals: &Totals) -> u64 {
+    if totals.capacity == 0 {
+        return 0;
+    }
+    let num = u128::from(capacity) * u128::from(totals.sessions);
+    num.div_ceil(u128::from(totals.capacity)) as u64
+}
+
+/// Sessions the under-utilized (`u < U`) active servers can take before reaching their threshold.
+pub fn absorbable(t: &Topology, totals: &Totals) -> u64 {
+    let u = totals.utilization();
+    live_active(t)
+        .filter(|s| s.utilization().is_some_and(|x| x < u))
+        .map(|s| threshold(s.capacity, totals).saturating_sub(s.sessions.known().unwrap_or(0)))
+        .sum()
+}
+
+fn live_active(t: &Topology) -> impl Iterator<Item = &Server> {
+    t.servers.iter().filter(|s| s.is_live() && !s.is_cordoned())
+}
+
+pub fn plan(t: &Topology, totals: &Totals, cfg: &RebalanceConfig, now: Instant, h: &History, plan: &mut Plan) {
+    let u = totals.utilization();
+    if totals.capacity == 0 || !u.is_finite() {
+        return;
+    }
+    let mut absorb = absorbable(t, totals);
+    let allowed = (cfg.disruption_budget * totals.sessions as f64).ceil() as u64;
+    let mut budget = allowed.saturating_sub(h.disrupted(now));
+
+    // Cordoned servers have target 0: drain them first, at drain_rate.
+    let mut cordoned: Vec<&Server> = t
+        .servers
+        .iter()
+        .filter(|s| s.is_live() && s.is_cordoned() && s.sessions.known().unwrap_or(0) > 0)
+        .collect();
+    cordoned.sort_by(|a, b| b.sessions.known().cmp(&a.sessions.known()).then(a.id.cmp(&b.id)));
+    for s in cordoned {
+        if h.shed_within(&s.id, now, cfg.round_interval) {
+            continue;
+        }
+        let sessions = s.sessions.known().unwrap_or(0);
+        let n = sessions.min(cfg.drain_rate).min(absorb).min(budget);
+        if n == 0 {
+            plan.withheld.push(format!(
+                "drain {}: {}",
+                s.id,
+                if budget == 0 { "disruption budget spent" } else { "no headroom on active servers" }
+            ));
+            continue;
+        }
+        absorb -= n;
+        budget -= n;
+        plan.actions.push(Action {
+            kind: ActionKind::Drain {
+                server: s.id.clone(),
+                count: n,
+            },
+            reason: format!("cordoned with {sessions} sessions; draining {n} (drain_rate {})", cfg.drain_rate),
+        });
+    }
+
+    let mut over: Vec<(&Server, f64)> = live_active(t)
+        .filter_map(|s| s.utilization().map(|x| (s, x)))
+        .filter(|(_, x)| *x > u + cfg.tolerance)
+        .collect();
+    over.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.id.cmp(&b.0.id)));
+    for (s, ui) in over {
+        let sessions = s.sessions.known().unwrap_or(0);
+        let th = threshold(s.capacity, totals);
+        let offload = sessions.saturating_sub(th);
+        if offload == 0 {
+            continue;
+        }
+        if h.shed_within(&s.id, now, cfg.round_interval) {
+            plan.withheld
+                .push(format!("shed {}: already shed within round_interval", s.id));
+            continue;
+        }
+        let paced = ((offload as f64 * cfg.shed_fraction).ceil() as u64).min(cfg.max_shed);
+        let n = paced.min(absorb).min(budget);
+        if paced < cfg.min_shed {
+            continue; // dead band: not worth disconnecting anyone for
+        }
+        if n < cfg.min_shed {
+            plan.withheld.push(format!(
+                "shed {}: {}",
+                s.id,
+                if budget < paced { "disruption budget spent" } else { "under-utilized servers cannot absorb more" }
+            ));
+            continue;
+        }
+        absorb -= n;
+        budget -= n;
+        plan.actions.push(Action {
+            kind: ActionKind::Shed {
+                server: s.id.clone(),
+                count: n,
+            },
+            reason: format!(
+                "u={ui:.2} > U={u:.2}+{:.2}; threshold {th}, offload {offload}, shedding {n}",
+                cfg.tolerance
+            ),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::decide::{decide, DecideConfig};
+    use crate::topology::fixtures::{fleet, server};
+    use crate::topology::{Admin, Count};
+
+    fn cfg() -> DecideConfig {
+        let mut c = DecideConfig::default();
+        c.scale.enabled = false;
+        c
+    }
+
+    fn sheds(p: &Plan) -> Vec<(String, String, u64)> {
+        p.actions
+            .iter()
+            .filter_map(|a| match &a.kind {
+                ActionKind::Shed { server, count } => Some(("shed".into(), server.to_string(), *count)),
+                ActionKind::Drain { server, count } => Some(("drain".into(), server.to_string(), *count)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn the_seed_example_sheds_forty_from_the_busiest_server() {
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let p = decide(&t, &cfg(), now(), &History::default());
+        assert_eq!(sheds(&p), vec![("shed".into(), "a".into(), 40)]);
+        assert!(p.actions[0].reason.contains("threshold 50, offload 40"), "{}", p.actions[0].reason);
+    }
+
+    #[test]
+    fn an_empty_server_joining_three_full_ones_takes_exactly_the_minimum() {
+        let t = fleet(vec![
+            server("a", 100, 100),
+            server("b", 100, 100),
+            server("c", 100, 100),
+            server("d", 100, 0),
+        ]);
+        let p = decide(&t, &cfg(), now(), &History::default());
+        assert_eq!(p.shed_total(), 75);
+        assert_eq!(sheds(&p).len(), 3);
+    }
+
+    #[test]
+    fn shed_fraction_paces_and_max_shed_clamps() {
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let mut c = cfg();
+        c.rebalance.shed_fraction = 0.5;
+        assert_eq!(decide(&t, &c, now(), &History::default()).shed_total(), 20);
+        c.rebalance.max_shed = 7;
+        assert_eq!(decide(&t, &c, now(), &History::default()).shed_total(), 7);
+    }
+
+    #[test]
+    fn sheds_below_min_shed_fall_in_the_dead_band() {
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let mut c = cfg();
+        c.rebalance.min_shed = 41;
+        assert!(decide(&t, &c, now(), &History::default()).is_empty());
+    }
+
+    #[test]
+    fn servers_within_tolerance_are_left_alone() {
+        // U = 0.5; a is at 0.59 < 0.5 + 0.10.
+        let t = fleet(vec![server("a", 100, 59), server("b", 100, 41)]);
+        assert!(decide(&t, &cfg(), now(), &History::default()).is_empty());
+    }
+
+    #[test]
+    fn a_server_is_not_shed_from_twice_within_round_interval() {
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let c = cfg();
+        let t0 = now();
+        let mut h = History::default();
+        let p = decide(&t, &c, t0, &h);
+        h.record(&p, t0);
+        let again = decide(&t, &c, t0 + Duration::from_secs(14), &h);
+        assert!(again.is_empty(), "{again:?}");
+        assert!(again.withheld.iter().any(|w| w.contains("round_interval")));
+        // After the round interval it sheds again, within what is left of the minute's
+        // disruption budget (75 of 150 sessions, 40 already spent).
+        let later = decide(&t, &c, t0 + Duration::from_secs(15), &h);
+        assert_eq!(later.shed_total(), 35);
+        let much_later = decide(&t, &c, t0 + Duration::from_secs(60), &h);
+        assert_eq!(much_later.shed_total(), 40);
+    }
+
+    #[test]
+    fn the_disruption_budget_caps_sheds_per_minute() {
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let mut c = cfg();
+        c.rebalance.disruption_budget = 0.1; // 15 of 150 sessions per minute
+        let p = decide(&t, &c, now(), &History::default());
+        assert_eq!(p.shed_total(), 15);
+    }
+
+    #[test]
+    fn cordoned_servers_are_drained_at_drain_rate_into_the_headroom() {
+        let mut cordoned = server("z", 100, 60);
+        cordoned.admin = Admin::Cordoned { since_ms: 1 };
+        let t = fleet(vec![server("a", 100, 30), server("b", 100, 30), cordoned]);
+        let mut c = cfg();
+        c.rebalance.drain_rate = 25;
+        let p = decide(&t, &c, now(), &History::default());
+        assert_eq!(sheds(&p), vec![("drain".into(), "z".into(), 25)]);
+    }
+
+    #[test]
+    fn nothing_is_shed_while_a_count_is_unknown_or_a_source_is_down() {
+        let mut unknown = server("c", 100, 0);
+        unknown.sessions = Count::Unknown;
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), unknown]);
+        let p = decide(&t, &cfg(), now(), &History::default());
+        assert!(p.is_empty());
+        assert!(p.withheld.iter().any(|w| w.contains("unknown")), "{:?}", p.withheld);
+
+        let mut t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        t.sources.sessions = false;
+        let p = decide(&t, &cfg(), now(), &History::default());
+        assert!(p.is_empty());
+        assert!(p.withheld.iter().any(|w| w.contains("stale (redis-sessions")), "{:?}", p.withheld);
+    }
+
+    #[test]
+    fn too_many_failing_servers_halt_everything() {
+        let mut f1 = server("x", 100, 0);
+        f1.passing = false;
+        let mut f2 = server("y", 100, 0);
+        f2.passing = false;
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 10), f1, f2]);
+        let p = decide(&t, &cfg(), now(), &History::default());
+        assert!(p.is_empty());
+        assert!(p.halted.as_deref().unwrap().contains("2 of 4"));
+    }
+
+    fn arb_fleet() -> impl Strategy<Value = Topology> {
+        prop::collection::vec((1u32..500, 0u64..600, any::<bool>()), 1..40).prop_map(|v| {
+            fleet(
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (cap, s, cordon))| {
+                        let mut srv = server(&format!("s{i:03}"), cap, s.min(u64::from(cap) * 2));
+                        if cordon && i > 0 {
+                            srv.admin = Admin::Cordoned { since_ms: 0 };
+                        }
+                        srv
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn a_balanced_fleet_yields_an_empty_plan(caps in prop::collection::vec(1u32..1000, 1..50), u in 0.0f64..1.0) {
+            let t = fleet(caps.iter().enumerate()
+                .map(|(i, c)| server(&format!("s{i}"), *c, (f64::from(*c) * u).floor() as u64)).collect());
+            let p = decide(&t, &cfg(), now(), &History::default());
+            prop_assert!(p.is_empty(), "{:?}", p);
+        }
+
+        #[test]
+        fn total_shed_never_exceeds_what_the_others_can_absorb(t in arb_fleet(), frac in 0.1f64..1.0) {
+            let mut c = cfg();
+            c.rebalance.shed_fraction = frac;
+            let totals = t.totals();
+            let p = decide(&t, &c, now(), &History::default());
+            prop_assert!(p.shed_total() <= absorbable(&t, &totals));
+            for a in &p.actions {
+                if let ActionKind::Shed { server, count } = &a.kind {
+                    let s = t.get(server).unwrap();
+                    prop_assert!(*count <= s.sessions.known().unwrap() - threshold(s.capacity, &totals));
+                }
+            }
+        }
+
+        #[test]
+        fn nothing_destructive_comes_from_a_snapshot_with_unknowns(t in arb_fleet(), which in any::<prop::sample::Index>(), stale in any::<bool>()) {
+            let mut t = t;
+            let i = which.index(t.servers.len());
+            if stale { t.sources.health = false } else { t.servers[i].sessions = Count::Unknown }
+            let mut c = DecideConfig::default();
+            c.scale.can_start = true;
+            c.scale.can_reap = true;
+            let mut h = History::default();
+            let t0 = now();
+            h.observe(&t, &c, t0);
+            let p = decide(&t, &c, t0 + Duration::from_secs(3600), &h);
+            prop_assert!(p.actions.iter().all(|a| !a.kind.is_destructive()), "{:?}", p);
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! rebalancer: keeps fleets of long-lived-connection servers balanced and right-sized.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod decide;
+pub mod protocol;
+pub mod topology;

@@ -1,0 +1,152 @@
+//! The contract between the controller and connection servers (protocol v1): names and shapes.
+//!
+//! Everything here is public API. A server built from nothing but `redis-cli` and `curl`
+//! takes part by following these names; see `docs/protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// Version carried in every command (`"v"`).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Consul service meta key holding a server's capacity (positive integer, required).
+pub const META_MAX_SESSIONS: &str = "max_sessions";
+/// Consul service meta key holding a server's routing weight (positive number, optional).
+pub const META_WEIGHT: &str = "weight";
+
+/// Redis key prefix of session counts: `rebalancer:<svc>:sessions:`.
+pub fn sessions_key_prefix(service: &str) -> String {
+    format!("rebalancer:{service}:sessions:")
+}
+
+/// Redis key of one server's live session count.
+pub fn sessions_key(service: &str, server: &str) -> String {
+    format!("rebalancer:{service}:sessions:{server}")
+}
+
+/// Redis pub/sub channel of commands to servers.
+pub fn commands_channel(service: &str) -> String {
+    format!("rebalancer:{service}:commands")
+}
+
+/// Redis stream where servers acknowledge what they did.
+pub fn acks_stream(service: &str) -> String {
+    format!("rebalancer:{service}:acks")
+}
+
+/// Consul KV prefix of per-server administrative state.
+pub fn state_prefix(service: &str) -> String {
+    format!("rebalancer/{service}/servers/")
+}
+
+/// Consul KV key of one server's administrative state.
+pub fn state_key(service: &str, server: &str) -> String {
+    format!("rebalancer/{service}/servers/{server}")
+}
+
+/// Consul KV key the controllers of one pipeline contend for; its `LockIndex` is the epoch.
+pub fn leader_key(pipeline: &str) -> String {
+    format!("rebalancer/{pipeline}/leader")
+}
+
+/// What a command asks a server to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandKind {
+    /// Close `count` sessions so that clients reconnect elsewhere.
+    Shed,
+    /// Close `count` sessions of a cordoned server on its way out.
+    Drain,
+}
+
+impl CommandKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Shed => "shed",
+            CommandKind::Drain => "drain",
+        }
+    }
+}
+
+/// A command published on [`commands_channel`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub v: u32,
+    /// Unique per command; servers drop ids they have already seen.
+    pub id: String,
+    pub kind: CommandKind,
+    /// The Consul service ID this command is addressed to.
+    pub server: String,
+    pub count: u64,
+    /// The issuing leader's lock index; servers ignore commands from older epochs.
+    pub epoch: u64,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+}
+
+/// Administrative state of a server, as stored in Consul KV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    Active,
+    Cordoned,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Cordoned => "cordoned",
+        }
+    }
+}
+
+/// The JSON document at [`state_key`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub state: AdminState,
+    #[serde(default)]
+    pub since_ms: u64,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Milliseconds since the Unix epoch, as carried in the contract's `*_ms` fields.
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_serializes_to_the_documented_shape() {
+        let c = Command {
+            v: 1,
+            id: "abc".into(),
+            kind: CommandKind::Shed,
+            server: "s1".into(),
+            count: 40,
+            epoch: 3,
+            issued_at_ms: 10,
+            expires_at_ms: 20,
+            sig: None,
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(
+            json,
+            r#"{"v":1,"id":"abc","kind":"shed","server":"s1","count":40,"epoch":3,"issued_at_ms":10,"expires_at_ms":20}"#
+        );
+    }
+
+    #[test]
+    fn a_state_record_without_optional_fields_parses() {
+        let r: StateRecord = serde_json::from_str(r#"{"state":"cordoned"}"#).unwrap();
+        assert_eq!(r.state, AdminState::Cordoned);
+        assert_eq!(r.since_ms, 0);
+    }
+}
