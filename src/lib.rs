@@ -5,3 +5,8 @@ pub mod config;
 pub mod decide;
 pub mod protocol;
 pub mod topology;
+pub mod stages;
+pub mod consul;
+pub mod source;
+pub mod fold;
+pub mod telemetry;

@@ -1,0 +1,189 @@
+//! A thin Consul HTTP client: the few endpoints the controller, agent and tools use.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+
+/// Margin added to a blocking query's timeout on top of `wait + wait/16`.
+pub const BLOCKING_MARGIN: Duration = Duration::from_secs(5);
+/// Timeout of a non-blocking request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error("Consul request {method} {url} failed: {source}")]
+    Request {
+        method: Method,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("Consul answered {status} to {method} {url}: {body}")]
+    Status {
+        method: Method,
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("Consul answer to {url} has no valid X-Consul-Index header")]
+    NoIndex { url: String },
+    #[error("Consul answer to {url} is not the expected JSON: {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One answer of a (blocking) read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fetched {
+    pub index: u64,
+    /// `false` for a 404, which Consul uses for "no such key".
+    pub found: bool,
+    pub body: bytes::Bytes,
+}
+
+#[derive(Clone, Debug)]
+pub struct Consul {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Consul {
+    pub fn new(base: &str, token: Option<String>) -> Consul {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .expect("a plain HTTP client builds");
+        Consul {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> (reqwest::RequestBuilder, String) {
+        let url = format!("{}{}", self.base, path);
+        let mut rb = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            rb = rb.header("X-Consul-Token", t);
+        }
+        (rb, url)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        timeout: Duration,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, bytes::Bytes, String), ConsulError> {
+        let (mut rb, url) = self.request(method.clone(), path);
+        rb = rb.timeout(timeout);
+        if let Some(b) = body {
+            rb = rb.body(b);
+        }
+        let err = |source| ConsulError::Request {
+            method: method.clone(),
+            url: url.clone(),
+            source,
+        };
+        let resp = rb.send().await.map_err(err)?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.map_err(err)?;
+        Ok((status, headers, bytes, url))
+    }
+
+    /// A blocking read of `path` (which may carry a query string) at `index` (0: return at once).
+    pub async fn blocking_get(&self, path: &str, index: u64, wait: Duration) -> Result<Fetched, ConsulError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let full = if index > 0 {
+            format!("{path}{sep}index={index}&wait={}ms", wait.as_millis())
+        } else {
+            path.to_string()
+        };
+        // Consul adds up to wait/16 of jitter to the wait; allow for it and the network.
+        let timeout = wait + wait / 16 + BLOCKING_MARGIN;
+        let (status, headers, body, url) = self.send(Method::GET, &full, timeout, None).await?;
+        if !(status.is_success() || status == StatusCode::NOT_FOUND) {
+            return Err(ConsulError::Status {
+                method: Method::GET,
+                url,
+                status,
+                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            });
+        }
+        let index = headers
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or(ConsulError::NoIndex { url })?;
+        Ok(Fetched {
+            index,
+            found: status != StatusCode::NOT_FOUND,
+            body,
+        })
+    }
+
+    /// PUT with a body; returns the response body.
+    pub async fn put(&self, path: &str, body: Vec<u8>) -> Result<bytes::Bytes, ConsulError> {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<bytes::Bytes, ConsulError> {
+        self.call(Method::DELETE, path, None).await
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Option<bytes::Bytes>, ConsulError> {
+        let (status, _, body, url) = self.send(Method::GET, path, REQUEST_TIMEOUT, None).await?;
+        match status {
+            s if s.is_success() => Ok(Some(body)),
+            StatusCode::NOT_FOUND => Ok(None),
+            status => Err(ConsulError::Status {
+                method: Method::GET,
+                url,
+                status,
+                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            }),
+        }
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<bytes::Bytes, ConsulError> {
+        let (status, _, body, url) = self.send(method.clone(), path, REQUEST_TIMEOUT, body).await?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(ConsulError::Status {
+                method,
+                url,
+                status,
+                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            })
+        }
+    }
+
+    pub fn decode<T: for<'de> Deserialize<'de>>(path: &str, body: &[u8]) -> Result<T, ConsulError> {
+        serde_json::from_slice(body).map_err(|source| ConsulError::Decode {
+            url: path.to_string(),
+            source,
+        })
+    }
+
+    /// Writes a KV value.
+    pub async fn kv_put(&self, key: &str, value: Vec<u8>) -> Result<(), ConsulError> {
+        self.put(&format!("/v1/kv/{key}"), value).await.map(|_| ())
+    }
+
+    pub async fn kv_delete(&self, key: &str) -> Result<(), ConsulError> {
+        self.delete(&format!("/v1/kv/{key}")).await.map(|_| ())
+    }
+}

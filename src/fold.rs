@@ -1,0 +1,270 @@
+//! The fold: the one writer of the topology snapshot. It applies batches of changes and
+//! publishes a new immutable version through a `watch` channel only when the content changed.
+//! A source's resync replaces everything that source said before, at once, so a reader never
+//! sees half a resync.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::source::{Change, HealthList, Instance, Reading, SessionsUpdate, SourceKind, Stamped, StateList};
+use crate::telemetry::Events;
+use crate::topology::{Admin, Count, Server, ServerId, SourcesSynced, Topology};
+
+pub struct Fold {
+    events: Events,
+    instances: Vec<Instance>,
+    states: HashMap<ServerId, Admin>,
+    counts: HashMap<ServerId, Count>,
+    invalid_meta: HashMap<ServerId, String>,
+    invalid_states: HashMap<ServerId, String>,
+    invalid_counts: HashSet<ServerId>,
+    synced: SourcesSynced,
+    /// Sources that have failed since they last synced (for the resync event).
+    failed: HashSet<SourceKind>,
+    current: Arc<Topology>,
+    tx: watch::Sender<Arc<Topology>>,
+}
+
+impl Fold {
+    pub fn new(events: Events) -> (Fold, watch::Receiver<Arc<Topology>>) {
+        let current = Arc::new(Topology::default());
+        let (tx, rx) = watch::channel(current.clone());
+        let fold = Fold {
+            events,
+            instances: Vec::new(),
+            states: HashMap::new(),
+            counts: HashMap::new(),
+            invalid_meta: HashMap::new(),
+            invalid_states: HashMap::new(),
+            invalid_counts: HashSet::new(),
+            synced: SourcesSynced::default(),
+            failed: HashSet::new(),
+            current,
+            tx,
+        };
+        (fold, rx)
+    }
+
+    pub fn current(&self) -> Arc<Topology> {
+        self.current.clone()
+    }
+
+    /// Applies a batch; publishes and returns the new snapshot if its content changed.
+    pub fn apply(&mut self, batch: Vec<Stamped>) -> Option<Arc<Topology>> {
+        let changed_at = batch.iter().map(|s| s.at).min();
+        for s in batch {
+            self.apply_one(s.change);
+        }
+        let mut next = self.build();
+        if next.same_content(&self.current) {
+            return None;
+        }
+        next.version = self.current.version + 1;
+        next.changed_at = changed_at;
+        let next = Arc::new(next);
+        self.current = next.clone();
+        self.events.snapshot(&next);
+        self.tx.send_replace(next.clone());
+        Some(next)
+    }
+
+    fn apply_one(&mut self, change: Change) {
+        let kind = change.kind();
+        if !matches!(change, Change::Down(_)) {
+            let after_error = self.failed.remove(&kind);
+            self.events.source_change(kind, after_error);
+        }
+        match change {
+            Change::Down(k) => {
+                self.failed.insert(k);
+                match k {
+                    SourceKind::Health => self.synced.health = false,
+                    SourceKind::States => self.synced.states = false,
+                    SourceKind::Sessions => self.synced.sessions = false,
+                }
+            }
+            Change::Health(h) => self.apply_health(h),
+            Change::States(s) => self.apply_states(s),
+            Change::Sessions(SessionsUpdate::Resync(all)) => {
+                self.counts.clear();
+                let mut garbage = HashSet::new();
+                for (id, r) in all {
+                    let c = self.reading(&id, r, &mut garbage);
+                    self.counts.insert(id, c);
+                }
+                self.invalid_counts = garbage;
+                self.synced.sessions = true;
+            }
+            Change::Sessions(SessionsUpdate::Patch(changes)) => {
+                for (id, r) in changes {
+                    self.invalid_counts.remove(&id);
+                    match r {
+                        None => {
+                            self.counts.remove(&id);
+                        }
+                        Some(r) => {
+                            let mut garbage = std::mem::take(&mut self.invalid_counts);
+                            let c = self.reading(&id, r, &mut garbage);
+                            self.invalid_counts = garbage;
+                            self.counts.insert(id, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A reading as a count; garbage is logged and counted once while it stays garbage.
+    fn reading(&self, id: &ServerId, r: Reading, garbage: &mut HashSet<ServerId>) -> Count {
+        match r {
+            Ok(n) => Count::Known(n),
+            Err(raw) => {
+                if !self.invalid_counts.contains(id) && !garbage.contains(id) {
+                    self.events.invalid_count(id, &raw);
+                }
+                garbage.insert(id.clone());
+                Count::Unknown
+            }
+        }
+    }
+
+    fn apply_health(&mut self, h: HealthList) {
+        let mut invalid = HashMap::with_capacity(h.invalid.len());
+        for (id, why) in h.invalid {
+            if self.invalid_meta.get(&id) != Some(&why) {
+                self.events.invalid_meta(&id, &why);
+            }
+            invalid.insert(id, why);
+        }
+        self.invalid_meta = invalid;
+        self.instances = h.instances;
+        self.synced.health = true;
+    }
+
+    fn apply_states(&mut self, s: StateList) {
+        let mut invalid = HashMap::with_capacity(s.invalid.len());
+        for (id, why) in s.invalid {
+            if self.invalid_states.get(&id) != Some(&why) {
+                self.events.invalid_state(&id, &why);
+            }
+            invalid.insert(id, why);
+        }
+        self.invalid_states = invalid;
+        self.states = s.states.into_iter().collect();
+        self.synced.states = true;
+    }
+
+    fn build(&self) -> Topology {
+        let servers: Vec<Server> = self
+            .instances
+            .iter()
+            .map(|i| Server {
+                id: i.id.clone(),
+                address: i.address.clone(),
+                port: i.port,
+                capacity: i.capacity,
+                weight: i.weight,
+                passing: i.passing,
+                admin: self.states.get(&i.id).copied().unwrap_or(Admin::Active),
+                sessions: self.counts.get(&i.id).copied().unwrap_or(Count::Unknown),
+            })
+            .collect();
+        let registered: HashSet<&str> = self.instances.iter().map(|i| &*i.id).collect();
+        let ghosts = self
+            .counts
+            .keys()
+            .filter(|id| !registered.contains(&***id) && !self.invalid_meta.contains_key(*id))
+            .count() as u32;
+        Topology {
+            version: self.current.version,
+            servers,
+            ghosts,
+            invalid_instances: self.invalid_meta.len() as u32,
+            pending: 0,
+            sources: self.synced,
+            changed_at: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+
+    fn inst(id: &str, cap: u32) -> Instance {
+        Instance {
+            id: id.into(),
+            address: "127.0.0.1".into(),
+            port: 1,
+            capacity: cap,
+            weight: 1.0,
+            passing: true,
+        }
+    }
+
+    fn at(change: Change) -> Stamped {
+        Stamped { at: Instant::now(), change }
+    }
+
+    fn synced_fold() -> (Fold, watch::Receiver<Arc<Topology>>) {
+        let (mut f, rx) = Fold::new(Events::new("t"));
+        f.apply(vec![
+            at(Change::Health(HealthList {
+                instances: vec![inst("a", 100), inst("b", 100)],
+                invalid: vec![("x".into(), "Meta.max_sessions is missing".into())],
+            })),
+            at(Change::States(StateList::default())),
+            at(Change::Sessions(SessionsUpdate::Resync(vec![
+                ("a".into(), Ok(10)),
+                ("b".into(), Err("lots".into())),
+                ("ghost".into(), Ok(5)),
+                ("x".into(), Ok(1)),
+            ]))),
+        ]);
+        (f, rx)
+    }
+
+    #[tokio::test]
+    async fn a_synced_snapshot_records_counts_unknowns_ghosts_and_invalid_instances() {
+        let (_f, rx) = synced_fold();
+        let t = rx.borrow().clone();
+        assert_eq!(t.version, 1);
+        assert!(!t.is_stale());
+        assert_eq!(t.get("a").unwrap().sessions, Count::Known(10));
+        assert_eq!(t.get("b").unwrap().sessions, Count::Unknown, "garbage is unknown, never 0");
+        assert_eq!(t.ghosts, 1);
+        assert_eq!(t.invalid_instances, 1);
+    }
+
+    #[tokio::test]
+    async fn only_changed_content_publishes_a_new_version() {
+        let (mut f, rx) = synced_fold();
+        let same = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![("a".into(), Some(Ok(10)))])))];
+        assert!(f.apply(same).is_none());
+        assert_eq!(rx.borrow().version, 1);
+        let changed = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![("a".into(), Some(Ok(11)))])))];
+        assert_eq!(f.apply(changed).unwrap().version, 2);
+        let gone = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![("a".into(), None)])))];
+        let t = f.apply(gone).unwrap();
+        assert_eq!(t.get("a").unwrap().sessions, Count::Unknown, "an expired count is unknown");
+    }
+
+    #[tokio::test]
+    async fn a_source_going_down_makes_the_snapshot_stale_until_it_resyncs() {
+        let (mut f, _rx) = synced_fold();
+        let t = f.apply(vec![at(Change::Down(SourceKind::Sessions))]).unwrap();
+        assert!(t.is_stale());
+        assert_eq!(t.sources.missing(), vec!["redis-sessions"]);
+        let t = f
+            .apply(vec![at(Change::Sessions(SessionsUpdate::Resync(vec![("a".into(), Ok(3))])))])
+            .unwrap();
+        assert!(!t.is_stale());
+        assert_eq!(t.get("a").unwrap().sessions, Count::Known(3));
+        assert_eq!(t.get("b").unwrap().sessions, Count::Unknown, "a resync replaces, it does not merge");
+        assert_eq!(t.ghosts, 0);
+    }
+}

@@ -1,0 +1,163 @@
+//! Consul health of the service: registered instances, whether they pass, and their meta.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use serde::Deserialize;
+
+use super::consul_watch::{consul_fetch, watch};
+use crate::consul::{Consul, ConsulError, Fetched};
+use crate::protocol::{META_MAX_SESSIONS, META_WEIGHT};
+use crate::topology::ServerId;
+
+/// A registered instance with valid meta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub id: ServerId,
+    pub address: Arc<str>,
+    pub port: u16,
+    pub capacity: u32,
+    pub weight: f32,
+    pub passing: bool,
+}
+
+/// Every instance of the service, split into usable ones and those excluded for bad meta.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HealthList {
+    pub instances: Vec<Instance>,
+    /// `(service ID, what is wrong)`.
+    pub invalid: Vec<(ServerId, String)>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Entry {
+    node: Node,
+    service: Service,
+    #[serde(default)]
+    checks: Vec<Check>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Node {
+    #[serde(default)]
+    address: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Service {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    meta: Option<HashMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Check {
+    status: String,
+}
+
+/// Reads `Meta.max_sessions` and `Meta.weight`, or says what is wrong with them.
+pub fn read_meta(meta: Option<&HashMap<String, String>>) -> Result<(u32, f32), String> {
+    let empty = HashMap::new();
+    let meta = meta.unwrap_or(&empty);
+    let capacity = match meta.get(META_MAX_SESSIONS) {
+        None => return Err(format!("Meta.{META_MAX_SESSIONS} is missing")),
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("Meta.{META_MAX_SESSIONS} = {v:?} is not a positive integer")),
+        },
+    };
+    let weight = match meta.get(META_WEIGHT) {
+        None => 1.0,
+        Some(v) => match v.trim().parse::<f32>() {
+            Ok(w) if w.is_finite() && w > 0.0 && w <= 1000.0 => w,
+            _ => return Err(format!("Meta.{META_WEIGHT} = {v:?} is not a number in (0, 1000]")),
+        },
+    };
+    Ok((capacity, weight))
+}
+
+/// Parses an answer of `/v1/health/service/<svc>`.
+pub fn parse(path: &str, f: &Fetched) -> Result<HealthList, ConsulError> {
+    let entries: Vec<Entry> = if f.found { Consul::decode(path, &f.body)? } else { Vec::new() };
+    let mut out = HealthList::default();
+    for e in entries {
+        let id: ServerId = e.service.id.as_str().into();
+        match read_meta(e.service.meta.as_ref()) {
+            Ok((capacity, weight)) => {
+                let address = if e.service.address.is_empty() { e.node.address } else { e.service.address };
+                out.instances.push(Instance {
+                    id,
+                    address: address.into(),
+                    port: e.service.port,
+                    capacity,
+                    weight,
+                    passing: e.checks.iter().all(|c| c.status == "passing"),
+                });
+            }
+            Err(why) => out.invalid.push((id, why)),
+        }
+    }
+    out.instances.sort_by(|a, b| a.id.cmp(&b.id));
+    out.instances.dedup_by(|a, b| a.id == b.id);
+    out.invalid.sort();
+    Ok(out)
+}
+
+/// Streams the health of `service` each time it changes.
+pub fn stream(consul: Consul, service: &str, wait: Duration) -> impl Stream<Item = Result<HealthList, ConsulError>> {
+    let path = format!("/v1/health/service/{service}");
+    let p2 = path.clone();
+    watch(consul_fetch(consul, path, wait), move |f| parse(&p2, f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetched(body: &str) -> Fetched {
+        Fetched {
+            index: 1,
+            found: true,
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn instances_with_bad_meta_are_excluded_with_a_reason() {
+        let body = r#"[
+          {"Node":{"Address":"127.0.0.2"},"Service":{"ID":"a","Address":"","Port":9001,"Meta":{"max_sessions":"100","weight":"2"}},
+           "Checks":[{"Status":"passing"},{"Status":"passing"}]},
+          {"Node":{"Address":"127.0.0.1"},"Service":{"ID":"b","Address":"127.0.0.1","Port":9002,"Meta":{"max_sessions":"lots"}},"Checks":[]},
+          {"Node":{"Address":"127.0.0.1"},"Service":{"ID":"c","Address":"127.0.0.1","Port":9003,"Meta":null},"Checks":[]},
+          {"Node":{"Address":"127.0.0.1"},"Service":{"ID":"d","Address":"127.0.0.1","Port":9004,"Meta":{"max_sessions":"10"}},
+           "Checks":[{"Status":"passing"},{"Status":"critical"}]}
+        ]"#;
+        let h = parse("/v1/health/service/ws", &fetched(body)).unwrap();
+        assert_eq!(h.instances.len(), 2);
+        assert_eq!(&*h.instances[0].address, "127.0.0.2", "falls back to the node address");
+        assert_eq!(h.instances[0].capacity, 100);
+        assert_eq!(h.instances[0].weight, 2.0);
+        assert!(h.instances[0].passing);
+        assert!(!h.instances[1].passing, "one critical check fails the instance");
+        assert_eq!(h.invalid.len(), 2);
+        assert!(h.invalid[0].1.contains("\"lots\" is not a positive integer"));
+        assert!(h.invalid[1].1.contains("missing"));
+    }
+
+    #[test]
+    fn a_body_that_is_not_consul_json_is_an_error_naming_the_url() {
+        let e = parse("/v1/health/service/ws", &fetched("<html>")).unwrap_err();
+        assert!(e.to_string().contains("/v1/health/service/ws"), "{e}");
+    }
+}

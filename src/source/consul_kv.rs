@@ -1,0 +1,128 @@
+//! Consul KV prefix `rebalancer/<svc>/servers/`: the administrative state of each server.
+
+use std::time::Duration;
+
+use base64::Engine;
+use futures::Stream;
+use serde::Deserialize;
+
+use super::consul_watch::{consul_fetch, watch};
+use crate::consul::{Consul, ConsulError, Fetched};
+use crate::protocol::{state_prefix, AdminState, StateRecord};
+use crate::topology::{Admin, ServerId};
+
+/// Every state record under the prefix. Unreadable ones are `Admin::Unknown` and listed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StateList {
+    pub states: Vec<(ServerId, Admin)>,
+    pub invalid: Vec<(ServerId, String)>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct KvEntry {
+    key: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+/// Reads one state record's raw bytes.
+pub fn read_state(raw: &[u8]) -> Result<Admin, String> {
+    let rec: StateRecord =
+        serde_json::from_slice(raw).map_err(|e| format!("not a state record ({e}): {:?}", String::from_utf8_lossy(raw)))?;
+    Ok(match rec.state {
+        AdminState::Active => Admin::Active,
+        AdminState::Cordoned => Admin::Cordoned { since_ms: rec.since_ms },
+    })
+}
+
+/// Parses an answer of `/v1/kv/<prefix>?recurse` (404: no keys, everything active).
+pub fn parse(service: &str, path: &str, f: &Fetched) -> Result<StateList, ConsulError> {
+    let mut out = StateList::default();
+    if !f.found {
+        return Ok(out);
+    }
+    let prefix = state_prefix(service);
+    let entries: Vec<KvEntry> = Consul::decode(path, &f.body)?;
+    for e in entries {
+        let Some(id) = e.key.strip_prefix(&prefix) else { continue };
+        if id.is_empty() || id.contains('/') {
+            continue;
+        }
+        let id: ServerId = id.into();
+        let raw = e
+            .value
+            .as_deref()
+            .map(|v| base64::engine::general_purpose::STANDARD.decode(v))
+            .transpose();
+        let admin = match raw {
+            Ok(Some(bytes)) => read_state(&bytes),
+            Ok(None) => Err("empty value".to_string()),
+            Err(e) => Err(format!("value is not base64 ({e})")),
+        };
+        match admin {
+            Ok(a) => out.states.push((id, a)),
+            Err(why) => {
+                out.states.push((id.clone(), Admin::Unknown));
+                out.invalid.push((id, why));
+            }
+        }
+    }
+    out.states.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Streams the state records of `service` each time they change.
+pub fn stream(consul: Consul, service: &str, wait: Duration) -> impl Stream<Item = Result<StateList, ConsulError>> {
+    let path = format!("/v1/kv/{}?recurse=true", state_prefix(service));
+    let p2 = path.clone();
+    let svc = service.to_string();
+    watch(consul_fetch(consul, path, wait), move |f| parse(&svc, &p2, f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn states_are_read_and_garbage_is_unknown_not_active() {
+        let body = format!(
+            r#"[{{"Key":"rebalancer/ws/servers/a","Value":"{}"}},
+                {{"Key":"rebalancer/ws/servers/b","Value":"{}"}},
+                {{"Key":"rebalancer/ws/servers/c","Value":"{}"}},
+                {{"Key":"rebalancer/ws/servers/d/extra","Value":null}}]"#,
+            b64(r#"{"state":"cordoned","since_ms":7,"reason":"scale-in"}"#),
+            b64(r#"{"state":"active"}"#),
+            b64("cordon please"),
+        );
+        let f = Fetched {
+            index: 3,
+            found: true,
+            body: body.into(),
+        };
+        let s = parse("ws", "/v1/kv/x", &f).unwrap();
+        assert_eq!(
+            s.states,
+            vec![
+                ("a".into(), Admin::Cordoned { since_ms: 7 }),
+                ("b".into(), Admin::Active),
+                ("c".into(), Admin::Unknown)
+            ]
+        );
+        assert_eq!(s.invalid.len(), 1);
+    }
+
+    #[test]
+    fn no_keys_means_everything_is_active() {
+        let f = Fetched {
+            index: 3,
+            found: false,
+            body: bytes::Bytes::new(),
+        };
+        assert_eq!(parse("ws", "/v1/kv/x", &f).unwrap(), StateList::default());
+    }
+}

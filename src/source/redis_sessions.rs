@@ -1,0 +1,308 @@
+//! Redis session counts: keyspace notifications on `rebalancer:<svc>:sessions:*`.
+//!
+//! Subscribe first, then SCAN + MGET (so no change falls in a gap); afterwards read only the
+//! keys that changed, batched into one MGET per burst; resync in full after every reconnect
+//! and on a slow reconcile tick, which also proves the connection is alive.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{FutureExt, Stream, StreamExt};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, AsyncTypedCommands, Client, RedisError};
+
+use crate::protocol::sessions_key_prefix;
+use crate::topology::ServerId;
+
+/// The notification classes needed: keyspace events (`K`) for string commands (`$`),
+/// generic ones such as DEL and EXPIRE (`g`), expiries (`x`) and evictions (`e`).
+pub const NEEDED_FLAGS: &str = "K$gxe";
+/// Most keys read in one MGET.
+pub const BATCH: usize = 1000;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A count as read: the integer, or the text that is not one.
+pub type Reading = Result<u64, String>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionsUpdate {
+    /// Every count there is (after a connect, or on the reconcile tick).
+    Resync(Vec<(ServerId, Reading)>),
+    /// Counts that changed; `None` for a key that is gone (deleted, expired).
+    Patch(Vec<(ServerId, Option<Reading>)>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSourceError {
+    #[error("cannot connect to Redis at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: RedisError,
+    },
+    #[error(
+        "Redis at {addr} has notify-keyspace-events {current:?} and refused CONFIG SET ({source}); \
+         set notify-keyspace-events to include {NEEDED_FLAGS} (for example `notify-keyspace-events {NEEDED_FLAGS}` in redis.conf)"
+    )]
+    Notifications {
+        addr: String,
+        current: String,
+        #[source]
+        source: RedisError,
+    },
+    #[error("cannot subscribe to {pattern} on Redis at {addr}: {source}")]
+    Subscribe {
+        addr: String,
+        pattern: String,
+        #[source]
+        source: RedisError,
+    },
+    #[error("cannot read session counts from Redis at {addr}: {source}")]
+    Read {
+        addr: String,
+        #[source]
+        source: RedisError,
+    },
+    #[error("the subscription connection to Redis at {addr} closed")]
+    Closed { addr: String },
+}
+
+/// Parses a count; anything but a non-negative integer is kept as text (unknown, never 0).
+pub fn read_count(raw: &str) -> Reading {
+    raw.trim().parse::<u64>().map_err(|_| raw.chars().take(64).collect())
+}
+
+/// The flags to set so that `current` covers [`NEEDED_FLAGS`], or `None` if it already does.
+pub fn flags_to_set(current: &str) -> Option<String> {
+    let all = current.contains('A');
+    let missing: String = NEEDED_FLAGS
+        .chars()
+        .filter(|c| !current.contains(*c) && !(all && *c != 'K'))
+        .collect();
+    (!missing.is_empty()).then(|| format!("{current}{missing}"))
+}
+
+struct Live {
+    conn: MultiplexedConnection,
+    messages: Pin<Box<dyn Stream<Item = redis::Msg> + Send>>,
+    reconcile: tokio::time::Interval,
+}
+
+enum State {
+    Connecting,
+    Live(Box<Live>),
+}
+
+struct Ctx {
+    client: Client,
+    addr: String,
+    prefix: String,
+    channel_prefix: String,
+    reconcile: Duration,
+}
+
+/// Streams session-count updates for `service` from the Redis at `url` (validated beforehand).
+pub fn stream(url: &str, service: &str, reconcile: Duration) -> Result<impl Stream<Item = Result<SessionsUpdate, RedisSourceError>>, RedisError> {
+    let client = Client::open(url)?;
+    let info = client.get_connection_info();
+    let addr = info.addr().to_string();
+    let db = info.redis_settings().db();
+    let prefix = sessions_key_prefix(service);
+    let ctx = Ctx {
+        channel_prefix: format!("__keyspace@{db}__:"),
+        client,
+        addr,
+        prefix,
+        reconcile,
+    };
+    Ok(futures::stream::unfold((State::Connecting, ctx), |(state, ctx)| async move {
+        let (item, next) = step(state, &ctx).await;
+        Some((item, (next, ctx)))
+    }))
+}
+
+async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceError>, State) {
+    match state {
+        State::Connecting => match connect(ctx).await {
+            Ok((live, counts)) => (Ok(SessionsUpdate::Resync(counts)), State::Live(Box::new(live))),
+            Err(e) => (Err(e), State::Connecting),
+        },
+        State::Live(mut live) => {
+            let first = tokio::select! {
+                m = live.messages.next() => m,
+                _ = live.reconcile.tick() => {
+                    return match resync(ctx, &mut live.conn).await {
+                        Ok(c) => (Ok(SessionsUpdate::Resync(c)), State::Live(live)),
+                        Err(e) => (Err(e), State::Connecting),
+                    };
+                }
+            };
+            let Some(first) = first else {
+                return (Err(RedisSourceError::Closed { addr: ctx.addr.clone() }), State::Connecting);
+            };
+            // Batch everything already delivered into one read.
+            let mut keys = BTreeSet::new();
+            let push = |keys: &mut BTreeSet<String>, m: &redis::Msg| {
+                if let Some(k) = m.get_channel_name().strip_prefix(&ctx.channel_prefix) {
+                    if k.starts_with(&ctx.prefix) {
+                        keys.insert(k.to_string());
+                    }
+                }
+            };
+            push(&mut keys, &first);
+            while keys.len() < BATCH * 10 {
+                match live.messages.next().now_or_never() {
+                    Some(Some(m)) => push(&mut keys, &m),
+                    _ => break,
+                }
+            }
+            let keys: Vec<String> = keys.into_iter().collect();
+            match mget(ctx, &mut live.conn, &keys).await {
+                Ok(values) => {
+                    let patch = keys
+                        .iter()
+                        .zip(values)
+                        .map(|(k, v)| (id_of(ctx, k), v.as_deref().map(read_count)))
+                        .collect();
+                    (Ok(SessionsUpdate::Patch(patch)), State::Live(live))
+                }
+                Err(e) => (Err(e), State::Connecting),
+            }
+        }
+    }
+}
+
+fn id_of(ctx: &Ctx, key: &str) -> ServerId {
+    key.strip_prefix(&ctx.prefix).unwrap_or(key).into()
+}
+
+async fn connect(ctx: &Ctx) -> Result<(Live, Vec<(ServerId, Reading)>), RedisSourceError> {
+    let addr = ctx.addr.clone();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT));
+    let mut conn = ctx
+        .client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|source| RedisSourceError::Connect { addr: addr.clone(), source })?;
+
+    // CONFIG GET may be renamed away on managed Redis; then CONFIG SET below says so.
+    let current: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    let current = current.get(1).cloned().unwrap_or_default();
+    if let Some(flags) = flags_to_set(&current) {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg(&flags)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|source| RedisSourceError::Notifications {
+                addr: addr.clone(),
+                current: current.clone(),
+                source,
+            })?;
+        tracing::info!(redis = %addr, from = %current, to = %flags, "enabled keyspace notifications");
+    }
+
+    let pattern = format!("{}{}*", ctx.channel_prefix, ctx.prefix);
+    let subscribe = async {
+        let mut pubsub = ctx.client.get_async_pubsub().await?;
+        pubsub.psubscribe(&pattern).await?;
+        Ok::<_, RedisError>(pubsub)
+    };
+    let pubsub = tokio::time::timeout(TIMEOUT, subscribe)
+        .await
+        .unwrap_or_else(|_| Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))))
+        .map_err(|source| RedisSourceError::Subscribe {
+            addr: addr.clone(),
+            pattern: pattern.clone(),
+            source,
+        })?;
+    let counts = resync(ctx, &mut conn).await?;
+    let mut reconcile = tokio::time::interval(ctx.reconcile);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reconcile.reset();
+    Ok((
+        Live {
+            conn,
+            messages: Box::pin(pubsub.into_on_message()),
+            reconcile,
+        },
+        counts,
+    ))
+}
+
+async fn resync(ctx: &Ctx, conn: &mut MultiplexedConnection) -> Result<Vec<(ServerId, Reading)>, RedisSourceError> {
+    let read_err = |source| RedisSourceError::Read {
+        addr: ctx.addr.clone(),
+        source,
+    };
+    let keys: Vec<String> = {
+        let mut scan = conn.clone();
+        let mut iter = scan
+            .scan_options::<String>(
+                redis::ScanOptions::default()
+                    .with_pattern(format!("{}*", ctx.prefix))
+                    .with_count(BATCH),
+            )
+            .await
+            .map_err(read_err)?;
+        let mut keys = Vec::new();
+        while let Some(k) = iter.next().await {
+            keys.push(k.map_err(read_err)?);
+        }
+        keys
+    };
+    let values = mget(ctx, conn, &keys).await?;
+    Ok(keys
+        .iter()
+        .zip(values)
+        .filter_map(|(k, v)| v.map(|v| (id_of(ctx, k), read_count(&v))))
+        .collect())
+}
+
+async fn mget(ctx: &Ctx, conn: &mut MultiplexedConnection, keys: &[String]) -> Result<Vec<Option<String>>, RedisSourceError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(BATCH) {
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(chunk)
+            .query_async(conn)
+            .await
+            .map_err(|source| RedisSourceError::Read {
+                addr: ctx.addr.clone(),
+                source,
+            })?;
+        out.extend(values);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_that_are_not_non_negative_integers_are_kept_as_text() {
+        assert_eq!(read_count("42"), Ok(42));
+        assert_eq!(read_count(" 7\n"), Ok(7));
+        assert_eq!(read_count("-3"), Err("-3".into()));
+        assert_eq!(read_count("lots"), Err("lots".into()));
+        assert_eq!(read_count(""), Err("".into()));
+    }
+
+    #[test]
+    fn notification_flags_are_extended_not_replaced() {
+        assert_eq!(flags_to_set(""), Some("K$gxe".into()));
+        assert_eq!(flags_to_set("Ex"), Some("ExK$ge".into()));
+        assert_eq!(flags_to_set("KA"), None);
+        assert_eq!(flags_to_set("AE"), Some("AEK".into()));
+        assert_eq!(flags_to_set("gxK$e"), None);
+    }
+}

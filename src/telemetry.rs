@@ -1,0 +1,226 @@
+//! Observability: every metric name with its description, the Prometheus exporter, tracing
+//! set-up, and the named events that log and count one occurrence in one place.
+//!
+//! Labels are bounded: `pipeline` (from config), `source` (three values), `kind` (action
+//! kinds), `result`, `state`, `outcome`. No server or session id is ever a label.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+use crate::decide::{Action, Plan};
+use crate::source::SourceKind;
+use crate::topology::Topology;
+
+pub const SOURCE_EVENTS: &str = "rebalancer_source_events_total";
+pub const SOURCE_ERRORS: &str = "rebalancer_source_errors_total";
+pub const SOURCE_RESYNCS: &str = "rebalancer_source_resyncs_total";
+pub const SOURCE_UP: &str = "rebalancer_source_up";
+pub const INVALID_META: &str = "rebalancer_invalid_meta_total";
+pub const INVALID_STATES: &str = "rebalancer_invalid_states_total";
+pub const INVALID_COUNTS: &str = "rebalancer_invalid_counts_total";
+pub const SNAPSHOT_VERSION: &str = "rebalancer_snapshot_version";
+pub const SNAPSHOT_STALE: &str = "rebalancer_snapshot_stale";
+pub const SERVERS: &str = "rebalancer_servers";
+pub const GHOSTS: &str = "rebalancer_ghost_counts";
+pub const SESSIONS: &str = "rebalancer_sessions";
+pub const CAPACITY: &str = "rebalancer_capacity_sessions";
+pub const UTILIZATION: &str = "rebalancer_utilization_ratio";
+pub const DECISIONS: &str = "rebalancer_decisions_total";
+pub const DECISION_DURATION: &str = "rebalancer_decision_duration_seconds";
+pub const SHORTFALL: &str = "rebalancer_scale_shortfall_servers";
+pub const ACTIONS: &str = "rebalancer_actions_total";
+pub const ACTION_DURATION: &str = "rebalancer_action_duration_seconds";
+pub const SHED_REQUESTED: &str = "rebalancer_sessions_shed_requested_total";
+pub const EVENT_TO_ACTION: &str = "rebalancer_event_to_action_seconds";
+pub const LEADER: &str = "rebalancer_leader";
+pub const EPOCH: &str = "rebalancer_leader_epoch";
+
+/// `(name, unit, description)` of every metric, for registration and the README.
+pub const METRICS: &[(&str, Unit, &str)] = &[
+    (SOURCE_EVENTS, Unit::Count, "Changes received, by source"),
+    (SOURCE_ERRORS, Unit::Count, "Source errors (disconnects, bad answers), by source"),
+    (SOURCE_RESYNCS, Unit::Count, "Full resyncs after a source reconnected, by source"),
+    (SOURCE_UP, Unit::Count, "1 while a source is connected and synced, by source"),
+    (INVALID_META, Unit::Count, "Instances newly excluded for missing or invalid Consul meta"),
+    (INVALID_STATES, Unit::Count, "Unreadable state records newly seen in Consul KV"),
+    (INVALID_COUNTS, Unit::Count, "Session counts newly seen that are not non-negative integers"),
+    (SNAPSHOT_VERSION, Unit::Count, "Version of the latest topology snapshot"),
+    (SNAPSHOT_STALE, Unit::Count, "1 while a source is disconnected (no destructive action then)"),
+    (SERVERS, Unit::Count, "Registered servers by state: active, cordoned, failing, unknown, invalid"),
+    (GHOSTS, Unit::Count, "Session counts with no registration behind them (ignored)"),
+    (SESSIONS, Unit::Count, "Sessions on live servers"),
+    (CAPACITY, Unit::Count, "Capacity of live, active servers"),
+    (UTILIZATION, Unit::Count, "Overall utilization U = sessions / capacity"),
+    (DECISIONS, Unit::Count, "Decision rounds by outcome: act, idle, halted"),
+    (DECISION_DURATION, Unit::Seconds, "Time to compute one decision"),
+    (SHORTFALL, Unit::Count, "Servers needed that no scaler can start"),
+    (ACTIONS, Unit::Count, "Actions by kind and result: ok, error, dry_run, not_leader"),
+    (ACTION_DURATION, Unit::Seconds, "Time to carry out one action, retries included, by kind"),
+    (SHED_REQUESTED, Unit::Count, "Sessions servers were asked to close, by kind (shed, drain)"),
+    (EVENT_TO_ACTION, Unit::Seconds, "From the change that triggered a decision to its first action"),
+    (LEADER, Unit::Count, "1 while this process holds the pipeline's leader lock"),
+    (EPOCH, Unit::Count, "Lock index of the held leader lock (the command epoch)"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot start the metrics endpoint on {addr}: {source}")]
+    Exporter {
+        addr: SocketAddr,
+        #[source]
+        source: metrics_exporter_prometheus::BuildError,
+    },
+}
+
+/// Starts the Prometheus endpoint (`/metrics` and any path) on `addr` and describes every
+/// metric. Call once per process, inside the runtime.
+pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
+    let buckets = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+        .and_then(|b| b.install())
+        .map_err(|source| TelemetryError::Exporter { addr, source })?;
+    for (name, unit, help) in METRICS {
+        metrics::describe_counter!(*name, *unit, *help);
+    }
+    Ok(())
+}
+
+/// Logs as text (default) or JSON, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The named events of one pipeline.
+#[derive(Clone, Debug)]
+pub struct Events {
+    pipeline: Arc<str>,
+}
+
+impl Events {
+    pub fn new(pipeline: &str) -> Events {
+        Events {
+            pipeline: pipeline.into(),
+        }
+    }
+
+    fn p(&self) -> String {
+        self.pipeline.to_string()
+    }
+
+    pub fn source_change(&self, kind: SourceKind, resync_after_error: bool) {
+        counter!(SOURCE_EVENTS, "pipeline" => self.p(), "source" => kind.as_str()).increment(1);
+        gauge!(SOURCE_UP, "pipeline" => self.p(), "source" => kind.as_str()).set(1.0);
+        if resync_after_error {
+            counter!(SOURCE_RESYNCS, "pipeline" => self.p(), "source" => kind.as_str()).increment(1);
+            tracing::info!(pipeline = %self.pipeline, source = kind.as_str(), "source reconnected and resynced");
+        }
+    }
+
+    pub fn source_error(&self, kind: SourceKind, error: &dyn std::error::Error) {
+        counter!(SOURCE_ERRORS, "pipeline" => self.p(), "source" => kind.as_str()).increment(1);
+        gauge!(SOURCE_UP, "pipeline" => self.p(), "source" => kind.as_str()).set(0.0);
+        tracing::warn!(pipeline = %self.pipeline, source = kind.as_str(), error = %error, "source failed; retrying with backoff");
+    }
+
+    pub fn invalid_meta(&self, server: &str, why: &str) {
+        counter!(INVALID_META, "pipeline" => self.p()).increment(1);
+        tracing::warn!(pipeline = %self.pipeline, server, why, "instance excluded: invalid Consul meta");
+    }
+
+    pub fn invalid_state(&self, server: &str, why: &str) {
+        counter!(INVALID_STATES, "pipeline" => self.p()).increment(1);
+        tracing::warn!(pipeline = %self.pipeline, server, why, "unreadable state record; server treated as unknown");
+    }
+
+    pub fn invalid_count(&self, server: &str, raw: &str) {
+        counter!(INVALID_COUNTS, "pipeline" => self.p()).increment(1);
+        tracing::warn!(pipeline = %self.pipeline, server, value = raw, "session count is not a non-negative integer; treated as unknown");
+    }
+
+    pub fn snapshot(&self, t: &Topology) {
+        let p = self.p();
+        let totals = t.totals();
+        gauge!(SNAPSHOT_VERSION, "pipeline" => p.clone()).set(t.version as f64);
+        gauge!(SNAPSHOT_STALE, "pipeline" => p.clone()).set(if t.is_stale() { 1.0 } else { 0.0 });
+        for (state, n) in [
+            ("active", totals.active),
+            ("cordoned", totals.cordoned),
+            ("failing", totals.failing),
+            ("unknown", totals.unknown),
+            ("invalid", t.invalid_instances),
+        ] {
+            gauge!(SERVERS, "pipeline" => p.clone(), "state" => state).set(f64::from(n));
+        }
+        gauge!(GHOSTS, "pipeline" => p.clone()).set(f64::from(t.ghosts));
+        gauge!(SESSIONS, "pipeline" => p.clone()).set(totals.sessions as f64);
+        gauge!(CAPACITY, "pipeline" => p.clone()).set(totals.capacity as f64);
+        let u = totals.utilization();
+        gauge!(UTILIZATION, "pipeline" => p).set(if u.is_finite() { u } else { -1.0 });
+        tracing::debug!(pipeline = %self.pipeline, version = t.version, servers = t.servers.len(),
+            sessions = totals.sessions, capacity = totals.capacity, stale = t.is_stale(), "snapshot");
+    }
+
+    pub fn decision(&self, plan: &Plan, took: Duration, version: u64, changed: bool) {
+        let outcome = if plan.halted.is_some() {
+            "halted"
+        } else if plan.is_empty() {
+            "idle"
+        } else {
+            "act"
+        };
+        counter!(DECISIONS, "pipeline" => self.p(), "outcome" => outcome).increment(1);
+        histogram!(DECISION_DURATION, "pipeline" => self.p()).record(took.as_secs_f64());
+        gauge!(SHORTFALL, "pipeline" => self.p()).set(f64::from(plan.shortfall));
+        if changed {
+            if let Some(h) = &plan.halted {
+                tracing::warn!(pipeline = %self.pipeline, version, reason = %h, "halted");
+            }
+            for w in &plan.withheld {
+                tracing::info!(pipeline = %self.pipeline, version, reason = %w, "withheld");
+            }
+        }
+    }
+
+    pub fn action(&self, a: &Action, result: &'static str, took: Duration, version: u64, error: Option<&str>) {
+        let kind = a.kind.label();
+        counter!(ACTIONS, "pipeline" => self.p(), "kind" => kind, "result" => result).increment(1);
+        histogram!(ACTION_DURATION, "pipeline" => self.p(), "kind" => kind).record(took.as_secs_f64());
+        if result == "ok" {
+            if let crate::decide::ActionKind::Shed { count, .. } | crate::decide::ActionKind::Drain { count, .. } = a.kind {
+                counter!(SHED_REQUESTED, "pipeline" => self.p(), "kind" => kind).increment(count);
+            }
+        }
+        match error {
+            Some(e) => tracing::warn!(pipeline = %self.pipeline, version, action = %a, error = e, "action failed"),
+            None => tracing::info!(pipeline = %self.pipeline, version, result, action = %a, "action"),
+        }
+    }
+
+    pub fn event_to_action(&self, latency: Duration) {
+        histogram!(EVENT_TO_ACTION, "pipeline" => self.p()).record(latency.as_secs_f64());
+    }
+
+    pub fn leadership(&self, epoch: Option<u64>) {
+        gauge!(LEADER, "pipeline" => self.p()).set(if epoch.is_some() { 1.0 } else { 0.0 });
+        gauge!(EPOCH, "pipeline" => self.p()).set(epoch.unwrap_or(0) as f64);
+        match epoch {
+            Some(e) => tracing::info!(pipeline = %self.pipeline, epoch = e, "leader lock held"),
+            None => tracing::info!(pipeline = %self.pipeline, "not the leader"),
+        }
+    }
+}
