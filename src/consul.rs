@@ -104,7 +104,12 @@ impl Consul {
     }
 
     /// A blocking read of `path` (which may carry a query string) at `index` (0: return at once).
-    pub async fn blocking_get(&self, path: &str, index: u64, wait: Duration) -> Result<Fetched, ConsulError> {
+    pub async fn blocking_get(
+        &self,
+        path: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Fetched, ConsulError> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let full = if index > 0 {
             format!("{path}{sep}index={index}&wait={}ms", wait.as_millis())
@@ -157,8 +162,15 @@ impl Consul {
         }
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<bytes::Bytes, ConsulError> {
-        let (status, _, body, url) = self.send(method.clone(), path, REQUEST_TIMEOUT, body).await?;
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<bytes::Bytes, ConsulError> {
+        let (status, _, body, url) = self
+            .send(method.clone(), path, REQUEST_TIMEOUT, body)
+            .await?;
         if status.is_success() {
             Ok(body)
         } else {

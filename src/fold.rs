@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::source::{Change, HealthList, Instance, Reading, SessionsUpdate, SourceKind, Stamped, StateList};
+use crate::source::{
+    Change, HealthList, Instance, Reading, SessionsUpdate, SourceKind, Stamped, StateList,
+};
 use crate::telemetry::Events;
 use crate::topology::{Admin, Count, Server, ServerId, SourcesSynced, Topology};
 
@@ -207,7 +209,10 @@ mod tests {
     }
 
     fn at(change: Change) -> Stamped {
-        Stamped { at: Instant::now(), change }
+        Stamped {
+            at: Instant::now(),
+            change,
+        }
     }
 
     fn synced_fold() -> (Fold, watch::Receiver<Arc<Topology>>) {
@@ -235,7 +240,11 @@ mod tests {
         assert_eq!(t.version, 1);
         assert!(!t.is_stale());
         assert_eq!(t.get("a").unwrap().sessions, Count::Known(10));
-        assert_eq!(t.get("b").unwrap().sessions, Count::Unknown, "garbage is unknown, never 0");
+        assert_eq!(
+            t.get("b").unwrap().sessions,
+            Count::Unknown,
+            "garbage is unknown, never 0"
+        );
         assert_eq!(t.ghosts, 1);
         assert_eq!(t.invalid_instances, 1);
     }
@@ -243,28 +252,50 @@ mod tests {
     #[tokio::test]
     async fn only_changed_content_publishes_a_new_version() {
         let (mut f, rx) = synced_fold();
-        let same = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![("a".into(), Some(Ok(10)))])))];
+        let same = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
+            "a".into(),
+            Some(Ok(10)),
+        )])))];
         assert!(f.apply(same).is_none());
         assert_eq!(rx.borrow().version, 1);
-        let changed = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![("a".into(), Some(Ok(11)))])))];
+        let changed = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
+            "a".into(),
+            Some(Ok(11)),
+        )])))];
         assert_eq!(f.apply(changed).unwrap().version, 2);
-        let gone = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![("a".into(), None)])))];
+        let gone = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
+            "a".into(),
+            None,
+        )])))];
         let t = f.apply(gone).unwrap();
-        assert_eq!(t.get("a").unwrap().sessions, Count::Unknown, "an expired count is unknown");
+        assert_eq!(
+            t.get("a").unwrap().sessions,
+            Count::Unknown,
+            "an expired count is unknown"
+        );
     }
 
     #[tokio::test]
     async fn a_source_going_down_makes_the_snapshot_stale_until_it_resyncs() {
         let (mut f, _rx) = synced_fold();
-        let t = f.apply(vec![at(Change::Down(SourceKind::Sessions))]).unwrap();
+        let t = f
+            .apply(vec![at(Change::Down(SourceKind::Sessions))])
+            .unwrap();
         assert!(t.is_stale());
         assert_eq!(t.sources.missing(), vec!["redis-sessions"]);
         let t = f
-            .apply(vec![at(Change::Sessions(SessionsUpdate::Resync(vec![("a".into(), Ok(3))])))])
+            .apply(vec![at(Change::Sessions(SessionsUpdate::Resync(vec![(
+                "a".into(),
+                Ok(3),
+            )])))])
             .unwrap();
         assert!(!t.is_stale());
         assert_eq!(t.get("a").unwrap().sessions, Count::Known(3));
-        assert_eq!(t.get("b").unwrap().sessions, Count::Unknown, "a resync replaces, it does not merge");
+        assert_eq!(
+            t.get("b").unwrap().sessions,
+            Count::Unknown,
+            "a resync replaces, it does not merge"
+        );
         assert_eq!(t.ghosts, 0);
     }
 }

@@ -1,12 +1,16 @@
 //! rebalancer: keeps fleets of long-lived-connection servers balanced and right-sized.
 #![forbid(unsafe_code)]
 
+pub mod act;
+pub mod cli;
 pub mod config;
-pub mod decide;
-pub mod protocol;
-pub mod topology;
-pub mod stages;
 pub mod consul;
-pub mod source;
+pub mod decide;
 pub mod fold;
+pub mod leader;
+pub mod pipeline;
+pub mod protocol;
+pub mod source;
+pub mod stages;
 pub mod telemetry;
+pub mod topology;

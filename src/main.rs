@@ -1,1 +1,16 @@
-fn main(){}
+//! The `rebalancer` binary: parse the command line, start logging, hand over to the library.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use rebalancer::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    rebalancer::telemetry::init_tracing(cli.log_json);
+    match &cli.command {
+        Command::Run { pipelines } => cli::run(pipelines),
+        Command::Check { files } => cli::check(files),
+    }
+}

@@ -42,28 +42,108 @@ pub const EPOCH: &str = "rebalancer_leader_epoch";
 /// `(name, unit, description)` of every metric, for registration and the README.
 pub const METRICS: &[(&str, Unit, &str)] = &[
     (SOURCE_EVENTS, Unit::Count, "Changes received, by source"),
-    (SOURCE_ERRORS, Unit::Count, "Source errors (disconnects, bad answers), by source"),
-    (SOURCE_RESYNCS, Unit::Count, "Full resyncs after a source reconnected, by source"),
-    (SOURCE_UP, Unit::Count, "1 while a source is connected and synced, by source"),
-    (INVALID_META, Unit::Count, "Instances newly excluded for missing or invalid Consul meta"),
-    (INVALID_STATES, Unit::Count, "Unreadable state records newly seen in Consul KV"),
-    (INVALID_COUNTS, Unit::Count, "Session counts newly seen that are not non-negative integers"),
-    (SNAPSHOT_VERSION, Unit::Count, "Version of the latest topology snapshot"),
-    (SNAPSHOT_STALE, Unit::Count, "1 while a source is disconnected (no destructive action then)"),
-    (SERVERS, Unit::Count, "Registered servers by state: active, cordoned, failing, unknown, invalid"),
-    (GHOSTS, Unit::Count, "Session counts with no registration behind them (ignored)"),
+    (
+        SOURCE_ERRORS,
+        Unit::Count,
+        "Source errors (disconnects, bad answers), by source",
+    ),
+    (
+        SOURCE_RESYNCS,
+        Unit::Count,
+        "Full resyncs after a source reconnected, by source",
+    ),
+    (
+        SOURCE_UP,
+        Unit::Count,
+        "1 while a source is connected and synced, by source",
+    ),
+    (
+        INVALID_META,
+        Unit::Count,
+        "Instances newly excluded for missing or invalid Consul meta",
+    ),
+    (
+        INVALID_STATES,
+        Unit::Count,
+        "Unreadable state records newly seen in Consul KV",
+    ),
+    (
+        INVALID_COUNTS,
+        Unit::Count,
+        "Session counts newly seen that are not non-negative integers",
+    ),
+    (
+        SNAPSHOT_VERSION,
+        Unit::Count,
+        "Version of the latest topology snapshot",
+    ),
+    (
+        SNAPSHOT_STALE,
+        Unit::Count,
+        "1 while a source is disconnected (no destructive action then)",
+    ),
+    (
+        SERVERS,
+        Unit::Count,
+        "Registered servers by state: active, cordoned, failing, unknown, invalid",
+    ),
+    (
+        GHOSTS,
+        Unit::Count,
+        "Session counts with no registration behind them (ignored)",
+    ),
     (SESSIONS, Unit::Count, "Sessions on live servers"),
     (CAPACITY, Unit::Count, "Capacity of live, active servers"),
-    (UTILIZATION, Unit::Count, "Overall utilization U = sessions / capacity"),
-    (DECISIONS, Unit::Count, "Decision rounds by outcome: act, idle, halted"),
-    (DECISION_DURATION, Unit::Seconds, "Time to compute one decision"),
-    (SHORTFALL, Unit::Count, "Servers needed that no scaler can start"),
-    (ACTIONS, Unit::Count, "Actions by kind and result: ok, error, dry_run, not_leader"),
-    (ACTION_DURATION, Unit::Seconds, "Time to carry out one action, retries included, by kind"),
-    (SHED_REQUESTED, Unit::Count, "Sessions servers were asked to close, by kind (shed, drain)"),
-    (EVENT_TO_ACTION, Unit::Seconds, "From the change that triggered a decision to its first action"),
-    (LEADER, Unit::Count, "1 while this process holds the pipeline's leader lock"),
-    (EPOCH, Unit::Count, "Lock index of the held leader lock (the command epoch)"),
+    (
+        UTILIZATION,
+        Unit::Count,
+        "Overall utilization U = sessions / capacity",
+    ),
+    (
+        DECISIONS,
+        Unit::Count,
+        "Decision rounds by outcome: act, idle, halted",
+    ),
+    (
+        DECISION_DURATION,
+        Unit::Seconds,
+        "Time to compute one decision",
+    ),
+    (
+        SHORTFALL,
+        Unit::Count,
+        "Servers needed that no scaler can start",
+    ),
+    (
+        ACTIONS,
+        Unit::Count,
+        "Actions by kind and result: ok, error, dry_run, not_leader",
+    ),
+    (
+        ACTION_DURATION,
+        Unit::Seconds,
+        "Time to carry out one action, retries included, by kind",
+    ),
+    (
+        SHED_REQUESTED,
+        Unit::Count,
+        "Sessions servers were asked to close, by kind (shed, drain)",
+    ),
+    (
+        EVENT_TO_ACTION,
+        Unit::Seconds,
+        "From the change that triggered a decision to its first action",
+    ),
+    (
+        LEADER,
+        Unit::Count,
+        "1 while this process holds the pipeline's leader lock",
+    ),
+    (
+        EPOCH,
+        Unit::Count,
+        "Lock index of the held leader lock (the command epoch)",
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +177,11 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -126,7 +210,8 @@ impl Events {
         counter!(SOURCE_EVENTS, "pipeline" => self.p(), "source" => kind.as_str()).increment(1);
         gauge!(SOURCE_UP, "pipeline" => self.p(), "source" => kind.as_str()).set(1.0);
         if resync_after_error {
-            counter!(SOURCE_RESYNCS, "pipeline" => self.p(), "source" => kind.as_str()).increment(1);
+            counter!(SOURCE_RESYNCS, "pipeline" => self.p(), "source" => kind.as_str())
+                .increment(1);
             tracing::info!(pipeline = %self.pipeline, source = kind.as_str(), "source reconnected and resynced");
         }
     }
@@ -196,18 +281,32 @@ impl Events {
         }
     }
 
-    pub fn action(&self, a: &Action, result: &'static str, took: Duration, version: u64, error: Option<&str>) {
+    pub fn action(
+        &self,
+        a: &Action,
+        result: &'static str,
+        took: Duration,
+        version: u64,
+        error: Option<&str>,
+    ) {
         let kind = a.kind.label();
         counter!(ACTIONS, "pipeline" => self.p(), "kind" => kind, "result" => result).increment(1);
-        histogram!(ACTION_DURATION, "pipeline" => self.p(), "kind" => kind).record(took.as_secs_f64());
+        histogram!(ACTION_DURATION, "pipeline" => self.p(), "kind" => kind)
+            .record(took.as_secs_f64());
         if result == "ok" {
-            if let crate::decide::ActionKind::Shed { count, .. } | crate::decide::ActionKind::Drain { count, .. } = a.kind {
+            if let crate::decide::ActionKind::Shed { count, .. }
+            | crate::decide::ActionKind::Drain { count, .. } = a.kind
+            {
                 counter!(SHED_REQUESTED, "pipeline" => self.p(), "kind" => kind).increment(count);
             }
         }
         match error {
-            Some(e) => tracing::warn!(pipeline = %self.pipeline, version, action = %a, error = e, "action failed"),
-            None => tracing::info!(pipeline = %self.pipeline, version, result, action = %a, "action"),
+            Some(e) => {
+                tracing::warn!(pipeline = %self.pipeline, version, action = %a, error = e, "action failed")
+            }
+            None => {
+                tracing::info!(pipeline = %self.pipeline, version, result, action = %a, "action")
+            }
         }
     }
 

@@ -28,7 +28,9 @@ impl Count {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admin {
     Active,
-    Cordoned { since_ms: u64 },
+    Cordoned {
+        since_ms: u64,
+    },
     /// The KV record exists but cannot be read: treated like an unknown count.
     Unknown,
 }

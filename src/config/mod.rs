@@ -158,9 +158,6 @@ pub fn parse(
     let schema = schema();
     check_tree(&schema, &mut value, &mut Vec::new(), &mut ck);
     apply_env(&schema, &mut value, env, &mut ck);
-    if !ck.errors.is_empty() {
-        return Err(ConfigErrors(ck.errors));
-    }
     let raw: RawPipeline = match toml::Value::Table(value).try_into() {
         Ok(r) => r,
         Err(e) => {
@@ -207,50 +204,96 @@ fn type_name(v: &toml::Value) -> &'static str {
     }
 }
 
-/// Reports unknown keys and wrong types against the defaults, all of them; widens integers
-/// written where numbers are expected.
-fn check_tree(schema: &toml::Table, value: &mut toml::Table, path: &mut Vec<String>, ck: &mut Checker) {
+/// Reports unknown keys and wrong types against the defaults, all of them, and removes
+/// them so the remaining keys can still be range-checked; widens integers written where
+/// numbers are expected.
+fn check_tree(
+    schema: &toml::Table,
+    value: &mut toml::Table,
+    path: &mut Vec<String>,
+    ck: &mut Checker,
+) {
+    let mut bad = Vec::new();
     for (k, v) in value.iter_mut() {
         path.push(k.clone());
         let key = path.join(".");
         match (schema.get(k), &mut *v) {
             (None, _) => {
                 let known: Vec<&str> = schema.keys().map(String::as_str).collect();
-                ck.err(&key, format!("unknown key (known here: {})", known.join(", ")));
+                ck.err(
+                    &key,
+                    format!("unknown key (known here: {})", known.join(", ")),
+                );
+                bad.push(k.clone());
             }
             (Some(toml::Value::Table(s)), toml::Value::Table(t)) => check_tree(s, t, path, ck),
-            (Some(toml::Value::Float(_)), toml::Value::Integer(i)) => *v = toml::Value::Float(*i as f64),
+            (Some(toml::Value::Float(_)), toml::Value::Integer(i)) => {
+                *v = toml::Value::Float(*i as f64)
+            }
             (Some(expected), found) => {
                 if std::mem::discriminant(expected) != std::mem::discriminant(found) {
-                    ck.err(&key, format!("expected {}, found {}", type_name(expected), type_name(found)));
+                    ck.err(
+                        &key,
+                        format!(
+                            "expected {}, found {}",
+                            type_name(expected),
+                            type_name(found)
+                        ),
+                    );
+                    bad.push(k.clone());
                 }
             }
         }
         path.pop();
     }
+    for k in bad {
+        value.remove(&k);
+    }
 }
 
-fn apply_env(schema: &toml::Table, value: &mut toml::Table, env: &dyn Fn(&str) -> Option<String>, ck: &mut Checker) {
+fn apply_env(
+    schema: &toml::Table,
+    value: &mut toml::Table,
+    env: &dyn Fn(&str) -> Option<String>,
+    ck: &mut Checker,
+) {
     let mut sets = Vec::new();
     leaves(schema, &mut Vec::new(), &mut |path, default| {
         let name = env_name(path);
         let Some(text) = env(&name) else { return };
         let parsed = match default {
             toml::Value::String(_) => Ok(toml::Value::String(text.clone())),
-            toml::Value::Boolean(_) => text.trim().parse().map(toml::Value::Boolean).map_err(|_| "expected true or false"),
-            toml::Value::Integer(_) => text.trim().parse().map(toml::Value::Integer).map_err(|_| "expected an integer"),
-            toml::Value::Float(_) => text.trim().parse().map(toml::Value::Float).map_err(|_| "expected a number"),
+            toml::Value::Boolean(_) => text
+                .trim()
+                .parse()
+                .map(toml::Value::Boolean)
+                .map_err(|_| "expected true or false"),
+            toml::Value::Integer(_) => text
+                .trim()
+                .parse()
+                .map(toml::Value::Integer)
+                .map_err(|_| "expected an integer"),
+            toml::Value::Float(_) => text
+                .trim()
+                .parse()
+                .map(toml::Value::Float)
+                .map_err(|_| "expected a number"),
             _ => Err("cannot be set from the environment"),
         };
         match parsed {
             Ok(v) => sets.push((path.to_vec(), v)),
-            Err(why) => ck.err(&path.join("."), format!("environment variable {name}={text:?}: {why}")),
+            Err(why) => ck.err(
+                &path.join("."),
+                format!("environment variable {name}={text:?}: {why}"),
+            ),
         }
     });
     for (path, v) in sets {
         let mut t = &mut *value;
         for k in &path[..path.len() - 1] {
-            let entry = t.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = t
+                .entry(k.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             match entry {
                 toml::Value::Table(inner) => t = inner,
                 _ => return, // already reported as a type error by check_tree
@@ -282,13 +325,24 @@ impl Checker<'_> {
                 Duration::from_secs(1)
             }
             Err(e) => {
-                self.err(key, format!("{text:?} is not a duration such as \"250ms\" or \"15s\" ({e})"));
+                self.err(
+                    key,
+                    format!("{text:?} is not a duration such as \"250ms\" or \"15s\" ({e})"),
+                );
                 Duration::from_secs(1)
             }
         }
     }
 
-    fn range(&mut self, key: &str, v: f64, lo: f64, lo_inclusive: bool, hi: f64, hi_inclusive: bool) -> f64 {
+    fn range(
+        &mut self,
+        key: &str,
+        v: f64,
+        lo: f64,
+        lo_inclusive: bool,
+        hi: f64,
+        hi_inclusive: bool,
+    ) -> f64 {
         let above = if lo_inclusive { v >= lo } else { v > lo };
         let below = if hi_inclusive { v <= hi } else { v < hi };
         if !(above && below) || !v.is_finite() {
@@ -310,9 +364,13 @@ impl Checker<'_> {
     fn name(&mut self, key: &str, v: &str) {
         let ok = !v.is_empty()
             && v.len() <= 128
-            && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !ok {
-            self.err(key, format!("{v:?} must be 1-128 characters of A-Z, a-z, 0-9, '-', '_', '.'"));
+            self.err(
+                key,
+                format!("{v:?} must be 1-128 characters of A-Z, a-z, 0-9, '-', '_', '.'"),
+            );
         }
     }
 }
@@ -337,19 +395,32 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
     }
 
     if let Err(e) = redis::Client::open(raw.redis.url.as_str()) {
-        ck.err("redis.url", format!("{:?} is not a Redis URL ({e})", raw.redis.url));
+        ck.err(
+            "redis.url",
+            format!("{:?} is not a Redis URL ({e})", raw.redis.url),
+        );
     }
     let reconcile = ck.duration("redis.reconcile", &raw.redis.reconcile);
 
     let quiet = ck.duration("debounce.quiet", &raw.debounce.quiet);
     let max_delay = ck.duration("debounce.max_delay", &raw.debounce.max_delay);
     if quiet > max_delay {
-        ck.err("debounce.quiet", "must not be longer than debounce.max_delay");
+        ck.err(
+            "debounce.quiet",
+            "must not be longer than debounce.max_delay",
+        );
     }
 
     let r = &raw.rebalance;
     let tolerance = ck.range("rebalance.tolerance", r.tolerance, 0.0, true, 1.0, false);
-    let shed_fraction = ck.range("rebalance.shed_fraction", r.shed_fraction, 0.0, false, 1.0, true);
+    let shed_fraction = ck.range(
+        "rebalance.shed_fraction",
+        r.shed_fraction,
+        0.0,
+        false,
+        1.0,
+        true,
+    );
     let min_shed = ck.at_least("rebalance.min_shed", r.min_shed, 1);
     let max_shed = ck.at_least("rebalance.max_shed", r.max_shed, 1);
     if min_shed > max_shed {
@@ -357,15 +428,32 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
     }
     let round_interval = ck.duration("rebalance.round_interval", &r.round_interval);
     let drain_rate = ck.at_least("rebalance.drain_rate", r.drain_rate, 1);
-    let disruption_budget = ck.range("rebalance.disruption_budget", r.disruption_budget, 0.0, false, 1.0, true);
+    let disruption_budget = ck.range(
+        "rebalance.disruption_budget",
+        r.disruption_budget,
+        0.0,
+        false,
+        1.0,
+        true,
+    );
     let command_ttl = ck.duration("rebalance.command_ttl", &r.command_ttl);
 
     let s = &raw.scale;
     let scale_out_at = ck.range("scale.scale_out_at", s.scale_out_at, 0.0, false, 1.0, true);
     let scale_in_at = ck.range("scale.scale_in_at", s.scale_in_at, 0.0, true, 1.0, false);
-    let target = ck.range("scale.target_utilization", s.target_utilization, 0.0, false, 1.0, true);
+    let target = ck.range(
+        "scale.target_utilization",
+        s.target_utilization,
+        0.0,
+        false,
+        1.0,
+        true,
+    );
     if scale_in_at >= scale_out_at {
-        ck.err("scale.scale_in_at", format!("{scale_in_at} must be below scale.scale_out_at ({scale_out_at})"));
+        ck.err(
+            "scale.scale_in_at",
+            format!("{scale_in_at} must be below scale.scale_out_at ({scale_out_at})"),
+        );
     } else if !(scale_in_at < target && target < scale_out_at) {
         ck.err(
             "scale.target_utilization",
@@ -382,16 +470,32 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
     let reap_after = ck.duration("scale.reap_after", &s.reap_after);
     let max_per_round = ck.at_least("scale.max_per_round", s.max_per_round, 1);
 
-    let halt = ck.range("safety.halt_unhealthy_fraction", raw.safety.halt_unhealthy_fraction, 0.0, false, 1.0, true);
+    let halt = ck.range(
+        "safety.halt_unhealthy_fraction",
+        raw.safety.halt_unhealthy_fraction,
+        0.0,
+        false,
+        1.0,
+        true,
+    );
     let leader_session_ttl = ck.duration("leader.session_ttl", &raw.leader.session_ttl);
     if !(Duration::from_secs(10)..=Duration::from_secs(86400)).contains(&leader_session_ttl) {
-        ck.err("leader.session_ttl", "Consul accepts session TTLs from 10s to 24h");
+        ck.err(
+            "leader.session_ttl",
+            "Consul accepts session TTLs from 10s to 24h",
+        );
     }
 
     let metrics_listen = match raw.metrics.listen.parse::<SocketAddr>() {
         Ok(a) => a,
         Err(e) => {
-            ck.err("metrics.listen", format!("{:?} is not an address such as 127.0.0.1:9464 ({e})", raw.metrics.listen));
+            ck.err(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address such as 127.0.0.1:9464 ({e})",
+                    raw.metrics.listen
+                ),
+            );
             SocketAddr::from(([127, 0, 0, 1], 9464))
         }
     };
@@ -406,7 +510,10 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
             token: Some(raw.consul.token).filter(|t| !t.is_empty()),
             wait,
         },
-        redis: RedisConfig { url: raw.redis.url, reconcile },
+        redis: RedisConfig {
+            url: raw.redis.url,
+            reconcile,
+        },
         debounce: DebounceConfig { quiet, max_delay },
         decide: DecideConfig {
             rebalance: RebalanceConfig {
@@ -485,21 +592,34 @@ mod tests {
         );
         let all = errs.join("\n");
         assert!(all.contains("p.toml: nmae: unknown key"), "{all}");
-        assert!(all.contains("p.toml: rebalance.tolerance: expected a number, found a string"), "{all}");
+        assert!(
+            all.contains("p.toml: rebalance.tolerance: expected a number, found a string"),
+            "{all}"
+        );
         assert!(all.contains("p.toml: scale.colour: unknown key"), "{all}");
-        assert_eq!(errs.len(), 3, "type errors stop before range checks: {all}");
-
-        let errs = errors("[rebalance]\nshed_fraction = 0\nround_interval = \"soon\"\n[scale]\nscale_in_at = 0.8\n");
-        let all = errs.join("\n");
-        assert!(all.contains("rebalance.shed_fraction: 0 is outside (0, 1]"), "{all}");
-        assert!(all.contains("rebalance.round_interval: \"soon\" is not a duration"), "{all}");
-        assert!(all.contains("scale.scale_in_at: 0.8 must be below scale.scale_out_at"), "{all}");
-        assert_eq!(errs.len(), 3, "{all}");
+        assert!(
+            all.contains("rebalance.shed_fraction: 0 is outside (0, 1]"),
+            "{all}"
+        );
+        assert!(
+            all.contains("rebalance.round_interval: \"soon\" is not a duration"),
+            "{all}"
+        );
+        assert!(
+            all.contains("scale.scale_in_at: 0.8 must be below scale.scale_out_at"),
+            "{all}"
+        );
+        assert_eq!(errs.len(), 6, "{all}");
     }
 
     #[test]
     fn integers_are_accepted_where_numbers_are_expected() {
-        let c = parse(Path::new("p.toml"), "[rebalance]\nshed_fraction = 1\n", &no_env).unwrap();
+        let c = parse(
+            Path::new("p.toml"),
+            "[rebalance]\nshed_fraction = 1\n",
+            &no_env,
+        )
+        .unwrap();
         assert_eq!(c.decide.rebalance.shed_fraction, 1.0);
     }
 
@@ -517,8 +637,15 @@ mod tests {
         assert_eq!(c.decide.scale.min_servers, 3);
 
         let bad = |k: &str| (k == "REBALANCER_REBALANCE_MAX_SHED").then(|| "many".to_string());
-        let e = parse(Path::new("p.toml"), "", &bad).unwrap_err().to_string();
-        assert!(e.contains("rebalance.max_shed: environment variable REBALANCER_REBALANCE_MAX_SHED=\"many\""), "{e}");
+        let e = parse(Path::new("p.toml"), "", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "rebalance.max_shed: environment variable REBALANCER_REBALANCE_MAX_SHED=\"many\""
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -545,6 +672,10 @@ mod tests {
         std::fs::write(&a, "name = \"x\"\n").unwrap();
         std::fs::write(&b, "name = \"x\"\n").unwrap();
         let e = load_all(&[a, b], &no_env).unwrap_err();
-        assert!(e.to_string().contains("b.toml: name: pipeline name \"x\" is used by another file"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("b.toml: name: pipeline name \"x\" is used by another file"),
+            "{e}"
+        );
     }
 }

@@ -27,21 +27,30 @@ impl History {
     pub fn observe(&mut self, t: &Topology, cfg: &DecideConfig, now: Instant) {
         let totals = t.totals();
         let trustworthy = !t.is_stale() && totals.unknown == 0;
-        let low = trustworthy && totals.capacity > 0 && totals.utilization() < cfg.scale.scale_in_at;
-        self.low_since = if low { self.low_since.or(Some(now)) } else { None };
+        let low =
+            trustworthy && totals.capacity > 0 && totals.utilization() < cfg.scale.scale_in_at;
+        self.low_since = if low {
+            self.low_since.or(Some(now))
+        } else {
+            None
+        };
 
         let mut zero = HashMap::with_capacity(self.zero_since.len());
         if trustworthy {
             for s in &t.servers {
                 if s.is_live() && s.is_cordoned() && s.sessions.known() == Some(0) {
-                    zero.insert(s.id.clone(), self.zero_since.get(&s.id).copied().unwrap_or(now));
+                    zero.insert(
+                        s.id.clone(),
+                        self.zero_since.get(&s.id).copied().unwrap_or(now),
+                    );
                 }
             }
         }
         self.zero_since = zero;
 
         let horizon = cfg.rebalance.round_interval.max(BUDGET_WINDOW);
-        self.last_shed.retain(|_, at| now.saturating_duration_since(*at) < horizon);
+        self.last_shed
+            .retain(|_, at| now.saturating_duration_since(*at) < horizon);
         while let Some((at, _)) = self.disruptions.front() {
             if now.saturating_duration_since(*at) >= BUDGET_WINDOW {
                 self.disruptions.pop_front();
@@ -60,7 +69,9 @@ impl History {
                     self.disruptions.push_back((now, *count));
                 }
                 ActionKind::Cordon { .. } => self.last_scale_in = Some(now),
-                ActionKind::Reactivate { .. } | ActionKind::Start { .. } => self.last_scale_out = Some(now),
+                ActionKind::Reactivate { .. } | ActionKind::Start { .. } => {
+                    self.last_scale_out = Some(now)
+                }
                 ActionKind::Reap { server } => {
                     self.zero_since.remove(server);
                 }
@@ -102,6 +113,8 @@ impl History {
 
     /// How long a cordoned server has had zero sessions.
     pub fn zero_for(&self, server: &str, now: Instant) -> Option<Duration> {
-        self.zero_since.get(server).map(|at| now.saturating_duration_since(*at))
+        self.zero_since
+            .get(server)
+            .map(|at| now.saturating_duration_since(*at))
     }
 }

@@ -133,7 +133,10 @@ impl ActionKind {
     pub fn is_destructive(&self) -> bool {
         matches!(
             self,
-            ActionKind::Shed { .. } | ActionKind::Drain { .. } | ActionKind::Cordon { .. } | ActionKind::Reap { .. }
+            ActionKind::Shed { .. }
+                | ActionKind::Drain { .. }
+                | ActionKind::Cordon { .. }
+                | ActionKind::Reap { .. }
         )
     }
 
@@ -217,15 +220,26 @@ pub fn decide(t: &Topology, cfg: &DecideConfig, now: Instant, history: &History)
     }
     let gate = safety::destructive_gate(t, &totals);
     if cfg.scale.enabled {
-        scale::plan(t, &totals, &cfg.scale, now, history, gate.as_deref(), &mut plan);
+        scale::plan(
+            t,
+            &totals,
+            &cfg.scale,
+            now,
+            history,
+            gate.as_deref(),
+            &mut plan,
+        );
     }
     if cfg.rebalance.enabled {
-        let scaling_out = plan.has(|k| matches!(k, ActionKind::Reactivate { .. } | ActionKind::Start { .. }))
+        let scaling_out = plan
+            .has(|k| matches!(k, ActionKind::Reactivate { .. } | ActionKind::Start { .. }))
             || t.pending > 0
             || history.scaled_out_within(now, cfg.scale.cooldown);
         if scaling_out {
-            plan.withheld
-                .push("rebalance: scale-out pending, new capacity fills through new connections first".into());
+            plan.withheld.push(
+                "rebalance: scale-out pending, new capacity fills through new connections first"
+                    .into(),
+            );
         } else if plan.has(|k| matches!(k, ActionKind::Cordon { .. })) {
             plan.withheld
                 .push("rebalance: waiting for this round's cordons to show in the snapshot".into());

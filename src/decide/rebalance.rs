@@ -35,7 +35,14 @@ fn live_active(t: &Topology) -> impl Iterator<Item = &Server> {
     t.servers.iter().filter(|s| s.is_live() && !s.is_cordoned())
 }
 
-pub fn plan(t: &Topology, totals: &Totals, cfg: &RebalanceConfig, now: Instant, h: &History, plan: &mut Plan) {
+pub fn plan(
+    t: &Topology,
+    totals: &Totals,
+    cfg: &RebalanceConfig,
+    now: Instant,
+    h: &History,
+    plan: &mut Plan,
+) {
     let u = totals.utilization();
     if totals.capacity == 0 || !u.is_finite() {
         return;
@@ -50,7 +57,12 @@ pub fn plan(t: &Topology, totals: &Totals, cfg: &RebalanceConfig, now: Instant, 
         .iter()
         .filter(|s| s.is_live() && s.is_cordoned() && s.sessions.known().unwrap_or(0) > 0)
         .collect();
-    cordoned.sort_by(|a, b| b.sessions.known().cmp(&a.sessions.known()).then(a.id.cmp(&b.id)));
+    cordoned.sort_by(|a, b| {
+        b.sessions
+            .known()
+            .cmp(&a.sessions.known())
+            .then(a.id.cmp(&b.id))
+    });
     for s in cordoned {
         if h.shed_within(&s.id, now, cfg.round_interval) {
             continue;
@@ -61,7 +73,11 @@ pub fn plan(t: &Topology, totals: &Totals, cfg: &RebalanceConfig, now: Instant, 
             plan.withheld.push(format!(
                 "drain {}: {}",
                 s.id,
-                if budget == 0 { "disruption budget spent" } else { "no headroom on active servers" }
+                if budget == 0 {
+                    "disruption budget spent"
+                } else {
+                    "no headroom on active servers"
+                }
             ));
             continue;
         }
@@ -72,7 +88,10 @@ pub fn plan(t: &Topology, totals: &Totals, cfg: &RebalanceConfig, now: Instant, 
                 server: s.id.clone(),
                 count: n,
             },
-            reason: format!("cordoned with {sessions} sessions; draining {n} (drain_rate {})", cfg.drain_rate),
+            reason: format!(
+                "cordoned with {sessions} sessions; draining {n} (drain_rate {})",
+                cfg.drain_rate
+            ),
         });
     }
 
@@ -102,7 +121,11 @@ pub fn plan(t: &Topology, totals: &Totals, cfg: &RebalanceConfig, now: Instant, 
             plan.withheld.push(format!(
                 "shed {}: {}",
                 s.id,
-                if budget < paced { "disruption budget spent" } else { "under-utilized servers cannot absorb more" }
+                if budget < paced {
+                    "disruption budget spent"
+                } else {
+                    "under-utilized servers cannot absorb more"
+                }
             ));
             continue;
         }
@@ -142,8 +165,12 @@ mod tests {
         p.actions
             .iter()
             .filter_map(|a| match &a.kind {
-                ActionKind::Shed { server, count } => Some(("shed".into(), server.to_string(), *count)),
-                ActionKind::Drain { server, count } => Some(("drain".into(), server.to_string(), *count)),
+                ActionKind::Shed { server, count } => {
+                    Some(("shed".into(), server.to_string(), *count))
+                }
+                ActionKind::Drain { server, count } => {
+                    Some(("drain".into(), server.to_string(), *count))
+                }
                 _ => None,
             })
             .collect()
@@ -155,10 +182,18 @@ mod tests {
 
     #[test]
     fn the_seed_example_sheds_forty_from_the_busiest_server() {
-        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let t = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 50),
+            server("c", 100, 10),
+        ]);
         let p = decide(&t, &cfg(), now(), &History::default());
         assert_eq!(sheds(&p), vec![("shed".into(), "a".into(), 40)]);
-        assert!(p.actions[0].reason.contains("threshold 50, offload 40"), "{}", p.actions[0].reason);
+        assert!(
+            p.actions[0].reason.contains("threshold 50, offload 40"),
+            "{}",
+            p.actions[0].reason
+        );
     }
 
     #[test]
@@ -176,7 +211,11 @@ mod tests {
 
     #[test]
     fn shed_fraction_paces_and_max_shed_clamps() {
-        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let t = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 50),
+            server("c", 100, 10),
+        ]);
         let mut c = cfg();
         c.rebalance.shed_fraction = 0.5;
         assert_eq!(decide(&t, &c, now(), &History::default()).shed_total(), 20);
@@ -186,7 +225,11 @@ mod tests {
 
     #[test]
     fn sheds_below_min_shed_fall_in_the_dead_band() {
-        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let t = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 50),
+            server("c", 100, 10),
+        ]);
         let mut c = cfg();
         c.rebalance.min_shed = 41;
         assert!(decide(&t, &c, now(), &History::default()).is_empty());
@@ -201,7 +244,11 @@ mod tests {
 
     #[test]
     fn a_server_is_not_shed_from_twice_within_round_interval() {
-        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let t = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 50),
+            server("c", 100, 10),
+        ]);
         let c = cfg();
         let t0 = now();
         let mut h = History::default();
@@ -220,7 +267,11 @@ mod tests {
 
     #[test]
     fn the_disruption_budget_caps_sheds_per_minute() {
-        let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let t = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 50),
+            server("c", 100, 10),
+        ]);
         let mut c = cfg();
         c.rebalance.disruption_budget = 0.1; // 15 of 150 sessions per minute
         let p = decide(&t, &c, now(), &History::default());
@@ -245,13 +296,27 @@ mod tests {
         let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), unknown]);
         let p = decide(&t, &cfg(), now(), &History::default());
         assert!(p.is_empty());
-        assert!(p.withheld.iter().any(|w| w.contains("unknown")), "{:?}", p.withheld);
+        assert!(
+            p.withheld.iter().any(|w| w.contains("unknown")),
+            "{:?}",
+            p.withheld
+        );
 
-        let mut t = fleet(vec![server("a", 100, 90), server("b", 100, 50), server("c", 100, 10)]);
+        let mut t = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 50),
+            server("c", 100, 10),
+        ]);
         t.sources.sessions = false;
         let p = decide(&t, &cfg(), now(), &History::default());
         assert!(p.is_empty());
-        assert!(p.withheld.iter().any(|w| w.contains("stale (redis-sessions")), "{:?}", p.withheld);
+        assert!(
+            p.withheld
+                .iter()
+                .any(|w| w.contains("stale (redis-sessions")),
+            "{:?}",
+            p.withheld
+        );
     }
 
     #[test]

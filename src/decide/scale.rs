@@ -45,19 +45,24 @@ fn scale_out(
 ) {
     let u = totals.utilization();
     let per_server = typical_capacity(t, totals) * cfg.target_utilization;
-    let needed = ((totals.sessions as f64 / per_server).ceil() as u32).clamp(cfg.min_servers, cfg.max_servers);
+    let needed = ((totals.sessions as f64 / per_server).ceil() as u32)
+        .clamp(cfg.min_servers, cfg.max_servers);
     let have = totals.active + t.pending;
     let missing = needed.saturating_sub(have);
     if missing == 0 {
         return;
     }
     if h.scaled_out_within(now, cfg.cooldown) {
-        plan.withheld
-            .push(format!("scale-out of {missing}: within cooldown of the last scale-out"));
+        plan.withheld.push(format!(
+            "scale-out of {missing}: within cooldown of the last scale-out"
+        ));
         return;
     }
     let why = if totals.active < cfg.min_servers {
-        format!("{} active below min_servers {}", totals.active, cfg.min_servers)
+        format!(
+            "{} active below min_servers {}",
+            totals.active, cfg.min_servers
+        )
     } else {
         format!("U={u:.2} > scale_out_at {:.2}", cfg.scale_out_at)
     };
@@ -69,10 +74,17 @@ fn scale_out(
         .filter(|s| s.passing && s.is_cordoned())
         .collect();
     // Servers still holding sessions are the warmest: bring those back first.
-    cordoned.sort_by(|a, b| b.sessions.known().cmp(&a.sessions.known()).then(a.id.cmp(&b.id)));
+    cordoned.sort_by(|a, b| {
+        b.sessions
+            .known()
+            .cmp(&a.sessions.known())
+            .then(a.id.cmp(&b.id))
+    });
     for s in cordoned.into_iter().take(want as usize) {
         plan.actions.push(Action {
-            kind: ActionKind::Reactivate { server: s.id.clone() },
+            kind: ActionKind::Reactivate {
+                server: s.id.clone(),
+            },
             reason: format!("{why}; {needed} servers needed, {have} active or pending"),
         });
         want -= 1;
@@ -86,12 +98,16 @@ fn scale_out(
         .saturating_sub(t.servers.len() as u32 + t.pending);
     let start = want.min(room);
     if start == 0 {
-        plan.withheld
-            .push(format!("scale-out: {want} more needed but max_servers {} reached", cfg.max_servers));
+        plan.withheld.push(format!(
+            "scale-out: {want} more needed but max_servers {} reached",
+            cfg.max_servers
+        ));
     } else if cfg.can_start {
         plan.actions.push(Action {
             kind: ActionKind::Start { count: start },
-            reason: format!("{why}; {needed} servers needed, {have} active or pending, none left to reactivate"),
+            reason: format!(
+                "{why}; {needed} servers needed, {have} active or pending, none left to reactivate"
+            ),
         });
         *budget -= start;
     } else {
@@ -114,7 +130,9 @@ fn scale_in(
     plan: &mut Plan,
 ) {
     let u = totals.utilization();
-    let Some(low_for) = h.low_for(now) else { return };
+    let Some(low_for) = h.low_for(now) else {
+        return;
+    };
     if low_for < cfg.scale_in_after || totals.active <= cfg.min_servers {
         return;
     }
@@ -123,7 +141,8 @@ fn scale_in(
         return;
     }
     if h.scaled_within(now, cfg.cooldown) {
-        plan.withheld.push("scale-in: within cooldown of the last scale action".into());
+        plan.withheld
+            .push("scale-in: within cooldown of the last scale action".into());
         return;
     }
     let mut candidates: Vec<&Server> = t
@@ -131,7 +150,12 @@ fn scale_in(
         .iter()
         .filter(|s| s.is_live() && !s.is_cordoned())
         .collect();
-    candidates.sort_by(|a, b| a.sessions.known().cmp(&b.sessions.known()).then(a.id.cmp(&b.id)));
+    candidates.sort_by(|a, b| {
+        a.sessions
+            .known()
+            .cmp(&b.sessions.known())
+            .then(a.id.cmp(&b.id))
+    });
     let mut capacity = totals.capacity;
     let mut active = totals.active;
     for s in candidates {
@@ -147,7 +171,9 @@ fn scale_in(
         active -= 1;
         *budget -= 1;
         plan.actions.push(Action {
-            kind: ActionKind::Cordon { server: s.id.clone() },
+            kind: ActionKind::Cordon {
+                server: s.id.clone(),
+            },
             reason: format!(
                 "U={u:.2} < scale_in_at {:.2} for {}s; fewest sessions ({})",
                 cfg.scale_in_at,
@@ -158,7 +184,15 @@ fn scale_in(
     }
 }
 
-fn reap(t: &Topology, cfg: &ScaleConfig, now: Instant, h: &History, gate: Option<&str>, budget: &mut u32, plan: &mut Plan) {
+fn reap(
+    t: &Topology,
+    cfg: &ScaleConfig,
+    now: Instant,
+    h: &History,
+    gate: Option<&str>,
+    budget: &mut u32,
+    plan: &mut Plan,
+) {
     if !cfg.can_reap {
         return;
     }
@@ -166,7 +200,9 @@ fn reap(t: &Topology, cfg: &ScaleConfig, now: Instant, h: &History, gate: Option
         if *budget == 0 {
             break;
         }
-        let Some(zero_for) = h.zero_for(&s.id, now) else { continue };
+        let Some(zero_for) = h.zero_for(&s.id, now) else {
+            continue;
+        };
         if zero_for < cfg.reap_after || !s.is_cordoned() || s.sessions.known() != Some(0) {
             continue;
         }
@@ -176,7 +212,9 @@ fn reap(t: &Topology, cfg: &ScaleConfig, now: Instant, h: &History, gate: Option
         }
         *budget -= 1;
         plan.actions.push(Action {
-            kind: ActionKind::Reap { server: s.id.clone() },
+            kind: ActionKind::Reap {
+                server: s.id.clone(),
+            },
             reason: format!("cordoned with zero sessions for {}s", zero_for.as_secs()),
         });
     }
@@ -216,7 +254,11 @@ mod tests {
     #[test]
     fn a_hot_fleet_reactivates_cordoned_servers_first() {
         // 160 sessions over 200 capacity: U = 0.8. Needed = ceil(160 / 55) = 3.
-        let t = fleet(vec![server("a", 100, 80), server("b", 100, 80), cordoned("c", 100, 0)]);
+        let t = fleet(vec![
+            server("a", 100, 80),
+            server("b", 100, 80),
+            cordoned("c", 100, 0),
+        ]);
         let p = decide(&t, &cfg(), Instant::now(), &History::default());
         assert_eq!(kinds(&p), vec!["reactivate c"]);
     }
@@ -278,7 +320,11 @@ mod tests {
 
     #[test]
     fn scale_in_never_goes_below_min_servers() {
-        let t = fleet(vec![server("a", 100, 1), server("b", 100, 1), server("c", 100, 1)]);
+        let t = fleet(vec![
+            server("a", 100, 1),
+            server("b", 100, 1),
+            server("c", 100, 1),
+        ]);
         let mut c = cfg();
         c.scale.min_servers = 2;
         let t0 = Instant::now();
@@ -300,7 +346,10 @@ mod tests {
         t.sources.states = true;
         h.observe(&t, &c, t0 + Duration::from_secs(40));
         assert!(decide(&t, &c, t0 + Duration::from_secs(90), &h).is_empty());
-        assert_eq!(kinds(&decide(&t, &c, t0 + Duration::from_secs(100), &h)), vec!["cordon a"]);
+        assert_eq!(
+            kinds(&decide(&t, &c, t0 + Duration::from_secs(100), &h)),
+            vec!["cordon a"]
+        );
     }
 
     #[test]
@@ -312,7 +361,10 @@ mod tests {
         let mut h = History::default();
         h.observe(&t, &c, t0);
         assert!(decide(&t, &c, t0 + Duration::from_secs(9), &h).is_empty());
-        assert_eq!(kinds(&decide(&t, &c, t0 + Duration::from_secs(10), &h)), vec!["reap z"]);
+        assert_eq!(
+            kinds(&decide(&t, &c, t0 + Duration::from_secs(10), &h)),
+            vec!["reap z"]
+        );
         c.scale.can_reap = false;
         assert!(decide(&t, &c, t0 + Duration::from_secs(10), &h).is_empty());
     }

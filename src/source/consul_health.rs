@@ -74,14 +74,22 @@ pub fn read_meta(meta: Option<&HashMap<String, String>>) -> Result<(u32, f32), S
         None => return Err(format!("Meta.{META_MAX_SESSIONS} is missing")),
         Some(v) => match v.trim().parse::<u32>() {
             Ok(n) if n > 0 => n,
-            _ => return Err(format!("Meta.{META_MAX_SESSIONS} = {v:?} is not a positive integer")),
+            _ => {
+                return Err(format!(
+                    "Meta.{META_MAX_SESSIONS} = {v:?} is not a positive integer"
+                ))
+            }
         },
     };
     let weight = match meta.get(META_WEIGHT) {
         None => 1.0,
         Some(v) => match v.trim().parse::<f32>() {
             Ok(w) if w.is_finite() && w > 0.0 && w <= 1000.0 => w,
-            _ => return Err(format!("Meta.{META_WEIGHT} = {v:?} is not a number in (0, 1000]")),
+            _ => {
+                return Err(format!(
+                    "Meta.{META_WEIGHT} = {v:?} is not a number in (0, 1000]"
+                ))
+            }
         },
     };
     Ok((capacity, weight))
@@ -89,13 +97,21 @@ pub fn read_meta(meta: Option<&HashMap<String, String>>) -> Result<(u32, f32), S
 
 /// Parses an answer of `/v1/health/service/<svc>`.
 pub fn parse(path: &str, f: &Fetched) -> Result<HealthList, ConsulError> {
-    let entries: Vec<Entry> = if f.found { Consul::decode(path, &f.body)? } else { Vec::new() };
+    let entries: Vec<Entry> = if f.found {
+        Consul::decode(path, &f.body)?
+    } else {
+        Vec::new()
+    };
     let mut out = HealthList::default();
     for e in entries {
         let id: ServerId = e.service.id.as_str().into();
         match read_meta(e.service.meta.as_ref()) {
             Ok((capacity, weight)) => {
-                let address = if e.service.address.is_empty() { e.node.address } else { e.service.address };
+                let address = if e.service.address.is_empty() {
+                    e.node.address
+                } else {
+                    e.service.address
+                };
                 out.instances.push(Instance {
                     id,
                     address: address.into(),
@@ -115,7 +131,11 @@ pub fn parse(path: &str, f: &Fetched) -> Result<HealthList, ConsulError> {
 }
 
 /// Streams the health of `service` each time it changes.
-pub fn stream(consul: Consul, service: &str, wait: Duration) -> impl Stream<Item = Result<HealthList, ConsulError>> {
+pub fn stream(
+    consul: Consul,
+    service: &str,
+    wait: Duration,
+) -> impl Stream<Item = Result<HealthList, ConsulError>> {
     let path = format!("/v1/health/service/{service}");
     let p2 = path.clone();
     watch(consul_fetch(consul, path, wait), move |f| parse(&p2, f))
@@ -145,13 +165,21 @@ mod tests {
         ]"#;
         let h = parse("/v1/health/service/ws", &fetched(body)).unwrap();
         assert_eq!(h.instances.len(), 2);
-        assert_eq!(&*h.instances[0].address, "127.0.0.2", "falls back to the node address");
+        assert_eq!(
+            &*h.instances[0].address, "127.0.0.2",
+            "falls back to the node address"
+        );
         assert_eq!(h.instances[0].capacity, 100);
         assert_eq!(h.instances[0].weight, 2.0);
         assert!(h.instances[0].passing);
-        assert!(!h.instances[1].passing, "one critical check fails the instance");
+        assert!(
+            !h.instances[1].passing,
+            "one critical check fails the instance"
+        );
         assert_eq!(h.invalid.len(), 2);
-        assert!(h.invalid[0].1.contains("\"lots\" is not a positive integer"));
+        assert!(h.invalid[0]
+            .1
+            .contains("\"lots\" is not a positive integer"));
         assert!(h.invalid[1].1.contains("missing"));
     }
 

@@ -28,11 +28,17 @@ struct KvEntry {
 
 /// Reads one state record's raw bytes.
 pub fn read_state(raw: &[u8]) -> Result<Admin, String> {
-    let rec: StateRecord =
-        serde_json::from_slice(raw).map_err(|e| format!("not a state record ({e}): {:?}", String::from_utf8_lossy(raw)))?;
+    let rec: StateRecord = serde_json::from_slice(raw).map_err(|e| {
+        format!(
+            "not a state record ({e}): {:?}",
+            String::from_utf8_lossy(raw)
+        )
+    })?;
     Ok(match rec.state {
         AdminState::Active => Admin::Active,
-        AdminState::Cordoned => Admin::Cordoned { since_ms: rec.since_ms },
+        AdminState::Cordoned => Admin::Cordoned {
+            since_ms: rec.since_ms,
+        },
     })
 }
 
@@ -45,7 +51,9 @@ pub fn parse(service: &str, path: &str, f: &Fetched) -> Result<StateList, Consul
     let prefix = state_prefix(service);
     let entries: Vec<KvEntry> = Consul::decode(path, &f.body)?;
     for e in entries {
-        let Some(id) = e.key.strip_prefix(&prefix) else { continue };
+        let Some(id) = e.key.strip_prefix(&prefix) else {
+            continue;
+        };
         if id.is_empty() || id.contains('/') {
             continue;
         }
@@ -73,11 +81,17 @@ pub fn parse(service: &str, path: &str, f: &Fetched) -> Result<StateList, Consul
 }
 
 /// Streams the state records of `service` each time they change.
-pub fn stream(consul: Consul, service: &str, wait: Duration) -> impl Stream<Item = Result<StateList, ConsulError>> {
+pub fn stream(
+    consul: Consul,
+    service: &str,
+    wait: Duration,
+) -> impl Stream<Item = Result<StateList, ConsulError>> {
     let path = format!("/v1/kv/{}?recurse=true", state_prefix(service));
     let p2 = path.clone();
     let svc = service.to_string();
-    watch(consul_fetch(consul, path, wait), move |f| parse(&svc, &p2, f))
+    watch(consul_fetch(consul, path, wait), move |f| {
+        parse(&svc, &p2, f)
+    })
 }
 
 #[cfg(test)]

@@ -173,7 +173,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_loop_is_rate_limited() {
-        let answers: Vec<_> = (1..=25).map(|i| Ok((i, if i % 2 == 0 { "x" } else { "y" }))).collect();
+        let answers: Vec<_> = (1..=25)
+            .map(|i| Ok((i, if i % 2 == 0 { "x" } else { "y" })))
+            .collect();
         let (fetch, _) = scripted(answers);
         let s = Box::pin(watch(fetch, body));
         let t0 = tokio::time::Instant::now();

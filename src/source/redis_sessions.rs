@@ -70,7 +70,9 @@ pub enum RedisSourceError {
 
 /// Parses a count; anything but a non-negative integer is kept as text (unknown, never 0).
 pub fn read_count(raw: &str) -> Reading {
-    raw.trim().parse::<u64>().map_err(|_| raw.chars().take(64).collect())
+    raw.trim()
+        .parse::<u64>()
+        .map_err(|_| raw.chars().take(64).collect())
 }
 
 /// The flags to set so that `current` covers [`NEEDED_FLAGS`], or `None` if it already does.
@@ -103,7 +105,11 @@ struct Ctx {
 }
 
 /// Streams session-count updates for `service` from the Redis at `url` (validated beforehand).
-pub fn stream(url: &str, service: &str, reconcile: Duration) -> Result<impl Stream<Item = Result<SessionsUpdate, RedisSourceError>>, RedisError> {
+pub fn stream(
+    url: &str,
+    service: &str,
+    reconcile: Duration,
+) -> Result<impl Stream<Item = Result<SessionsUpdate, RedisSourceError>>, RedisError> {
     let client = Client::open(url)?;
     let info = client.get_connection_info();
     let addr = info.addr().to_string();
@@ -116,16 +122,22 @@ pub fn stream(url: &str, service: &str, reconcile: Duration) -> Result<impl Stre
         prefix,
         reconcile,
     };
-    Ok(futures::stream::unfold((State::Connecting, ctx), |(state, ctx)| async move {
-        let (item, next) = step(state, &ctx).await;
-        Some((item, (next, ctx)))
-    }))
+    Ok(futures::stream::unfold(
+        (State::Connecting, ctx),
+        |(state, ctx)| async move {
+            let (item, next) = step(state, &ctx).await;
+            Some((item, (next, ctx)))
+        },
+    ))
 }
 
 async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceError>, State) {
     match state {
         State::Connecting => match connect(ctx).await {
-            Ok((live, counts)) => (Ok(SessionsUpdate::Resync(counts)), State::Live(Box::new(live))),
+            Ok((live, counts)) => (
+                Ok(SessionsUpdate::Resync(counts)),
+                State::Live(Box::new(live)),
+            ),
             Err(e) => (Err(e), State::Connecting),
         },
         State::Live(mut live) => {
@@ -139,21 +151,19 @@ async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceErr
                 }
             };
             let Some(first) = first else {
-                return (Err(RedisSourceError::Closed { addr: ctx.addr.clone() }), State::Connecting);
+                return (
+                    Err(RedisSourceError::Closed {
+                        addr: ctx.addr.clone(),
+                    }),
+                    State::Connecting,
+                );
             };
             // Batch everything already delivered into one read.
             let mut keys = BTreeSet::new();
-            let push = |keys: &mut BTreeSet<String>, m: &redis::Msg| {
-                if let Some(k) = m.get_channel_name().strip_prefix(&ctx.channel_prefix) {
-                    if k.starts_with(&ctx.prefix) {
-                        keys.insert(k.to_string());
-                    }
-                }
-            };
-            push(&mut keys, &first);
+            note_key(ctx, &mut keys, &first);
             while keys.len() < BATCH * 10 {
                 match live.messages.next().now_or_never() {
-                    Some(Some(m)) => push(&mut keys, &m),
+                    Some(Some(m)) => note_key(ctx, &mut keys, &m),
                     _ => break,
                 }
             }
@@ -173,6 +183,14 @@ async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceErr
     }
 }
 
+fn note_key(ctx: &Ctx, keys: &mut BTreeSet<String>, m: &redis::Msg) {
+    if let Some(k) = m.get_channel_name().strip_prefix(&ctx.channel_prefix) {
+        if k.starts_with(&ctx.prefix) {
+            keys.insert(k.to_string());
+        }
+    }
+}
+
 fn id_of(ctx: &Ctx, key: &str) -> ServerId {
     key.strip_prefix(&ctx.prefix).unwrap_or(key).into()
 }
@@ -186,7 +204,10 @@ async fn connect(ctx: &Ctx) -> Result<(Live, Vec<(ServerId, Reading)>), RedisSou
         .client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(|source| RedisSourceError::Connect { addr: addr.clone(), source })?;
+        .map_err(|source| RedisSourceError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
 
     // CONFIG GET may be renamed away on managed Redis; then CONFIG SET below says so.
     let current: Vec<String> = redis::cmd("CONFIG")
@@ -219,7 +240,11 @@ async fn connect(ctx: &Ctx) -> Result<(Live, Vec<(ServerId, Reading)>), RedisSou
     };
     let pubsub = tokio::time::timeout(TIMEOUT, subscribe)
         .await
-        .unwrap_or_else(|_| Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))))
+        .unwrap_or_else(|_| {
+            Err(RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            )))
+        })
         .map_err(|source| RedisSourceError::Subscribe {
             addr: addr.clone(),
             pattern: pattern.clone(),
@@ -239,7 +264,10 @@ async fn connect(ctx: &Ctx) -> Result<(Live, Vec<(ServerId, Reading)>), RedisSou
     ))
 }
 
-async fn resync(ctx: &Ctx, conn: &mut MultiplexedConnection) -> Result<Vec<(ServerId, Reading)>, RedisSourceError> {
+async fn resync(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+) -> Result<Vec<(ServerId, Reading)>, RedisSourceError> {
     let read_err = |source| RedisSourceError::Read {
         addr: ctx.addr.clone(),
         source,
@@ -268,7 +296,11 @@ async fn resync(ctx: &Ctx, conn: &mut MultiplexedConnection) -> Result<Vec<(Serv
         .collect())
 }
 
-async fn mget(ctx: &Ctx, conn: &mut MultiplexedConnection, keys: &[String]) -> Result<Vec<Option<String>>, RedisSourceError> {
+async fn mget(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+    keys: &[String],
+) -> Result<Vec<Option<String>>, RedisSourceError> {
     let mut out = Vec::with_capacity(keys.len());
     for chunk in keys.chunks(BATCH) {
         let values: Vec<Option<String>> = redis::cmd("MGET")

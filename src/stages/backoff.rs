@@ -129,7 +129,10 @@ mod tests {
         }
         // backon multiplies in f32 and tokio's timer rounds up to the millisecond.
         let want = [0, 100, 200, 400, 800, 800];
-        assert!(gaps.iter().zip(want).all(|(g, w)| g.abs_diff(w) <= 1), "{gaps:?}");
+        assert!(
+            gaps.iter().zip(want).all(|(g, w)| g.abs_diff(w) <= 1),
+            "{gaps:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

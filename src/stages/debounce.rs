@@ -63,7 +63,11 @@ where
             }
         }
         if this.batch.is_empty() {
-            return if this.done { Poll::Ready(None) } else { Poll::Pending };
+            return if this.done {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            };
         }
         if this.done
             || this.quiet_timer.as_mut().poll(cx).is_ready()
@@ -121,7 +125,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_last_batch_is_flushed_when_the_input_ends() {
-        let s = futures::stream::iter(vec![1, 2, 3]).debounce(Duration::from_secs(5), Duration::from_secs(9));
+        let s = futures::stream::iter(vec![1, 2, 3])
+            .debounce(Duration::from_secs(5), Duration::from_secs(9));
         assert_eq!(s.collect::<Vec<_>>().await, vec![vec![1, 2, 3]]);
     }
 }

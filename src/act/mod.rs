@@ -1,0 +1,323 @@
+//! Actuators: the only code that writes to the outside world. Shed and drain commands go out
+//! over Redis pub/sub, cordon and reactivate are Consul KV writes, start and reap go to a
+//! [`Scaler`]. Behind one small trait so a recording actuator can stand in for tests.
+
+pub mod scaler;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use tokio::sync::OnceCell;
+
+pub use scaler::{ScaleError, Scaler};
+
+use crate::consul::{Consul, ConsulError};
+use crate::decide::{Action, ActionKind};
+use crate::protocol::{
+    commands_channel, state_key, unix_ms, AdminState, Command, CommandKind, StateRecord,
+    PROTOCOL_VERSION,
+};
+
+/// What an action is done under: the leader's epoch and the snapshot that caused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActContext {
+    pub epoch: u64,
+    pub version: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    #[error("cannot connect to Redis to publish commands: {0}")]
+    RedisConnect(#[source] redis::RedisError),
+    #[error("cannot publish a {kind} command for {server} on {channel}: {source}")]
+    Publish {
+        kind: &'static str,
+        server: String,
+        channel: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("cannot write the state of {server} to Consul KV: {source}")]
+    WriteState {
+        server: String,
+        #[source]
+        source: ConsulError,
+    },
+    #[error("no scaler is configured to {0}")]
+    NoScaler(&'static str),
+    #[error(transparent)]
+    Scale(#[from] ScaleError),
+    #[error("{what} timed out after {after:?}")]
+    Timeout { what: String, after: Duration },
+}
+
+pub trait Actuator: Send + Sync {
+    fn execute<'a>(
+        &'a self,
+        action: &'a Action,
+        ctx: ActContext,
+    ) -> BoxFuture<'a, Result<(), ActError>>;
+
+    /// A scaler is available for `Start` and `Reap`.
+    fn can_scale(&self) -> (bool, bool) {
+        (false, false)
+    }
+}
+
+/// Builds the contract's command for a shed or drain.
+pub fn command_for(
+    action: &Action,
+    ctx: ActContext,
+    now: SystemTime,
+    ttl: Duration,
+) -> Option<Command> {
+    let (kind, server, count) = match &action.kind {
+        ActionKind::Shed { server, count } => (CommandKind::Shed, server, *count),
+        ActionKind::Drain { server, count } => (CommandKind::Drain, server, *count),
+        _ => return None,
+    };
+    let issued = unix_ms(now);
+    Some(Command {
+        v: PROTOCOL_VERSION,
+        id: uuid::Uuid::new_v4().simple().to_string(),
+        kind,
+        server: server.to_string(),
+        count,
+        epoch: ctx.epoch,
+        issued_at_ms: issued,
+        expires_at_ms: issued + ttl.as_millis() as u64,
+        sig: None,
+    })
+}
+
+/// The real actuator of one pipeline.
+pub struct LiveActuator {
+    service: String,
+    command_ttl: Duration,
+    redis: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    consul: Consul,
+    scaler: Option<Arc<dyn Scaler>>,
+}
+
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl LiveActuator {
+    pub fn new(
+        service: &str,
+        command_ttl: Duration,
+        redis: redis::Client,
+        consul: Consul,
+        scaler: Option<Arc<dyn Scaler>>,
+    ) -> LiveActuator {
+        LiveActuator {
+            service: service.to_string(),
+            command_ttl,
+            redis,
+            conn: OnceCell::new(),
+            consul,
+            scaler,
+        }
+    }
+
+    async fn redis(&self) -> Result<ConnectionManager, ActError> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(ATTEMPT_TIMEOUT))
+            .set_response_timeout(Some(ATTEMPT_TIMEOUT));
+        self.conn
+            .get_or_try_init(|| ConnectionManager::new_with_config(self.redis.clone(), config))
+            .await
+            .cloned()
+            .map_err(ActError::RedisConnect)
+    }
+
+    async fn publish(&self, action: &Action, ctx: ActContext) -> Result<(), ActError> {
+        let cmd =
+            command_for(action, ctx, SystemTime::now(), self.command_ttl).expect("shed or drain");
+        let channel = commands_channel(&self.service);
+        let payload = serde_json::to_string(&cmd).expect("commands serialize");
+        let mut conn = self.redis().await?;
+        redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|source| ActError::Publish {
+                kind: cmd.kind.as_str(),
+                server: cmd.server.clone(),
+                channel,
+                source,
+            })?;
+        Ok(())
+    }
+
+    async fn write_state(
+        &self,
+        server: &str,
+        state: AdminState,
+        reason: &str,
+    ) -> Result<(), ActError> {
+        let record = StateRecord {
+            state,
+            since_ms: unix_ms(SystemTime::now()),
+            reason: reason.to_string(),
+        };
+        let body = serde_json::to_vec(&record).expect("state records serialize");
+        self.consul
+            .kv_put(&state_key(&self.service, server), body)
+            .await
+            .map_err(|source| ActError::WriteState {
+                server: server.to_string(),
+                source,
+            })
+    }
+
+    async fn once(&self, action: &Action, ctx: ActContext) -> Result<(), ActError> {
+        match &action.kind {
+            ActionKind::Shed { .. } | ActionKind::Drain { .. } => self.publish(action, ctx).await,
+            ActionKind::Cordon { server } => {
+                self.write_state(server, AdminState::Cordoned, &action.reason)
+                    .await
+            }
+            ActionKind::Reactivate { server } => {
+                self.write_state(server, AdminState::Active, &action.reason)
+                    .await
+            }
+            ActionKind::Start { count } => match &self.scaler {
+                Some(s) => Ok(s.start(*count).await?),
+                None => Err(ActError::NoScaler("start servers")),
+            },
+            ActionKind::Reap { server } => match &self.scaler {
+                Some(s) => {
+                    s.reap(server).await?;
+                    self.consul
+                        .kv_delete(&state_key(&self.service, server))
+                        .await
+                        .map_err(|source| ActError::WriteState {
+                            server: server.to_string(),
+                            source,
+                        })
+                }
+                None => Err(ActError::NoScaler("reap servers")),
+            },
+        }
+    }
+}
+
+impl Actuator for LiveActuator {
+    fn execute<'a>(
+        &'a self,
+        action: &'a Action,
+        ctx: ActContext,
+    ) -> BoxFuture<'a, Result<(), ActError>> {
+        Box::pin(async move {
+            let attempt = || async {
+                tokio::time::timeout(ATTEMPT_TIMEOUT, self.once(action, ctx))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ActError::Timeout {
+                            what: action.kind.label().to_string(),
+                            after: ATTEMPT_TIMEOUT,
+                        })
+                    })
+            };
+            attempt
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_delay(Duration::from_secs(1))
+                        .with_max_times(2)
+                        .with_jitter(),
+                )
+                .sleep(tokio::time::sleep)
+                .when(|e| !matches!(e, ActError::NoScaler(_)))
+                .await
+        })
+    }
+
+    fn can_scale(&self) -> (bool, bool) {
+        (self.scaler.is_some(), self.scaler.is_some())
+    }
+}
+
+/// Records what it is asked to do, for tests that want to see the plan acted on.
+#[derive(Default)]
+pub struct Recording {
+    pub done: Mutex<Vec<(Action, ActContext)>>,
+}
+
+impl Actuator for Recording {
+    fn execute<'a>(
+        &'a self,
+        action: &'a Action,
+        ctx: ActContext,
+    ) -> BoxFuture<'a, Result<(), ActError>> {
+        self.done
+            .lock()
+            .expect("not poisoned")
+            .push((action.clone(), ctx));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shed_becomes_a_command_that_expires_after_the_ttl() {
+        let a = Action {
+            kind: ActionKind::Shed {
+                server: "s1".into(),
+                count: 40,
+            },
+            reason: "r".into(),
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let c = command_for(
+            &a,
+            ActContext {
+                epoch: 7,
+                version: 3,
+            },
+            now,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.kind, c.server.as_str(), c.count, c.epoch),
+            (CommandKind::Shed, "s1", 40, 7)
+        );
+        assert_eq!((c.issued_at_ms, c.expires_at_ms), (1_000_000, 1_010_000));
+        let c2 = command_for(
+            &a,
+            ActContext {
+                epoch: 7,
+                version: 3,
+            },
+            now,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_ne!(c.id, c2.id, "ids are unique");
+        let cordon = Action {
+            kind: ActionKind::Cordon {
+                server: "s1".into(),
+            },
+            reason: "r".into(),
+        };
+        assert!(command_for(
+            &cordon,
+            ActContext {
+                epoch: 1,
+                version: 1
+            },
+            now,
+            Duration::from_secs(1)
+        )
+        .is_none());
+    }
+}

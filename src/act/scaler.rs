@@ -1,0 +1,19 @@
+//! The scaler: what starts and stops servers. The Docker implementation is its own module;
+//! without one, a pipeline reports the servers it is short of instead.
+
+use futures::future::BoxFuture;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    #[error("cannot start {count} server(s): {message}")]
+    Start { count: u32, message: String },
+    #[error("cannot stop server {server}: {message}")]
+    Reap { server: String, message: String },
+}
+
+pub trait Scaler: Send + Sync {
+    /// Starts `count` new servers; they count as pending until they register and pass.
+    fn start(&self, count: u32) -> BoxFuture<'_, Result<(), ScaleError>>;
+    /// Stops the cordoned, empty server `server` (only one this scaler owns).
+    fn reap<'a>(&'a self, server: &'a str) -> BoxFuture<'a, Result<(), ScaleError>>;
+}

@@ -1,0 +1,182 @@
+//! The command line: one binary, several roles.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::act::LiveActuator;
+use crate::config::{self, PipelineConfig};
+use crate::consul::Consul;
+
+/// Exit code for bad configuration (sysexits' EX_CONFIG).
+pub const EX_CONFIG: u8 = 64;
+/// Exit code when a needed local resource cannot be had (sysexits' EX_UNAVAILABLE).
+pub const EX_UNAVAILABLE: u8 = 69;
+/// How long in-flight work may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rebalancer",
+    version,
+    about = "Keeps fleets of long-lived-connection servers balanced and right-sized"
+)]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "REBALANCER_LOG_JSON")]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller for one or more pipelines, side by side.
+    Run {
+        /// A pipeline file (repeatable). Keys can be overridden by REBALANCER_* variables.
+        #[arg(long = "pipeline", short = 'p', required = true, num_args = 1..)]
+        pipelines: Vec<PathBuf>,
+    },
+    /// Validate pipeline files without connecting to anything (exit 64 when invalid).
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Loads and validates, printing every error; `Err(exit code)` when invalid.
+fn load(files: &[PathBuf]) -> Result<Vec<PipelineConfig>, ExitCode> {
+    config::load_all(files, &config::process_env).map_err(|errors| {
+        for e in &errors.0 {
+            eprintln!("error: {e}");
+        }
+        eprintln!("{} error(s) in pipeline configuration", errors.0.len());
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+pub fn check(files: &[PathBuf]) -> ExitCode {
+    match load(files) {
+        Ok(cfgs) => {
+            for c in cfgs {
+                println!(
+                    "ok: {} (pipeline {:?}, service {:?})",
+                    c.file.display(),
+                    c.name,
+                    c.service
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn run(files: &[PathBuf]) -> ExitCode {
+    let cfgs = match load(files) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run_pipelines(cfgs))
+}
+
+async fn run_pipelines(cfgs: Vec<PipelineConfig>) -> ExitCode {
+    // One exporter per process: the first pipeline's address serves every pipeline's metrics,
+    // each labelled with its pipeline name.
+    let listen = cfgs[0].metrics_listen;
+    for c in cfgs.iter().skip(1).filter(|c| c.metrics_listen != listen) {
+        tracing::warn!(file = %c.file.display(), listen = %c.metrics_listen, using = %listen,
+            "metrics.listen differs from the first pipeline's; one endpoint serves all pipelines");
+    }
+    if let Err(e) = crate::telemetry::install_exporter(listen) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EX_UNAVAILABLE);
+    }
+    tracing::info!(%listen, "metrics on http://{listen}/metrics");
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for cfg in cfgs {
+        let redis = match redis::Client::open(cfg.redis.url.as_str()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {}: redis.url: {e}", cfg.file.display());
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+        let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
+        let actuator = Arc::new(LiveActuator::new(
+            &cfg.service,
+            cfg.command_ttl,
+            redis,
+            consul,
+            None,
+        ));
+        tasks.push(tokio::spawn(crate::pipeline::run(
+            cfg,
+            actuator,
+            shutdown.clone(),
+        )));
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let all = futures::future::join_all(tasks);
+    match tokio::time::timeout(SHUTDOWN_GRACE, all).await {
+        Ok(results) => {
+            let mut code = ExitCode::SUCCESS;
+            for r in results {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        eprintln!("error: {e}");
+                        code = ExitCode::FAILURE;
+                    }
+                    Err(e) => {
+                        eprintln!("error: a pipeline task failed: {e}");
+                        code = ExitCode::FAILURE;
+                    }
+                }
+            }
+            code
+        }
+        Err(_) => {
+            eprintln!("error: pipelines did not stop within {SHUTDOWN_GRACE:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
