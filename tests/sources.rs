@@ -1,0 +1,291 @@
+//! The sources and the fold against a real Redis and a real Consul: what reaches the
+//! snapshot, what is refused, and what happens when either restarts.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rebalancer::act::Recording;
+use rebalancer::config::{self, PipelineConfig};
+use rebalancer::decide::ActionKind;
+use rebalancer::telemetry::Events;
+use rebalancer::topology::{Admin, Count, Topology};
+use serde_json::json;
+use support::*;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn cfg(
+    name: &str,
+    redis: &Redis,
+    consul: &ConsulAgent,
+    top: &str,
+    sections: &str,
+) -> PipelineConfig {
+    let text = pipeline_toml(name, redis, consul, free_port(), top, sections);
+    config::parse(Path::new("test.toml"), &text, &|_| None).expect("valid test pipeline")
+}
+
+struct Running {
+    rx: watch::Receiver<Arc<Topology>>,
+    stop: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn topology(c: &PipelineConfig) -> Running {
+    let stop = CancellationToken::new();
+    let (rx, _task) =
+        rebalancer::pipeline::spawn_topology(c, Events::new(&c.name), stop.clone()).unwrap();
+    Running { rx, stop }
+}
+
+async fn until(r: &Running, what: &str, f: impl Fn(&Topology) -> bool) -> Arc<Topology> {
+    let rx = r.rx.clone();
+    eventually(what, WAIT, || {
+        let t = rx.borrow().clone();
+        let ok = f(&t);
+        async move { ok.then_some(t) }
+    })
+    .await
+}
+
+fn count(t: &Topology, id: &str) -> Option<Count> {
+    t.get(id).map(|s| s.sessions)
+}
+
+#[tokio::test]
+async fn registrations_states_and_count_changes_reach_the_snapshot() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let r = topology(&cfg("reach", &redis, &consul, "", ""));
+    let t = until(&r, "a synced, empty snapshot", |t| !t.is_stale()).await;
+    assert!(t.servers.is_empty());
+
+    consul.register_capacity("ws", "s1", 100).await;
+    redis.report("ws", "s1", "10").await;
+    let t = until(&r, "s1 with 10 sessions", |t| {
+        count(t, "s1") == Some(Count::Known(10))
+    })
+    .await;
+    let s1 = t.get("s1").unwrap();
+    assert_eq!(
+        (s1.capacity, s1.passing, s1.admin),
+        (100, true, Admin::Active)
+    );
+
+    redis.report("ws", "s1", "20").await;
+    until(&r, "s1 with 20 sessions", |t| {
+        count(t, "s1") == Some(Count::Known(20))
+    })
+    .await;
+
+    consul.set_passing("s1", false).await;
+    until(&r, "s1 failing", |t| {
+        t.get("s1").is_some_and(|s| !s.passing)
+    })
+    .await;
+
+    consul
+        .kv_put(
+            "rebalancer/ws/servers/s1",
+            r#"{"state":"cordoned","since_ms":5,"reason":"test"}"#,
+        )
+        .await;
+    until(&r, "s1 cordoned", |t| {
+        t.get("s1")
+            .is_some_and(|s| s.admin == Admin::Cordoned { since_ms: 5 })
+    })
+    .await;
+
+    consul.deregister("s1").await;
+    let t = until(&r, "s1 gone, its count a ghost", |t| {
+        t.servers.is_empty() && t.ghosts == 1
+    })
+    .await;
+    assert!(!t.is_stale());
+}
+
+#[tokio::test]
+async fn garbage_in_meta_counts_and_states_is_ignored_and_counted() {
+    let handle = metrics();
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let r = topology(&cfg("garbage", &redis, &consul, "", ""));
+    consul.register_capacity("ws", "good", 100).await;
+    consul.register("ws", "no-meta", json!({})).await;
+    consul
+        .register("ws", "bad-meta", json!({"max_sessions": "lots"}))
+        .await;
+    consul
+        .register(
+            "ws",
+            "bad-weight",
+            json!({"max_sessions": "10", "weight": "-1"}),
+        )
+        .await;
+    redis.report("ws", "good", "many").await;
+    consul
+        .kv_put("rebalancer/ws/servers/good", "cordon it please")
+        .await;
+
+    let t = until(&r, "three invalid instances and the good one", |t| {
+        t.invalid_instances == 3
+            && t.servers.len() == 1
+            && t.get("good").is_some_and(|s| s.admin == Admin::Unknown)
+    })
+    .await;
+    assert_eq!(
+        count(&t, "good"),
+        Some(Count::Unknown),
+        "a garbage count is unknown, never 0"
+    );
+    assert!(t.totals().unknown == 1);
+
+    let text = handle.render();
+    let labels = [("pipeline", "garbage")];
+    assert_eq!(
+        sample(&text, "rebalancer_invalid_meta_total", &labels),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "rebalancer_invalid_counts_total", &labels),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "rebalancer_invalid_states_total", &labels),
+        Some(1.0)
+    );
+
+    // Fixing the inputs brings the server back as known.
+    redis.report("ws", "good", "7").await;
+    consul
+        .kv_put("rebalancer/ws/servers/good", r#"{"state":"active"}"#)
+        .await;
+    until(&r, "the good server known again", |t| {
+        t.get("good").is_some_and(|s| s.is_live())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_is_survived_with_a_full_resync() {
+    let (mut redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let r = topology(&cfg("redis-restart", &redis, &consul, "", ""));
+    consul.register_capacity("ws", "s1", 100).await;
+    redis.report("ws", "s1", "10").await;
+    until(&r, "s1 with 10", |t| {
+        count(t, "s1") == Some(Count::Known(10))
+    })
+    .await;
+
+    redis.restart().await; // comes back empty, notifications off
+    until(&r, "a resynced snapshot without the lost count", |t| {
+        !t.is_stale() && count(t, "s1") == Some(Count::Unknown)
+    })
+    .await;
+    // The subscription was renewed and notifications turned back on: new reports arrive.
+    redis.report("ws", "s1", "15").await;
+    until(&r, "s1 with 15 after the restart", |t| {
+        count(t, "s1") == Some(Count::Known(15))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_consul_restart_is_survived_with_a_full_resync() {
+    let (redis, mut consul) = (Redis::start().await, ConsulAgent::start().await);
+    let r = topology(&cfg("consul-restart", &redis, &consul, "", ""));
+    consul.register_capacity("ws", "s1", 100).await;
+    consul
+        .kv_put("rebalancer/ws/servers/s1", r#"{"state":"cordoned"}"#)
+        .await;
+    redis.report("ws", "s1", "10").await;
+    until(&r, "s1 cordoned with 10", |t| {
+        t.get("s1").is_some_and(|s| s.is_live() && s.is_cordoned())
+    })
+    .await;
+
+    consul.restart().await; // a dev agent comes back empty, with its indexes reset
+    until(&r, "the empty fleet after the restart", |t| {
+        !t.is_stale() && t.servers.is_empty()
+    })
+    .await;
+    consul.register_capacity("ws", "s1", 100).await;
+    let t = until(&r, "s1 registered again", |t| t.get("s1").is_some()).await;
+    assert_eq!(
+        t.get("s1").unwrap().admin,
+        Admin::Active,
+        "the KV state went with the agent"
+    );
+    assert_eq!(count(&t, "s1"), Some(Count::Known(10)));
+}
+
+#[tokio::test]
+async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() {
+    let handle = metrics();
+    let (mut redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    // A cold fleet: scale-in would cordon after 4 s of trustworthy low utilization.
+    let c = cfg(
+        "gap",
+        &redis,
+        &consul,
+        "",
+        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
+    );
+    for id in ["s1", "s2", "s3"] {
+        consul.register_capacity("ws", id, 100).await;
+        redis.report("ws", id, "10").await;
+    }
+    let rec = Arc::new(Recording::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(rebalancer::pipeline::run(c, rec.clone(), stop.clone()));
+    let labels = [("pipeline", "gap")];
+    eventually("a synced snapshot of 30 sessions", WAIT, || {
+        let text = handle.render();
+        async move {
+            (sample(&text, "rebalancer_sessions", &labels) == Some(30.0)
+                && sample(&text, "rebalancer_snapshot_stale", &labels) == Some(0.0))
+            .then_some(())
+        }
+    })
+    .await;
+
+    redis.stop();
+    eventually("the snapshot to go stale", WAIT, || {
+        let text = handle.render();
+        async move { (sample(&text, "rebalancer_snapshot_stale", &labels) == Some(1.0)).then_some(()) }
+    })
+    .await;
+    // Longer than scale_in_after: on stale data nothing may be cordoned.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        rec.done.lock().unwrap().is_empty(),
+        "acted on stale data: {:?}",
+        rec.done.lock().unwrap()
+    );
+
+    redis.restart().await;
+    for id in ["s1", "s2", "s3"] {
+        redis.report("ws", id, "10").await;
+    }
+    let done = eventually("a cordon once the data is trustworthy again", WAIT, || {
+        let d = rec.done.lock().unwrap().clone();
+        async move { (!d.is_empty()).then_some(d) }
+    })
+    .await;
+    assert!(
+        matches!(done[0].0.kind, ActionKind::Cordon { .. }),
+        "{done:?}"
+    );
+    assert!(done[0].1.epoch >= 1, "acted under a held lock");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,417 @@
+//! Test harness: real Redis and Consul agents on free loopback ports, started per test and
+//! killed when dropped. A missing binary fails the test with how to install it.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+pub const INSTALL_HINT: &str =
+    "run `scripts/setup.sh` (installs redis-server and unpacks consul into .tools/)";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Finds a tool: `REBALANCER_<NAME>_BIN`, then PATH, then `.tools/<name>-bin`.
+pub fn tool(name: &str) -> PathBuf {
+    let var = format!("REBALANCER_{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    let local = repo().join(".tools").join(format!("{name}-bin"));
+    if local.exists() {
+        return local;
+    }
+    panic!("`{name}` is needed by this test and was not found on PATH, in ${var} or in .tools/: {INSTALL_HINT}");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::File::create(dir.join(name)).expect("create a log file")
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "rebalancer-test-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A `redis-server` of our own, with keyspace notifications *off* (the controller must
+/// turn them on).
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let port = free_port();
+        let mut r = Redis {
+            port,
+            dir: temp_dir("redis"),
+            proc: None,
+        };
+        r.spawn().await;
+        r
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(tool("redis-server"))
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--notify-keyspace-events", ""])
+            .current_dir(&self.dir)
+            .stdout(log_file(&self.dir, "redis.log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL_HINT}"));
+        self.proc = Some(Proc(child));
+        let url = self.url();
+        eventually("redis to answer PING", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                let c = redis::Client::open(url).ok()?;
+                let mut conn = c.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Stops and starts again on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis")
+    }
+
+    pub async fn set(&self, key: &str, value: &str, ttl_secs: u64) {
+        let mut c = self.conn().await;
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("EX")
+            .arg(ttl_secs)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+
+    /// Sets a server's session count the way the contract says: `SET … EX`.
+    pub async fn report(&self, service: &str, server: &str, sessions: &str) {
+        self.set(
+            &format!("rebalancer:{service}:sessions:{server}"),
+            sessions,
+            300,
+        )
+        .await;
+    }
+}
+
+/// A `consul agent -dev` of our own, every port free or disabled.
+pub struct ConsulAgent {
+    pub http_port: u16,
+    ports: [u16; 3],
+    dir: PathBuf,
+    proc: Option<Proc>,
+    http: reqwest::Client,
+}
+
+impl ConsulAgent {
+    pub async fn start() -> ConsulAgent {
+        let mut c = ConsulAgent {
+            http_port: free_port(),
+            ports: [free_port(), free_port(), free_port()],
+            dir: temp_dir("consul"),
+            proc: None,
+            http: reqwest::Client::new(),
+        };
+        c.spawn().await;
+        c
+    }
+
+    async fn spawn(&mut self) {
+        let [serf_lan, serf_wan, server] = self.ports;
+        let child = Command::new(tool("consul"))
+            .args([
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+            ])
+            .args([
+                "-http-port",
+                &self.http_port.to_string(),
+                "-dns-port",
+                "-1",
+                "-grpc-port",
+                "-1",
+            ])
+            .args([
+                "-serf-lan-port",
+                &serf_lan.to_string(),
+                "-serf-wan-port",
+                &serf_wan.to_string(),
+            ])
+            .args([
+                "-server-port",
+                &server.to_string(),
+                "-node",
+                &format!("test-{}", self.http_port),
+            ])
+            .current_dir(&self.dir)
+            .stdout(log_file(&self.dir, "consul.log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start consul: {e}; {INSTALL_HINT}"));
+        self.proc = Some(Proc(child));
+        let url = format!("{}/v1/status/leader", self.address());
+        let http = self.http.clone();
+        eventually(
+            "consul to elect itself leader",
+            Duration::from_secs(30),
+            || {
+                let (url, http) = (url.clone(), http.clone());
+                async move {
+                    let body = http.get(&url).send().await.ok()?.text().await.ok()?;
+                    (body.len() > 2).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Stops and starts again on the same ports; a dev agent comes back empty.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    async fn put(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        let r = self
+            .http
+            .put(format!("{}{path}", self.address()))
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("reach the test consul");
+        assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+        r
+    }
+
+    /// Registers a server the way the contract says, with a TTL check that starts passing.
+    pub async fn register(&self, service: &str, id: &str, meta: serde_json::Value) {
+        self.put(
+            "/v1/agent/service/register",
+            json!({
+                "ID": id, "Name": service, "Address": "127.0.0.1", "Port": 9000,
+                "Meta": meta,
+                "Check": {"CheckID": format!("service:{id}"), "TTL": "600s", "Status": "passing"}
+            }),
+        )
+        .await;
+    }
+
+    pub async fn register_capacity(&self, service: &str, id: &str, max_sessions: u32) {
+        self.register(
+            service,
+            id,
+            json!({"max_sessions": max_sessions.to_string()}),
+        )
+        .await;
+    }
+
+    pub async fn deregister(&self, id: &str) {
+        self.put(&format!("/v1/agent/service/deregister/{id}"), json!(null))
+            .await;
+    }
+
+    pub async fn set_passing(&self, id: &str, passing: bool) {
+        let verb = if passing { "pass" } else { "fail" };
+        self.put(&format!("/v1/agent/check/{verb}/service:{id}"), json!(null))
+            .await;
+    }
+
+    pub async fn kv_put(&self, key: &str, value: &str) {
+        let r = self
+            .http
+            .put(format!("{}/v1/kv/{key}", self.address()))
+            .body(value.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// The raw value at `key`, if any.
+    pub async fn kv_get(&self, key: &str) -> Option<String> {
+        let r = self
+            .http
+            .get(format!("{}/v1/kv/{key}?raw=true", self.address()))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.text().await.ok()
+    }
+
+    /// The `state` field of a server's KV record (`None`: no record).
+    pub async fn server_state(&self, service: &str, id: &str) -> Option<String> {
+        let raw = self
+            .kv_get(&format!("rebalancer/{service}/servers/{id}"))
+            .await?;
+        let v: serde_json::Value = serde_json::from_str(&raw).ok()?;
+        v["state"].as_str().map(str::to_string)
+    }
+}
+
+/// A pipeline's TOML pointed at the test's Redis and Consul, with fast timings. `top` holds
+/// top-level keys, `sections` extra sections (not the ones written here).
+pub fn pipeline_toml(
+    name: &str,
+    redis: &Redis,
+    consul: &ConsulAgent,
+    metrics_port: u16,
+    top: &str,
+    sections: &str,
+) -> String {
+    format!(
+        r#"name = "{name}"
+service = "ws"
+{top}
+[consul]
+address = "{consul}"
+wait = "20s"
+[redis]
+url = "{redis}"
+reconcile = "5s"
+[debounce]
+quiet = "50ms"
+max_delay = "300ms"
+[leader]
+session_ttl = "10s"
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+{sections}
+"#,
+        consul = consul.address(),
+        redis = redis.url(),
+    )
+}
+
+/// One Prometheus recorder for the whole test binary, for in-process tests.
+pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static H: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("install the test recorder")
+    })
+}
+
+/// The value of the sample of `name` whose labels include every `labels` pair, from
+/// Prometheus text.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            .then(|| value.parse().ok())?
+    })
+}
