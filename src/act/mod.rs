@@ -179,11 +179,11 @@ impl LiveActuator {
         match &action.kind {
             ActionKind::Shed { .. } | ActionKind::Drain { .. } => self.publish(action, ctx).await,
             ActionKind::Cordon { server } => {
-                self.write_state(server, AdminState::Cordoned, &action.reason)
+                self.write_state(server, AdminState::Cordoned, &action.reason.to_string())
                     .await
             }
             ActionKind::Reactivate { server } => {
-                self.write_state(server, AdminState::Active, &action.reason)
+                self.write_state(server, AdminState::Active, &action.reason.to_string())
                     .await
             }
             ActionKind::Start { count } => match &self.scaler {

@@ -345,7 +345,7 @@ impl Checker<'_> {
     ) -> f64 {
         let above = if lo_inclusive { v >= lo } else { v > lo };
         let below = if hi_inclusive { v <= hi } else { v < hi };
-        if !(above && below) || !v.is_finite() {
+        if !(above && below && v.is_finite()) {
             let l = if lo_inclusive { '[' } else { '(' };
             let h = if hi_inclusive { ']' } else { ')' };
             self.err(key, format!("{v} is outside {l}{lo}, {hi}{h}"));

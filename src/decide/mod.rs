@@ -99,6 +99,76 @@ impl Default for DecideConfig {
     }
 }
 
+/// Why an action was planned: structured, and rendered as one line only when shown, so a
+/// round over a large fleet does not pay for formatting thousands of strings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reason {
+    Overutilized {
+        u: f64,
+        fleet_u: f64,
+        tolerance: f64,
+        threshold: u64,
+        offload: u64,
+    },
+    Draining {
+        sessions: u64,
+        drain_rate: u64,
+    },
+    ScaleOut {
+        u: f64,
+        scale_out_at: f64,
+        active: u32,
+        min_servers: u32,
+        needed: u32,
+        have: u32,
+    },
+    ScaleIn {
+        u: f64,
+        scale_in_at: f64,
+        low_for_s: u64,
+        sessions: u64,
+    },
+    Empty {
+        zero_for_s: u64,
+    },
+    /// Free text, for tests and operator-made actions.
+    Text(String),
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Overutilized { u, fleet_u, tolerance, threshold, offload } => write!(
+                f,
+                "u={u:.2} > U={fleet_u:.2}+{tolerance:.2}; threshold {threshold}, offload {offload}"
+            ),
+            Reason::Draining { sessions, drain_rate } => {
+                write!(f, "cordoned with {sessions} sessions; draining at drain_rate {drain_rate}")
+            }
+            Reason::ScaleOut { u, scale_out_at, active, min_servers, needed, have } => {
+                if active < min_servers {
+                    write!(f, "{active} active below min_servers {min_servers}")?;
+                } else {
+                    write!(f, "U={u:.2} > scale_out_at {scale_out_at:.2}")?;
+                }
+                write!(f, "; {needed} servers needed, {have} active or pending")
+            }
+            Reason::ScaleIn { u, scale_in_at, low_for_s, sessions } => write!(
+                f,
+                "U={u:.2} < scale_in_at {scale_in_at:.2} for {low_for_s}s; fewest sessions ({sessions})"
+            ),
+            Reason::Empty { zero_for_s } => write!(f, "cordoned with zero sessions for {zero_for_s}s"),
+            Reason::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(s: &str) -> Reason {
+        Reason::Text(s.to_string())
+    }
+}
+
 /// One thing to do to the outside world.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActionKind {
@@ -153,10 +223,10 @@ impl ActionKind {
 }
 
 /// An action with the one-line reason that caused it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Action {
     pub kind: ActionKind,
-    pub reason: String,
+    pub reason: Reason,
 }
 
 impl fmt::Display for Action {

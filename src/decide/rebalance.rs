@@ -10,7 +10,7 @@
 
 use tokio::time::Instant;
 
-use super::{Action, ActionKind, History, Plan, RebalanceConfig};
+use super::{Action, ActionKind, History, Plan, Reason, RebalanceConfig};
 use crate::topology::{Server, Topology, Totals};
 
 /// `ceil(capacity × S / C)` in exact integer arithmetic.
@@ -18,8 +18,12 @@ pub fn threshold(capacity: u32, totals: &Totals) -> u64 {
     if totals.capacity == 0 {
         return 0;
     }
-    let num = u128::from(capacity) * u128::from(totals.sessions);
-    num.div_ceil(u128::from(totals.capacity)) as u64
+    // u64 when it fits (always, in practice); u128 division is a slow library call.
+    match u64::from(capacity).checked_mul(totals.sessions) {
+        Some(num) => num.div_ceil(totals.capacity),
+        None => (u128::from(capacity) * u128::from(totals.sessions))
+            .div_ceil(u128::from(totals.capacity)) as u64,
+    }
 }
 
 /// Sessions the under-utilized (`u < U`) active servers can take before reaching their threshold.
@@ -50,6 +54,8 @@ pub fn plan(
     let mut absorb = absorbable(t, totals);
     let allowed = (cfg.disruption_budget * totals.sessions as f64).ceil() as u64;
     let mut budget = allowed.saturating_sub(h.disrupted(now));
+    // Withheld servers are summarized, not listed one line each: fleets can be large.
+    let (mut recent, mut no_budget, mut no_room) = (0usize, 0usize, 0usize);
 
     // Cordoned servers have target 0: drain them first, at drain_rate.
     let mut cordoned: Vec<&Server> = t
@@ -70,15 +76,11 @@ pub fn plan(
         let sessions = s.sessions.known().unwrap_or(0);
         let n = sessions.min(cfg.drain_rate).min(absorb).min(budget);
         if n == 0 {
-            plan.withheld.push(format!(
-                "drain {}: {}",
-                s.id,
-                if budget == 0 {
-                    "disruption budget spent"
-                } else {
-                    "no headroom on active servers"
-                }
-            ));
+            if budget == 0 {
+                no_budget += 1;
+            } else {
+                no_room += 1;
+            }
             continue;
         }
         absorb -= n;
@@ -88,19 +90,26 @@ pub fn plan(
                 server: s.id.clone(),
                 count: n,
             },
-            reason: format!(
-                "cordoned with {sessions} sessions; draining {n} (drain_rate {})",
-                cfg.drain_rate
-            ),
+            reason: Reason::Draining {
+                sessions,
+                drain_rate: cfg.drain_rate,
+            },
         });
     }
 
-    let mut over: Vec<(&Server, f64)> = live_active(t)
-        .filter_map(|s| s.utilization().map(|x| (s, x)))
+    // Servers are sorted by id, so their index breaks ties in id order without chasing
+    // pointers to compare strings (ties are common: capacities are round numbers).
+    let mut over: Vec<(usize, f64)> = t
+        .servers
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_live() && !s.is_cordoned())
+        .filter_map(|(i, s)| s.utilization().map(|x| (i, x)))
         .filter(|(_, x)| *x > u + cfg.tolerance)
         .collect();
-    over.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.id.cmp(&b.0.id)));
-    for (s, ui) in over {
+    over.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (i, ui) in over {
+        let s = &t.servers[i];
         let sessions = s.sessions.known().unwrap_or(0);
         let th = threshold(s.capacity, totals);
         let offload = sessions.saturating_sub(th);
@@ -108,25 +117,20 @@ pub fn plan(
             continue;
         }
         if h.shed_within(&s.id, now, cfg.round_interval) {
-            plan.withheld
-                .push(format!("shed {}: already shed within round_interval", s.id));
+            recent += 1;
             continue;
         }
         let paced = ((offload as f64 * cfg.shed_fraction).ceil() as u64).min(cfg.max_shed);
-        let n = paced.min(absorb).min(budget);
         if paced < cfg.min_shed {
             continue; // dead band: not worth disconnecting anyone for
         }
+        let n = paced.min(absorb).min(budget);
         if n < cfg.min_shed {
-            plan.withheld.push(format!(
-                "shed {}: {}",
-                s.id,
-                if budget < paced {
-                    "disruption budget spent"
-                } else {
-                    "under-utilized servers cannot absorb more"
-                }
-            ));
+            if budget < paced {
+                no_budget += 1;
+            } else {
+                no_room += 1;
+            }
             continue;
         }
         absorb -= n;
@@ -136,11 +140,29 @@ pub fn plan(
                 server: s.id.clone(),
                 count: n,
             },
-            reason: format!(
-                "u={ui:.2} > U={u:.2}+{:.2}; threshold {th}, offload {offload}, shedding {n}",
-                cfg.tolerance
-            ),
+            reason: Reason::Overutilized {
+                u: ui,
+                fleet_u: u,
+                tolerance: cfg.tolerance,
+                threshold: th,
+                offload,
+            },
         });
+    }
+    if recent > 0 {
+        plan.withheld.push(format!(
+            "shed: {recent} server(s) already shed within round_interval"
+        ));
+    }
+    if no_budget > 0 {
+        plan.withheld.push(format!(
+            "shed/drain: {no_budget} server(s) held back, the disruption budget ({allowed} per minute) is spent"
+        ));
+    }
+    if no_room > 0 {
+        plan.withheld.push(format!(
+            "shed/drain: {no_room} server(s) held back, the under-utilized servers cannot absorb more"
+        ));
     }
 }
 
@@ -189,11 +211,8 @@ mod tests {
         ]);
         let p = decide(&t, &cfg(), now(), &History::default());
         assert_eq!(sheds(&p), vec![("shed".into(), "a".into(), 40)]);
-        assert!(
-            p.actions[0].reason.contains("threshold 50, offload 40"),
-            "{}",
-            p.actions[0].reason
-        );
+        let why = p.actions[0].reason.to_string();
+        assert!(why.contains("threshold 50, offload 40"), "{why}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use tokio::time::Instant;
 
-use super::{Action, ActionKind, History, Plan, ScaleConfig};
+use super::{Action, ActionKind, History, Plan, Reason, ScaleConfig};
 use crate::topology::{Server, Topology, Totals};
 
 pub fn plan(
@@ -58,13 +58,13 @@ fn scale_out(
         ));
         return;
     }
-    let why = if totals.active < cfg.min_servers {
-        format!(
-            "{} active below min_servers {}",
-            totals.active, cfg.min_servers
-        )
-    } else {
-        format!("U={u:.2} > scale_out_at {:.2}", cfg.scale_out_at)
+    let reason = Reason::ScaleOut {
+        u,
+        scale_out_at: cfg.scale_out_at,
+        active: totals.active,
+        min_servers: cfg.min_servers,
+        needed,
+        have,
     };
     let mut want = missing.min(*budget);
 
@@ -85,7 +85,7 @@ fn scale_out(
             kind: ActionKind::Reactivate {
                 server: s.id.clone(),
             },
-            reason: format!("{why}; {needed} servers needed, {have} active or pending"),
+            reason: reason.clone(),
         });
         want -= 1;
         *budget -= 1;
@@ -105,15 +105,13 @@ fn scale_out(
     } else if cfg.can_start {
         plan.actions.push(Action {
             kind: ActionKind::Start { count: start },
-            reason: format!(
-                "{why}; {needed} servers needed, {have} active or pending, none left to reactivate"
-            ),
+            reason: reason.clone(),
         });
         *budget -= start;
     } else {
         plan.shortfall = start;
         plan.withheld.push(format!(
-            "scale-out: {start} more server(s) needed ({why}) but no scaler is configured"
+            "scale-out: {start} more server(s) needed ({reason}) but no scaler is configured"
         ));
     }
 }
@@ -174,12 +172,12 @@ fn scale_in(
             kind: ActionKind::Cordon {
                 server: s.id.clone(),
             },
-            reason: format!(
-                "U={u:.2} < scale_in_at {:.2} for {}s; fewest sessions ({})",
-                cfg.scale_in_at,
-                low_for.as_secs(),
-                s.sessions.known().unwrap_or(0)
-            ),
+            reason: Reason::ScaleIn {
+                u,
+                scale_in_at: cfg.scale_in_at,
+                low_for_s: low_for.as_secs(),
+                sessions: s.sessions.known().unwrap_or(0),
+            },
         });
     }
 }
@@ -215,7 +213,9 @@ fn reap(
             kind: ActionKind::Reap {
                 server: s.id.clone(),
             },
-            reason: format!("cordoned with zero sessions for {}s", zero_for.as_secs()),
+            reason: Reason::Empty {
+                zero_for_s: zero_for.as_secs(),
+            },
         });
     }
 }

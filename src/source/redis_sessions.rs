@@ -77,11 +77,9 @@ pub fn read_count(raw: &str) -> Reading {
 
 /// The flags to set so that `current` covers [`NEEDED_FLAGS`], or `None` if it already does.
 pub fn flags_to_set(current: &str) -> Option<String> {
-    let all = current.contains('A');
-    let missing: String = NEEDED_FLAGS
-        .chars()
-        .filter(|c| !current.contains(*c) && !(all && *c != 'K'))
-        .collect();
+    // 'A' stands for every event class, but not for 'K' (which channel they go to).
+    let covered = |c: char| current.contains(c) || (c != 'K' && current.contains('A'));
+    let missing: String = NEEDED_FLAGS.chars().filter(|c| !covered(*c)).collect();
     (!missing.is_empty()).then(|| format!("{current}{missing}"))
 }
 

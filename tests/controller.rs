@@ -1,0 +1,324 @@
+//! End to end: the built `rebalancer` binary against a real Redis and Consul, with servers
+//! faked by nothing but plain Redis and Consul HTTP calls (no agent code).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rebalancer::protocol::{Command as Cmd, CommandKind};
+use support::*;
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Controller {
+    child: Child,
+    pub metrics_port: u16,
+    log: PathBuf,
+}
+
+impl Controller {
+    fn start(dir: &Path, toml: &str, metrics_port: u16) -> Controller {
+        let file = dir.join("pipeline.toml");
+        std::fs::write(&file, toml).unwrap();
+        let log = dir.join("controller.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
+            .args(["run", "--pipeline"])
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the rebalancer binary");
+        Controller {
+            child,
+            metrics_port,
+            log,
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        match reqwest::get(url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        sample(&self.metrics().await, name, labels)
+    }
+
+    /// Waits until the controller leads and has a synced snapshot of `sessions` sessions.
+    async fn until_synced(&self, sessions: f64) {
+        eventually(
+            "the controller to lead with a synced snapshot",
+            WAIT,
+            || async {
+                let text = self.metrics().await;
+                (sample(&text, "rebalancer_leader", &[]) == Some(1.0)
+                    && sample(&text, "rebalancer_snapshot_stale", &[]) == Some(0.0)
+                    && sample(&text, "rebalancer_sessions", &[]) == Some(sessions))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every command published on the service's channel, parsed.
+async fn subscribe(redis: &Redis) -> mpsc::UnboundedReceiver<Cmd> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("rebalancer:ws:commands").await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut msgs = pubsub.into_on_message();
+        while let Some(m) = msgs.next().await {
+            let payload: String = m.get_payload().unwrap();
+            let cmd: Cmd = serde_json::from_str(&payload)
+                .unwrap_or_else(|e| panic!("bad command {payload}: {e}"));
+            if tx.send(cmd).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn fleet(consul: &ConsulAgent, redis: &Redis, counts: &[(&str, &str)]) {
+    for (id, n) in counts {
+        consul.register_capacity("ws", id, 100).await;
+        redis.report("ws", id, n).await;
+    }
+}
+
+#[tokio::test]
+async fn a_count_change_publishes_the_expected_shed_command() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(&consul, &redis, &[("s1", "50"), ("s2", "50"), ("s3", "50")]).await;
+    // A ghost: a count with no registration, ignored.
+    redis.report("ws", "ghost", "1000").await;
+    let port = free_port();
+    // Reconcile only hourly: the change must arrive through keyspace notifications.
+    let toml = pipeline_toml("ws", &redis, &consul, port, "", "")
+        .replace("reconcile = \"5s\"", "reconcile = \"1h\"");
+    let ctl = Controller::start(&temp_dir("e2e-shed"), &toml, port);
+    ctl.until_synced(150.0).await;
+    let mut commands = subscribe(&redis).await;
+
+    let t0 = std::time::Instant::now();
+    redis.report("ws", "s1", "90").await;
+    redis.report("ws", "s3", "10").await;
+    let cmd = tokio::time::timeout(WAIT, commands.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no command published; controller log:\n{}", ctl.log()))
+        .unwrap();
+    println!(
+        "count change to published command: {:?} (debounce quiet 50ms, max 300ms)",
+        t0.elapsed()
+    );
+    assert_eq!(
+        (cmd.v, cmd.kind, cmd.server.as_str(), cmd.count),
+        (1, CommandKind::Shed, "s1", 40)
+    );
+    assert!(cmd.epoch >= 1, "carries the leader's epoch");
+    assert_eq!(
+        cmd.expires_at_ms - cmd.issued_at_ms,
+        10_000,
+        "default command_ttl"
+    );
+    assert_eq!(cmd.id.len(), 32);
+
+    // Exactly one: s1 is not shed again within round_interval, nobody else is over.
+    let more = tokio::time::timeout(Duration::from_secs(2), commands.recv()).await;
+    assert!(more.is_err(), "unexpected second command: {more:?}");
+    let shed = ctl
+        .metric(
+            "rebalancer_sessions_shed_requested_total",
+            &[("kind", "shed")],
+        )
+        .await;
+    assert_eq!(shed, Some(40.0));
+    assert!(
+        ctl.metric("rebalancer_event_to_action_seconds_count", &[])
+            .await
+            >= Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn sustained_low_load_cordons_down_to_min_servers_and_high_load_reactivates() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(&consul, &redis, &[("s1", "4"), ("s2", "5"), ("s3", "6")]).await;
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"2s\"\ncooldown = \"1s\"\nmin_servers = 2\n",
+    );
+    let ctl = Controller::start(&temp_dir("e2e-scale"), &toml, port);
+    ctl.until_synced(15.0).await;
+
+    eventually("s1, the emptiest, to be cordoned", WAIT, || async {
+        (consul.server_state("ws", "s1").await.as_deref() == Some("cordoned")).then_some(())
+    })
+    .await;
+    let raw = consul.kv_get("rebalancer/ws/servers/s1").await.unwrap();
+    assert!(
+        raw.contains("scale_in_at"),
+        "the record carries the reason: {raw}"
+    );
+    // Held low for several more cooldowns: min_servers = 2 keeps s2 and s3 active.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(consul.server_state("ws", "s2").await, None);
+    assert_eq!(consul.server_state("ws", "s3").await, None);
+
+    // Load rises above scale_out_at on the two active servers: s1 comes back first.
+    redis.report("ws", "s2", "90").await;
+    redis.report("ws", "s3", "90").await;
+    eventually("s1 to be reactivated", WAIT, || async {
+        (consul.server_state("ws", "s1").await.as_deref() == Some("active")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dry_run_decides_and_counts_but_touches_nothing() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(&consul, &redis, &[("s1", "90"), ("s2", "50"), ("s3", "10")]).await;
+    let mut commands = subscribe(&redis).await;
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "dry_run = true",
+        "[scale]\nscale_in_after = \"1s\"\n",
+    );
+    let ctl = Controller::start(&temp_dir("e2e-dry"), &toml, port);
+    ctl.until_synced(150.0).await;
+    eventually("a dry-run shed decision", WAIT, || async {
+        (ctl.metric(
+            "rebalancer_actions_total",
+            &[("kind", "shed"), ("result", "dry_run")],
+        )
+        .await
+            >= Some(1.0))
+        .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(commands.try_recv().is_err(), "dry run published a command");
+    for id in ["s1", "s2", "s3"] {
+        assert_eq!(
+            consul.server_state("ws", id).await,
+            None,
+            "dry run wrote the state of {id}"
+        );
+    }
+    assert!(
+        ctl.log().contains("dry_run"),
+        "the log says what it would have done"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_count_holds_every_shed_until_it_is_known() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(
+        &consul,
+        &redis,
+        &[("s1", "90"), ("s2", "50"), ("s3", "not-a-number")],
+    )
+    .await;
+    let mut commands = subscribe(&redis).await;
+    let port = free_port();
+    let ctl = Controller::start(
+        &temp_dir("e2e-unknown"),
+        &pipeline_toml("ws", &redis, &consul, port, "", ""),
+        port,
+    );
+    eventually("the garbage count to be counted", WAIT, || async {
+        (ctl.metric("rebalancer_invalid_counts_total", &[]).await == Some(1.0)
+            && ctl
+                .metric("rebalancer_servers", &[("state", "unknown")])
+                .await
+                == Some(1.0)
+            && ctl.metric("rebalancer_leader", &[]).await == Some(1.0))
+        .then_some(())
+    })
+    .await;
+    let early = tokio::time::timeout(Duration::from_secs(2), commands.recv()).await;
+    assert!(early.is_err(), "shed with a count unknown: {early:?}");
+
+    redis.report("ws", "s3", "10").await;
+    let cmd = tokio::time::timeout(WAIT, commands.recv())
+        .await
+        .expect("a shed once known")
+        .unwrap();
+    assert_eq!((cmd.server.as_str(), cmd.count), ("s1", 40));
+}
+
+#[test]
+fn check_accepts_good_files_and_lists_every_error_of_bad_ones() {
+    let bin = env!("CARGO_BIN_EXE_rebalancer");
+    let good = Command::new(bin)
+        .args([
+            "check",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/default.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+
+    let dir = temp_dir("check");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "nmae = \"x\"\n[scale]\nscale_in_at = 0.9\n[debounce]\nquiet = \"soon\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin).arg("check").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "nmae: unknown key",
+        "scale.scale_in_at: 0.9 must be below",
+        "debounce.quiet: \"soon\" is not a duration",
+    ] {
+        assert!(
+            err.contains(&format!("{}: {key}", bad.display())),
+            "missing {key:?} in:\n{err}"
+        );
+    }
+    // `run` refuses the same file before connecting to anything.
+    let out = Command::new(bin)
+        .args(["run", "--pipeline"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
