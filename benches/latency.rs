@@ -17,11 +17,23 @@ const SERVERS: usize = 1000;
 const SAMPLES: usize = 300;
 const QUIET_MS: u64 = 5;
 
+/// Stops the controller however the bench ends, a failed assertion included.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     for i in 0..SERVERS {
-        consul.register_capacity("ws", &format!("s{i:04}"), 100).await;
+        consul
+            .register_capacity("ws", &format!("s{i:04}"), 100)
+            .await;
     }
     let mut conn = redis.conn().await;
     for i in 0..SERVERS {
@@ -47,24 +59,31 @@ async fn main() {
     .replace("max_delay = \"300ms\"", "max_delay = \"100ms\"");
     let dir = temp_dir("latency");
     std::fs::write(dir.join("p.toml"), toml).unwrap();
-    let mut ctl = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
-        .args(["run", "--pipeline"])
-        .arg(dir.join("p.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _ctl = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_rebalancer"))
+            .args(["run", "--pipeline"])
+            .arg(dir.join("p.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let metrics = format!("http://127.0.0.1:{port}/metrics");
-    eventually("the controller to lead with 1,000 servers", Duration::from_secs(60), || {
-        let m = metrics.clone();
-        async move {
-            let text = reqwest::get(m).await.ok()?.text().await.ok()?;
-            (sample(&text, "rebalancer_leader", &[]) == Some(1.0)
-                && sample(&text, "rebalancer_servers", &[("state", "active")]) == Some(SERVERS as f64))
-            .then_some(())
-        }
-    })
+    eventually(
+        "the controller to lead with 1,000 servers",
+        Duration::from_secs(60),
+        || {
+            let m = metrics.clone();
+            async move {
+                let text = reqwest::get(m).await.ok()?.text().await.ok()?;
+                (sample(&text, "rebalancer_leader", &[]) == Some(1.0)
+                    && sample(&text, "rebalancer_servers", &[("state", "active")])
+                        == Some(SERVERS as f64))
+                .then_some(())
+            }
+        },
+    )
     .await;
 
     let client = redis::Client::open(redis.url()).unwrap();
@@ -76,17 +95,36 @@ async fn main() {
     for k in 0..SAMPLES {
         let key = format!("rebalancer:ws:sessions:s{:04}", k % SERVERS);
         let t0 = Instant::now();
-        redis::cmd("SET").arg(&key).arg(95).arg("EX").arg(3600).query_async::<()>(&mut conn).await.unwrap();
-        let m = tokio::time::timeout(Duration::from_secs(5), msgs.next()).await.expect("a command").unwrap();
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(95)
+            .arg("EX")
+            .arg(3600)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), msgs.next())
+            .await
+            .expect("a command")
+            .unwrap();
         let took = t0.elapsed();
         let payload: String = m.get_payload().unwrap();
-        assert!(payload.contains(&format!("\"server\":\"s{:04}\"", k % SERVERS)), "{payload}");
+        assert!(
+            payload.contains(&format!("\"server\":\"s{:04}\"", k % SERVERS)),
+            "{payload}"
+        );
         samples.push(took.saturating_sub(Duration::from_millis(QUIET_MS)));
         // Back to balanced, and let that settle before the next sample.
-        redis::cmd("SET").arg(&key).arg(50).arg("EX").arg(3600).query_async::<()>(&mut conn).await.unwrap();
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(50)
+            .arg("EX")
+            .arg(3600)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    let _ = ctl.kill();
     samples.sort();
     let q = |p: f64| samples[((samples.len() as f64 * p).ceil() as usize).min(samples.len()) - 1];
     println!(
