@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what rebalancer's tests and demo need, idempotently:
-#   redis-server (Debian), consul (Debian bullseye's 1.8.7 package).
+#   redis-server and prometheus (Debian), consul (Debian bullseye's 1.8.7 package).
 # Consul is looked for on PATH, then unpacked from ../shared/vendor/consul_*.deb, then
 # downloaded from the bullseye suite of the machine's own Debian mirror. It is unpacked into
 # .tools/consul/ (no root needed for that part); scripts and tests find it there.
@@ -26,6 +26,15 @@ else
   apt_install redis-server redis-tools
   # The package starts a system instance on 6379; the tests and the demo start their own.
   as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+
+# --- prometheus -----------------------------------------------------------------------
+if command -v prometheus >/dev/null 2>&1; then
+  say "prometheus: $(prometheus --version 2>&1 | head -n1 | cut -d' ' -f3)"
+else
+  say "installing prometheus (Debian)"
+  apt_install prometheus
+  as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
 # --- consul ---------------------------------------------------------------------------

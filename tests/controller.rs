@@ -3,82 +3,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
 use rebalancer::protocol::{Command as Cmd, CommandKind};
 use support::*;
 use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Controller {
-    child: Child,
-    pub metrics_port: u16,
-    log: PathBuf,
-}
-
-impl Controller {
-    fn start(dir: &Path, toml: &str, metrics_port: u16) -> Controller {
-        let file = dir.join("pipeline.toml");
-        std::fs::write(&file, toml).unwrap();
-        let log = dir.join("controller.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
-            .args(["run", "--pipeline"])
-            .arg(&file)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the rebalancer binary");
-        Controller {
-            child,
-            metrics_port,
-            log,
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        match reqwest::get(url).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    }
-
-    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        sample(&self.metrics().await, name, labels)
-    }
-
-    /// Waits until the controller leads and has a synced snapshot of `sessions` sessions.
-    async fn until_synced(&self, sessions: f64) {
-        eventually(
-            "the controller to lead with a synced snapshot",
-            WAIT,
-            || async {
-                let text = self.metrics().await;
-                (sample(&text, "rebalancer_leader", &[]) == Some(1.0)
-                    && sample(&text, "rebalancer_snapshot_stale", &[]) == Some(0.0)
-                    && sample(&text, "rebalancer_sessions", &[]) == Some(sessions))
-                .then_some(())
-            },
-        )
-        .await;
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Every command published on the service's channel, parsed.
 async fn subscribe(redis: &Redis) -> mpsc::UnboundedReceiver<Cmd> {

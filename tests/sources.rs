@@ -17,8 +17,6 @@ use support::*;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(20);
-
 fn cfg(
     name: &str,
     redis: &Redis,

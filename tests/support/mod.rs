@@ -6,6 +6,9 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+/// How long tests wait for something that should happen in well under a second.
+pub const WAIT: Duration = Duration::from_secs(20);
 use std::time::Duration;
 
 use serde_json::json;
@@ -414,4 +417,142 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
             .then(|| value.parse().ok())?
     })
+}
+
+/// The built `rebalancer` binary running one pipeline; killed when dropped.
+pub struct Controller {
+    child: std::process::Child,
+    pub metrics_port: u16,
+    log: PathBuf,
+}
+
+impl Controller {
+    pub fn start(dir: &Path, toml: &str, metrics_port: u16) -> Controller {
+        let file = dir.join("pipeline.toml");
+        std::fs::write(&file, toml).unwrap();
+        let log = dir.join("controller.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
+            .args(["run", "--pipeline"])
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the rebalancer binary");
+        Controller {
+            child,
+            metrics_port,
+            log,
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        match reqwest::get(url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        sample(&self.metrics().await, name, labels)
+    }
+
+    /// Waits until the controller leads and has a synced snapshot of `sessions` sessions.
+    pub async fn until_synced(&self, sessions: f64) {
+        eventually(
+            "the controller to lead with a synced snapshot",
+            WAIT,
+            || async {
+                let text = self.metrics().await;
+                (sample(&text, "rebalancer_leader", &[]) == Some(1.0)
+                    && sample(&text, "rebalancer_snapshot_stale", &[]) == Some(0.0)
+                    && sample(&text, "rebalancer_sessions", &[]) == Some(sessions))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `prometheus` of our own scraping `targets` every second.
+pub struct Prometheus {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Prometheus {
+    pub async fn start(targets: &[String]) -> Prometheus {
+        let dir = temp_dir("prometheus");
+        let port = free_port();
+        let list: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: rebalancer\n    static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let child = Command::new(tool("prometheus"))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(log_file(&dir, "prometheus.log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start prometheus: {e}; {INSTALL_HINT}"));
+        let p = Prometheus {
+            port,
+            _proc: Proc(child),
+        };
+        let url = format!("http://127.0.0.1:{port}/-/ready");
+        eventually("prometheus to be ready", WAIT, || {
+            let url = url.clone();
+            async move {
+                reqwest::get(url)
+                    .await
+                    .ok()?
+                    .status()
+                    .is_success()
+                    .then_some(())
+            }
+        })
+        .await;
+        p
+    }
+
+    /// Runs an instant query; `Err` carries Prometheus' error for an invalid one.
+    pub async fn query(&self, expr: &str) -> Result<serde_json::Value, String> {
+        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
+        let body: serde_json::Value = reqwest::Client::new()
+            .get(url)
+            .query(&[("query", expr)])
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        if body["status"] == "success" {
+            Ok(body["data"]["result"].clone())
+        } else {
+            Err(format!("{}: {}", body["errorType"], body["error"]))
+        }
+    }
 }
