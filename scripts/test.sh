@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo test --all-targets --locked "$@"
+# Every test target, plus the decide bench run once as a smoke test (the latency bench is a
+# measurement: run it with `cargo bench --bench latency`).
+cargo test --locked --lib --bins --tests --bench decide "$@"
