@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what rebalancer's tests and demo need, idempotently:
-#   redis-server and prometheus (Debian), consul (Debian bullseye's 1.8.7 package).
+#   redis-server, prometheus and docker.io (Debian), consul (Debian bullseye's 1.8.7 package),
+#   and starts a Docker engine (no bridge, no iptables) when none answers.
 # Consul is looked for on PATH, then unpacked from ../shared/vendor/consul_*.deb, then
 # downloaded from the bullseye suite of the machine's own Debian mirror. It is unpacked into
 # .tools/consul/ (no root needed for that part); scripts and tests find it there.
@@ -35,6 +36,22 @@ else
   say "installing prometheus (Debian)"
   apt_install prometheus
   as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+
+# --- docker engine ----------------------------------------------------------------------
+docker_ok() { docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
+if ! command -v dockerd >/dev/null 2>&1; then
+  say "installing docker.io (Debian)"
+  apt_install docker.io
+fi
+if docker_ok; then
+  say "docker engine: $(docker version --format '{{.Server.Version}}')"
+else
+  say "starting dockerd (--bridge=none --iptables=false --ip6tables=false); log in $tools/dockerd.log"
+  as_root sh -c "nohup dockerd --bridge=none --iptables=false --ip6tables=false >'$tools/dockerd.log' 2>&1 &"
+  for _ in $(seq 100); do docker_ok && break; sleep 0.2; done
+  docker_ok || { say "dockerd did not come up; see $tools/dockerd.log"; exit 1; }
+  say "docker engine: $(docker version --format '{{.Server.Version}}')"
 fi
 
 # --- consul ---------------------------------------------------------------------------

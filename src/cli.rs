@@ -46,6 +46,10 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// A WebSocket echo server that embeds the agent (registers, reports, obeys commands).
+    DemoServer(crate::demo_server::DemoServerArgs),
+    /// Open and hold N WebSocket clients, reconnecting with backoff; JSON summary at the end.
+    Loadgen(crate::loadgen::LoadgenArgs),
 }
 
 /// Loads and validates, printing every error; `Err(exit code)` when invalid.
@@ -76,19 +80,73 @@ pub fn check(files: &[PathBuf]) -> ExitCode {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM.
+fn on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        t.cancel();
+    });
+    token
+}
+
 pub fn run(files: &[PathBuf]) -> ExitCode {
     let cfgs = match load(files) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    match runtime() {
+        Ok(rt) => rt.block_on(run_pipelines(cfgs)),
+        Err(code) => code,
+    }
+}
+
+pub fn demo_server(args: crate::demo_server::DemoServerArgs) -> ExitCode {
+    use crate::demo_server::DemoError;
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    rt.block_on(run_pipelines(cfgs))
+    rt.block_on(async move {
+        match crate::demo_server::run(args, on_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                match e {
+                    DemoError::Config(_) | DemoError::Agent(_) => ExitCode::from(EX_CONFIG),
+                    DemoError::Listen { .. } => ExitCode::from(EX_UNAVAILABLE),
+                    DemoError::Serve(_) => ExitCode::FAILURE,
+                }
+            }
+        }
+    })
+}
+
+pub fn loadgen(args: crate::loadgen::LoadgenArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        match crate::loadgen::run(args, on_signal()).await {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        }
+    })
 }
 
 async fn run_pipelines(cfgs: Vec<PipelineConfig>) -> ExitCode {
@@ -116,12 +174,19 @@ async fn run_pipelines(cfgs: Vec<PipelineConfig>) -> ExitCode {
             }
         };
         let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
+        let scaler = cfg.docker.clone().map(|d| {
+            Arc::new(crate::act::docker::DockerScaler::new(
+                d,
+                &cfg.name,
+                &cfg.service,
+            )) as Arc<dyn crate::act::Scaler>
+        });
         let actuator = Arc::new(LiveActuator::new(
             &cfg.service,
             cfg.command_ttl,
             redis,
             consul,
-            None,
+            scaler,
         ));
         tasks.push(tokio::spawn(crate::pipeline::run(
             cfg,

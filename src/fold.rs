@@ -12,7 +12,9 @@ use crate::source::{
     Change, HealthList, Instance, Reading, SessionsUpdate, SourceKind, Stamped, StateList,
 };
 use crate::telemetry::Events;
-use crate::topology::{Admin, Count, Server, ServerId, SourcesSynced, Topology};
+use crate::topology::{
+    Admin, ContainerState, Count, OwnedContainer, Server, ServerId, SourcesSynced, Topology,
+};
 
 pub struct Fold {
     events: Events,
@@ -23,6 +25,10 @@ pub struct Fold {
     invalid_states: HashMap<ServerId, String>,
     invalid_counts: HashSet<ServerId>,
     synced: SourcesSynced,
+    containers: Vec<OwnedContainer>,
+    containers_synced: bool,
+    /// Owned containers whose server has been seen passing (for the provision-time metric).
+    provisioned: HashSet<ServerId>,
     /// Sources that have failed since they last synced (for the resync event).
     failed: HashSet<SourceKind>,
     current: Arc<Topology>,
@@ -42,6 +48,9 @@ impl Fold {
             invalid_states: HashMap::new(),
             invalid_counts: HashSet::new(),
             synced: SourcesSynced::default(),
+            containers: Vec::new(),
+            containers_synced: false,
+            provisioned: HashSet::new(),
             failed: HashSet::new(),
             current,
             tx,
@@ -60,6 +69,7 @@ impl Fold {
             self.apply_one(s.change);
         }
         let mut next = self.build();
+        self.note_provisioned(&next);
         if next.same_content(&self.current) {
             return None;
         }
@@ -68,6 +78,9 @@ impl Fold {
         let next = Arc::new(next);
         self.current = next.clone();
         self.events.snapshot(&next);
+        if !next.containers.is_empty() || next.containers_synced {
+            self.events.containers(&next);
+        }
         self.tx.send_replace(next.clone());
         Some(next)
     }
@@ -85,9 +98,14 @@ impl Fold {
                     SourceKind::Health => self.synced.health = false,
                     SourceKind::States => self.synced.states = false,
                     SourceKind::Sessions => self.synced.sessions = false,
+                    SourceKind::Containers => self.containers_synced = false,
                 }
             }
             Change::Health(h) => self.apply_health(h),
+            Change::Containers(c) => {
+                self.containers = c;
+                self.containers_synced = true;
+            }
             Change::States(s) => self.apply_states(s),
             Change::Sessions(SessionsUpdate::Resync(all)) => {
                 self.counts.clear();
@@ -158,6 +176,21 @@ impl Fold {
         self.synced.states = true;
     }
 
+    /// Records how long each owned container took to pass, once.
+    fn note_provisioned(&mut self, t: &Topology) {
+        let now_s = crate::protocol::unix_ms(std::time::SystemTime::now()) / 1000;
+        for c in &t.containers {
+            if !self.provisioned.contains(&c.server) && t.get(&c.server).is_some_and(|s| s.passing)
+            {
+                self.provisioned.insert(c.server.clone());
+                let took = now_s.saturating_sub(c.created_s.max(0) as u64);
+                self.events
+                    .provisioned(&c.server, std::time::Duration::from_secs(took));
+            }
+        }
+        self.provisioned.retain(|id| t.container(id).is_some());
+    }
+
     fn build(&self) -> Topology {
         let servers: Vec<Server> = self
             .instances
@@ -171,8 +204,24 @@ impl Fold {
                 passing: i.passing,
                 admin: self.states.get(&i.id).copied().unwrap_or(Admin::Active),
                 sessions: self.counts.get(&i.id).copied().unwrap_or(Count::Unknown),
+                provisioning: false,
             })
             .collect();
+        let mut servers = servers;
+        let mut pending = 0;
+        for c in &self.containers {
+            if c.state == ContainerState::Stopped {
+                continue;
+            }
+            match servers.binary_search_by(|s| s.id.cmp(&c.server)) {
+                Ok(i) if servers[i].passing => {}
+                Ok(i) => {
+                    servers[i].provisioning = true;
+                    pending += 1;
+                }
+                Err(_) => pending += 1,
+            }
+        }
         let registered: HashSet<&str> = self.instances.iter().map(|i| &*i.id).collect();
         let ghosts = self
             .counts
@@ -184,7 +233,9 @@ impl Fold {
             servers,
             ghosts,
             invalid_instances: self.invalid_meta.len() as u32,
-            pending: 0,
+            pending,
+            containers: self.containers.clone(),
+            containers_synced: self.containers_synced,
             sources: self.synced,
             changed_at: None,
         }

@@ -2,12 +2,15 @@
 #![forbid(unsafe_code)]
 
 pub mod act;
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod consul;
 pub mod decide;
+pub mod demo_server;
 pub mod fold;
 pub mod leader;
+pub mod loadgen;
 pub mod pipeline;
 pub mod protocol;
 pub mod source;

@@ -12,5 +12,7 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Run { pipelines } => cli::run(pipelines),
         Command::Check { files } => cli::check(files),
+        Command::DemoServer(args) => cli::demo_server(args.clone()),
+        Command::Loadgen(args) => cli::loadgen(args.clone()),
     }
 }

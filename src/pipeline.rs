@@ -16,7 +16,9 @@ use crate::config::PipelineConfig;
 use crate::consul::Consul;
 use crate::decide::{decide, History};
 use crate::fold::Fold;
-use crate::source::{consul_health, consul_kv, redis_sessions, Change, SourceKind, Stamped};
+use crate::source::{
+    consul_health, consul_kv, docker, redis_sessions, Change, SourceKind, Stamped,
+};
 use crate::stages::{BackoffPolicy, StreamStages};
 use crate::telemetry::Events;
 use crate::topology::Topology;
@@ -24,6 +26,8 @@ use crate::topology::Topology;
 /// How often decisions are re-made without a new snapshot: conditions that must hold for a
 /// while (scale-in, reap, round intervals) are judged on time as well as on change.
 pub const DECISION_TICK: Duration = Duration::from_secs(1);
+/// Full relist of owned containers, besides the one after each Docker event.
+pub const DOCKER_RECONCILE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -63,7 +67,7 @@ pub fn spawn_topology(
             pipeline: cfg.name.clone(),
             source,
         })?;
-    let sources = vec![
+    let mut sources = vec![
         source(
             SourceKind::Health,
             consul_health::stream(consul.clone(), &cfg.service, cfg.consul.wait),
@@ -76,6 +80,13 @@ pub fn spawn_topology(
         ),
         source(SourceKind::Sessions, sessions, Change::Sessions),
     ];
+    if let Some(d) = &cfg.docker {
+        sources.push(source(
+            SourceKind::Containers,
+            docker::stream(&d.socket, &cfg.name, DOCKER_RECONCILE),
+            Change::Containers,
+        ));
+    }
     let ev = events.clone();
     let mut batches = stream::select_all(sources)
         .map(move |r: Result<Change, (SourceKind, SourceError)>| {
@@ -180,7 +191,7 @@ pub async fn run(
         // before its round interval or cooldown anyway.
         history.record(&plan, now);
         let first_action_at = std::sync::Mutex::new(None::<Instant>);
-        futures::future::join_all(plan.actions.iter().map(|a| {
+        let results = futures::future::join_all(plan.actions.iter().map(|a| {
             let actuator = actuator.clone();
             let events = events.clone();
             let first = &first_action_at;
@@ -191,15 +202,23 @@ pub async fn run(
                 let mut f = first.lock().expect("not poisoned");
                 *f = Some(f.map_or(done, |x| x.min(done)));
                 drop(f);
+                let ok = r.is_ok();
                 match r {
                     Ok(()) => events.action(a, "ok", done - t0, ctx.version, None),
                     Err(e) => {
                         events.action(a, "error", done - t0, ctx.version, Some(&e.to_string()))
                     }
                 }
+                (a, ok)
             }
         }))
         .await;
+        if results
+            .iter()
+            .any(|(a, ok)| !ok && matches!(a.kind, crate::decide::ActionKind::Start { .. }))
+        {
+            history.failed(Instant::now()); // the engine refused: back off, do not wait on it
+        }
         if let (Some(changed_at), Some(acted)) = (
             t.changed_at,
             first_action_at.into_inner().expect("not poisoned"),

@@ -38,6 +38,8 @@ pub const SHED_REQUESTED: &str = "rebalancer_sessions_shed_requested_total";
 pub const EVENT_TO_ACTION: &str = "rebalancer_event_to_action_seconds";
 pub const LEADER: &str = "rebalancer_leader";
 pub const EPOCH: &str = "rebalancer_leader_epoch";
+pub const CONTAINERS: &str = "rebalancer_containers";
+pub const PROVISION: &str = "rebalancer_provision_seconds";
 
 /// `(name, unit, description)` of every metric, for registration and the README.
 pub const METRICS: &[(&str, Unit, &str)] = &[
@@ -308,6 +310,30 @@ impl Events {
                 tracing::info!(pipeline = %self.pipeline, version, result, action = %a, "action")
             }
         }
+    }
+
+    pub fn containers(&self, t: &Topology) {
+        let running = t
+            .containers
+            .iter()
+            .filter(|c| {
+                c.state == crate::topology::ContainerState::Running
+                    && t.get(&c.server).is_some_and(|s| s.passing)
+            })
+            .count();
+        let stopped = t
+            .containers
+            .iter()
+            .filter(|c| c.state == crate::topology::ContainerState::Stopped)
+            .count();
+        gauge!(CONTAINERS, "pipeline" => self.p(), "state" => "pending").set(f64::from(t.pending));
+        gauge!(CONTAINERS, "pipeline" => self.p(), "state" => "running").set(running as f64);
+        gauge!(CONTAINERS, "pipeline" => self.p(), "state" => "stopped").set(stopped as f64);
+    }
+
+    pub fn provisioned(&self, server: &str, took: Duration) {
+        histogram!(PROVISION, "pipeline" => self.p()).record(took.as_secs_f64());
+        tracing::info!(pipeline = %self.pipeline, server, seconds = took.as_secs(), "container's server passing");
     }
 
     pub fn event_to_action(&self, latency: Duration) {

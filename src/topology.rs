@@ -35,6 +35,25 @@ pub enum Admin {
     Unknown,
 }
 
+/// State of a container this pipeline owns, as far as decisions care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Created, starting or restarting.
+    Starting,
+    Running,
+    /// Exited or dead.
+    Stopped,
+}
+
+/// A container labelled as this pipeline's, and the server it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedContainer {
+    pub server: ServerId,
+    pub state: ContainerState,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_s: i64,
+}
+
 /// One registered server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Server {
@@ -49,6 +68,8 @@ pub struct Server {
     pub passing: bool,
     pub admin: Admin,
     pub sessions: Count,
+    /// Runs in a container of ours that has not passed yet: pending, not failing.
+    pub provisioning: bool,
 }
 
 impl Server {
@@ -111,6 +132,10 @@ pub struct Topology {
     pub invalid_instances: u32,
     /// Servers being provisioned by a scaler: capacity that is coming.
     pub pending: u32,
+    /// Containers this pipeline owns, sorted by server id (with container scaling).
+    pub containers: Vec<OwnedContainer>,
+    /// The container list is current (the Docker source is connected).
+    pub containers_synced: bool,
     pub sources: SourcesSynced,
     /// When the oldest change folded into this version was first seen.
     pub changed_at: Option<Instant>,
@@ -161,6 +186,9 @@ impl Topology {
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
         for s in &self.servers {
+            if s.provisioning && !s.passing {
+                continue; // counted in `pending`, not as failing
+            }
             t.registered += 1;
             if !s.passing {
                 t.failing += 1;
@@ -182,12 +210,22 @@ impl Topology {
         t
     }
 
+    /// The owned container of `server`, if any.
+    pub fn container(&self, server: &str) -> Option<&OwnedContainer> {
+        self.containers
+            .binary_search_by(|c| c.server.as_ref().cmp(server))
+            .ok()
+            .map(|i| &self.containers[i])
+    }
+
     /// Same fleet, ignoring the version and timing fields.
     pub fn same_content(&self, other: &Topology) -> bool {
         self.servers == other.servers
             && self.ghosts == other.ghosts
             && self.invalid_instances == other.invalid_instances
             && self.pending == other.pending
+            && self.containers == other.containers
+            && self.containers_synced == other.containers_synced
             && self.sources == other.sources
     }
 }
@@ -207,6 +245,7 @@ pub(crate) mod fixtures {
             passing: true,
             admin: Admin::Active,
             sessions: Count::Known(sessions),
+            provisioning: false,
         }
     }
 

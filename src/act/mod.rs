@@ -2,6 +2,7 @@
 //! over Redis pub/sub, cordon and reactivate are Consul KV writes, start and reap go to a
 //! [`Scaler`]. Behind one small trait so a recording actuator can stand in for tests.
 
+pub mod docker;
 pub mod scaler;
 
 use std::sync::{Arc, Mutex};
@@ -190,9 +191,13 @@ impl LiveActuator {
                 Some(s) => Ok(s.start(*count).await?),
                 None => Err(ActError::NoScaler("start servers")),
             },
-            ActionKind::Reap { server } => match &self.scaler {
+            ActionKind::Reap { server } | ActionKind::Discard { server } => match &self.scaler {
                 Some(s) => {
-                    s.reap(server).await?;
+                    if matches!(action.kind, ActionKind::Reap { .. }) {
+                        s.reap(server).await?;
+                    } else {
+                        s.discard(server).await?;
+                    }
                     self.consul
                         .kv_delete(&state_key(&self.service, server))
                         .await

@@ -16,4 +16,6 @@ pub trait Scaler: Send + Sync {
     fn start(&self, count: u32) -> BoxFuture<'_, Result<(), ScaleError>>;
     /// Stops the cordoned, empty server `server` (only one this scaler owns).
     fn reap<'a>(&'a self, server: &'a str) -> BoxFuture<'a, Result<(), ScaleError>>;
+    /// Removes the container of a server that never became healthy, or that stopped.
+    fn discard<'a>(&'a self, server: &'a str) -> BoxFuture<'a, Result<(), ScaleError>>;
 }

@@ -63,6 +63,7 @@ pub struct PipelineConfig {
     pub command_ttl: Duration,
     pub leader_session_ttl: Duration,
     pub metrics_listen: SocketAddr,
+    pub docker: Option<DockerConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +78,23 @@ pub struct ConsulConfig {
 pub struct RedisConfig {
     pub url: String,
     pub reconcile: Duration,
+}
+
+/// Container scaling with Docker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerConfig {
+    /// Path of the engine's unix socket.
+    pub socket: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub network_mode: String,
+    pub ports: std::ops::RangeInclusive<u16>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub name_prefix: String,
+    pub provision_timeout: Duration,
+    pub stop_grace: Duration,
+    pub max_per_round: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -173,8 +191,11 @@ pub fn parse(
     }
 }
 
+/// The defaults with every optional section present: the keys a file may use.
 fn schema() -> toml::Table {
-    toml::Table::try_from(RawPipeline::default()).expect("defaults serialize to TOML")
+    let mut all = RawPipeline::default();
+    all.scale.docker = Some(raw::RawDocker::default());
+    toml::Table::try_from(all).expect("defaults serialize to TOML")
 }
 
 fn env_name(path: &[String]) -> String {
@@ -225,6 +246,18 @@ fn check_tree(
                     format!("unknown key (known here: {})", known.join(", ")),
                 );
                 bad.push(k.clone());
+            }
+            // An empty table in the schema is a free-form map of strings (env, labels).
+            (Some(toml::Value::Table(s)), toml::Value::Table(t)) if s.is_empty() => {
+                for (k2, v2) in t.iter() {
+                    if !v2.is_str() {
+                        ck.err(
+                            &format!("{key}.{k2}"),
+                            format!("expected a string, found {}", type_name(v2)),
+                        );
+                    }
+                }
+                t.retain(|_, v2| v2.is_str());
             }
             (Some(toml::Value::Table(s)), toml::Value::Table(t)) => check_tree(s, t, path, ck),
             (Some(toml::Value::Float(_)), toml::Value::Integer(i)) => {
@@ -470,6 +503,8 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
     let reap_after = ck.duration("scale.reap_after", &s.reap_after);
     let max_per_round = ck.at_least("scale.max_per_round", s.max_per_round, 1);
 
+    let docker = s.docker.as_ref().map(|d| compile_docker(d, &raw.name, ck));
+
     let halt = ck.range(
         "safety.halt_unhealthy_fraction",
         raw.safety.halt_unhealthy_fraction,
@@ -539,6 +574,7 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
                 max_per_round: max_per_round as u32,
                 can_start: false,
                 can_reap: false,
+                provision_timeout: docker.as_ref().map(|d: &DockerConfig| d.provision_timeout),
             },
             safety: SafetyConfig {
                 halt_unhealthy_fraction: halt,
@@ -547,7 +583,124 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
         command_ttl,
         leader_session_ttl,
         metrics_listen,
+        docker,
     }
+}
+
+fn compile_docker(d: &raw::RawDocker, pipeline: &str, ck: &mut Checker) -> DockerConfig {
+    let socket = match d.host.strip_prefix("unix://") {
+        Some(p) if !p.is_empty() => p.to_string(),
+        _ => {
+            ck.err(
+                "scale.docker.host",
+                format!(
+                    "{:?} must be a unix socket such as unix:///var/run/docker.sock",
+                    d.host
+                ),
+            );
+            String::new()
+        }
+    };
+    if d.image.trim().is_empty() {
+        ck.err(
+            "scale.docker.image",
+            "is required: the image the new servers run",
+        );
+    }
+    let ok_name = |v: &str| {
+        !v.is_empty()
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if !ok_name(&d.network_mode) {
+        ck.err(
+            "scale.docker.network_mode",
+            format!(
+                "{:?} must be \"host\" or a Docker network name",
+                d.network_mode
+            ),
+        );
+    }
+    let ports = match d
+        .port_range
+        .split_once('-')
+        .map(|(a, b)| (a.trim().parse::<u16>(), b.trim().parse::<u16>()))
+    {
+        Some((Ok(a), Ok(b))) if a >= 1 && a <= b => a..=b,
+        _ => {
+            ck.err(
+                "scale.docker.port_range",
+                format!("{:?} is not a range such as \"20000-20999\"", d.port_range),
+            );
+            20000..=20999
+        }
+    };
+    for k in d.labels.keys() {
+        if k.starts_with("rebalancer.") {
+            ck.err(
+                &format!("scale.docker.labels.{k}"),
+                "labels under rebalancer. are reserved for ownership",
+            );
+        }
+    }
+    for (i, arg) in d.command.iter().enumerate() {
+        if let Some(bad) = unknown_placeholder(arg) {
+            ck.err(
+                &format!("scale.docker.command[{i}]"),
+                format!("unknown placeholder {bad} (known: {{id}}, {{port}})"),
+            );
+        }
+    }
+    for (k, v) in &d.env {
+        if let Some(bad) = unknown_placeholder(v) {
+            ck.err(
+                &format!("scale.docker.env.{k}"),
+                format!("unknown placeholder {bad} (known: {{id}}, {{port}})"),
+            );
+        }
+    }
+    let name_prefix = if d.name_prefix.is_empty() {
+        format!("{pipeline}-")
+    } else {
+        d.name_prefix.clone()
+    };
+    if !ok_name(&name_prefix) {
+        ck.err(
+            "scale.docker.name_prefix",
+            format!("{name_prefix:?} may hold only A-Z, a-z, 0-9, '-', '_', '.'"),
+        );
+    }
+    let provision_timeout = ck.duration("scale.docker.provision_timeout", &d.provision_timeout);
+    let stop_grace = ck.duration("scale.docker.stop_grace", &d.stop_grace);
+    let max_per_round = ck.at_least("scale.docker.max_per_round", d.max_per_round, 1) as u32;
+    DockerConfig {
+        socket,
+        image: d.image.clone(),
+        command: d.command.clone(),
+        env: d.env.clone(),
+        network_mode: d.network_mode.clone(),
+        ports,
+        labels: d.labels.clone(),
+        name_prefix,
+        provision_timeout,
+        stop_grace,
+        max_per_round,
+    }
+}
+
+/// The first `{…}` in `s` that is not `{id}` or `{port}`.
+fn unknown_placeholder(s: &str) -> Option<String> {
+    let mut rest = s;
+    while let Some(i) = rest.find('{') {
+        let tail = &rest[i..];
+        let end = tail.find('}')?;
+        let p = &tail[..=end];
+        if p != "{id}" && p != "{port}" {
+            return Some(p.to_string());
+        }
+        rest = &tail[end + 1..];
+    }
+    None
 }
 
 #[cfg(test)]
@@ -654,6 +807,49 @@ mod tests {
         assert!(names.contains(&"REBALANCER_CONSUL_ADDRESS".to_string()));
         assert!(names.contains(&"REBALANCER_SCALE_SCALE_OUT_AT".to_string()));
         assert!(names.contains(&"REBALANCER_METRICS_LISTEN".to_string()));
+    }
+
+    #[test]
+    fn a_docker_section_is_checked_and_its_maps_are_free_form() {
+        let c = parse(
+            Path::new("p.toml"),
+            "[scale.docker]\nimage = \"srv:1\"\ncommand = [\"demo-server\", \"--id\", \"{id}\"]\n\
+             env = { PORT = \"{port}\" }\nlabels = { team = \"a\" }\n",
+            &no_env,
+        )
+        .unwrap();
+        let d = c.docker.unwrap();
+        assert_eq!(d.socket, "/var/run/docker.sock");
+        assert_eq!(d.name_prefix, "ws-");
+        assert_eq!(d.ports, 20000..=20999);
+        assert_eq!(
+            c.decide.scale.provision_timeout,
+            Some(Duration::from_secs(60))
+        );
+        assert!(
+            parse(Path::new("p.toml"), "", &no_env)
+                .unwrap()
+                .docker
+                .is_none(),
+            "no section, no containers"
+        );
+
+        let errs = errors(
+            "[scale.docker]\nhost = \"tcp://x\"\nport_range = \"9-1\"\ncommand = [\"{name}\"]\n\
+             labels = { \"rebalancer.pipeline\" = \"x\", n = 3 }\nimgae = \"x\"\n",
+        );
+        let all = errs.join("\n");
+        for want in [
+            "scale.docker.imgae: unknown key",
+            "scale.docker.labels.n: expected a string",
+            "scale.docker.host: \"tcp://x\" must be a unix socket",
+            "scale.docker.image: is required",
+            "scale.docker.port_range: \"9-1\" is not a range",
+            "scale.docker.labels.rebalancer.pipeline: labels under rebalancer. are reserved",
+            "scale.docker.command[0]: unknown placeholder {name}",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in\n{all}");
+        }
     }
 
     #[test]

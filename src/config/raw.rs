@@ -1,5 +1,7 @@
 //! The pipeline file as written: serde structs with the documented defaults.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +138,53 @@ pub struct RawScale {
     pub reap_after: String,
     /// Most servers reactivated, started, cordoned or reaped in one round.
     pub max_per_round: i64,
+    /// Container scaling; absent means none (reactivation and cordon still work).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker: Option<RawDocker>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDocker {
+    /// The Docker engine's socket.
+    pub host: String,
+    pub image: String,
+    /// Command of the new containers; `{id}` and `{port}` are replaced.
+    pub command: Vec<String>,
+    /// Environment of the new containers; `{id}` and `{port}` are replaced in values.
+    pub env: BTreeMap<String, String>,
+    /// `"host"` or the name of a Docker network.
+    pub network_mode: String,
+    /// Ports handed to new servers, e.g. `"20000-20999"`.
+    pub port_range: String,
+    /// Extra labels (the ownership labels `rebalancer.*` are always added).
+    pub labels: BTreeMap<String, String>,
+    /// Prefix of new servers' ids and container names (default: `<pipeline name>-`).
+    pub name_prefix: String,
+    /// A container whose server does not pass in Consul within this is removed.
+    pub provision_timeout: String,
+    /// Grace between SIGTERM and SIGKILL when stopping a container.
+    pub stop_grace: String,
+    /// Most containers created or stopped in one round.
+    pub max_per_round: i64,
+}
+
+impl Default for RawDocker {
+    fn default() -> Self {
+        RawDocker {
+            host: "unix:///var/run/docker.sock".into(),
+            image: String::new(),
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            network_mode: "host".into(),
+            port_range: "20000-20999".into(),
+            labels: BTreeMap::new(),
+            name_prefix: String::new(),
+            provision_timeout: "60s".into(),
+            stop_grace: "10s".into(),
+            max_per_round: 2,
+        }
+    }
 }
 
 impl Default for RawScale {
@@ -151,6 +200,7 @@ impl Default for RawScale {
             cooldown: "30s".into(),
             reap_after: "10s".into(),
             max_per_round: 5,
+            docker: None,
         }
     }
 }

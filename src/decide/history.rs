@@ -20,6 +20,11 @@ pub struct History {
     last_scale_in: Option<Instant>,
     low_since: Option<Instant>,
     zero_since: HashMap<ServerId, Instant>,
+    /// Owned containers whose server has not passed yet, since when.
+    pending_since: HashMap<ServerId, Instant>,
+    /// Failed provisions in a row (a start refused, a container discarded).
+    failures: u32,
+    last_failure: Option<Instant>,
 }
 
 impl History {
@@ -48,6 +53,22 @@ impl History {
         }
         self.zero_since = zero;
 
+        let mut pending = HashMap::with_capacity(self.pending_since.len());
+        for c in &t.containers {
+            let passing = t.get(&c.server).is_some_and(|s| s.passing);
+            if passing {
+                if self.pending_since.contains_key(&c.server) {
+                    self.failures = 0; // a container came up: provisioning works again
+                }
+            } else if c.state != crate::topology::ContainerState::Stopped {
+                pending.insert(
+                    c.server.clone(),
+                    self.pending_since.get(&c.server).copied().unwrap_or(now),
+                );
+            }
+        }
+        self.pending_since = pending;
+
         let horizon = cfg.rebalance.round_interval.max(BUDGET_WINDOW);
         self.last_shed
             .retain(|_, at| now.saturating_duration_since(*at) < horizon);
@@ -75,8 +96,37 @@ impl History {
                 ActionKind::Reap { server } => {
                     self.zero_since.remove(server);
                 }
+                ActionKind::Discard { server } => {
+                    self.pending_since.remove(server);
+                    self.failed(now);
+                }
             }
         }
+    }
+
+    /// A provision failed (a start refused, a container that never came up): scale-out
+    /// backs off, doubling with each failure in a row.
+    pub fn failed(&mut self, now: Instant) {
+        self.failures = (self.failures + 1).min(16);
+        self.last_failure = Some(now);
+        self.last_scale_out = None; // nothing is coming: do not hold rebalancing back
+    }
+
+    /// Scale-out waits `cooldown × 2^(failures − 1)` after the last failure.
+    pub fn backing_off(&self, now: Instant, cooldown: std::time::Duration) -> bool {
+        match (self.failures, self.last_failure) {
+            (0, _) | (_, None) => false,
+            (n, Some(at)) => {
+                now.saturating_duration_since(at) < cooldown * (1u32 << (n - 1).min(5))
+            }
+        }
+    }
+
+    /// How long an owned container's server has been pending.
+    pub fn pending_for(&self, server: &str, now: Instant) -> Option<Duration> {
+        self.pending_since
+            .get(server)
+            .map(|at| now.saturating_duration_since(*at))
     }
 
     pub fn shed_within(&self, server: &str, now: Instant, window: Duration) -> bool {

@@ -57,6 +57,8 @@ pub struct ScaleConfig {
     pub can_start: bool,
     /// A scaler that can stop servers is configured.
     pub can_reap: bool,
+    /// With container scaling: a container not passing within this is discarded.
+    pub provision_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +93,7 @@ impl Default for DecideConfig {
                 max_per_round: 5,
                 can_start: false,
                 can_reap: false,
+                provision_timeout: None,
             },
             safety: SafetyConfig {
                 halt_unhealthy_fraction: 0.45,
@@ -131,6 +134,11 @@ pub enum Reason {
     Empty {
         zero_for_s: u64,
     },
+    /// A container of ours whose server never passed, or that stopped.
+    Provision {
+        what: &'static str,
+        for_s: u64,
+    },
     /// Free text, for tests and operator-made actions.
     Text(String),
 }
@@ -158,6 +166,7 @@ impl fmt::Display for Reason {
                 "U={u:.2} < scale_in_at {scale_in_at:.2} for {low_for_s}s; fewest sessions ({sessions})"
             ),
             Reason::Empty { zero_for_s } => write!(f, "cordoned with zero sessions for {zero_for_s}s"),
+            Reason::Provision { what, for_s } => write!(f, "{what} ({for_s}s)"),
             Reason::Text(t) => f.write_str(t),
         }
     }
@@ -184,6 +193,8 @@ pub enum ActionKind {
     Start { count: u32 },
     /// Ask the scaler to stop a cordoned, empty server.
     Reap { server: ServerId },
+    /// Ask the scaler to remove a container of ours that never became healthy, or stopped.
+    Discard { server: ServerId },
 }
 
 impl ActionKind {
@@ -196,6 +207,7 @@ impl ActionKind {
             ActionKind::Reactivate { .. } => "reactivate",
             ActionKind::Start { .. } => "start",
             ActionKind::Reap { .. } => "reap",
+            ActionKind::Discard { .. } => "discard",
         }
     }
 
@@ -207,6 +219,7 @@ impl ActionKind {
                 | ActionKind::Drain { .. }
                 | ActionKind::Cordon { .. }
                 | ActionKind::Reap { .. }
+                | ActionKind::Discard { .. }
         )
     }
 
@@ -216,7 +229,8 @@ impl ActionKind {
             | ActionKind::Drain { server, .. }
             | ActionKind::Cordon { server }
             | ActionKind::Reactivate { server }
-            | ActionKind::Reap { server } => Some(server),
+            | ActionKind::Reap { server }
+            | ActionKind::Discard { server } => Some(server),
             ActionKind::Start { .. } => None,
         }
     }
@@ -238,6 +252,7 @@ impl fmt::Display for Action {
             ActionKind::Reactivate { server } => write!(f, "reactivate {server}")?,
             ActionKind::Start { count } => write!(f, "start {count} server(s)")?,
             ActionKind::Reap { server } => write!(f, "reap {server}")?,
+            ActionKind::Discard { server } => write!(f, "discard {server}")?,
         }
         write!(f, ": {}", self.reason)
     }

@@ -23,6 +23,13 @@ pub fn plan(
         scale_in(t, totals, cfg, now, h, gate, &mut budget, plan);
     }
     reap(t, cfg, now, h, gate, &mut budget, plan);
+    discard(t, cfg, now, h, gate, plan);
+}
+
+/// With container scaling, actions on containers need a current container list.
+fn containers_gate(t: &Topology, cfg: &ScaleConfig) -> Option<&'static str> {
+    (cfg.provision_timeout.is_some() && !t.containers_synced)
+        .then_some("the container list is not synced")
 }
 
 /// Mean capacity of the servers a new one would resemble.
@@ -55,6 +62,12 @@ fn scale_out(
     if h.scaled_out_within(now, cfg.cooldown) {
         plan.withheld.push(format!(
             "scale-out of {missing}: within cooldown of the last scale-out"
+        ));
+        return;
+    }
+    if h.backing_off(now, cfg.cooldown) {
+        plan.withheld.push(format!(
+            "scale-out of {missing}: backing off after failed provisions"
         ));
         return;
     }
@@ -102,6 +115,11 @@ fn scale_out(
             "scale-out: {want} more needed but max_servers {} reached",
             cfg.max_servers
         ));
+    } else if let (true, Some(why)) = (cfg.can_start, containers_gate(t, cfg)) {
+        plan.shortfall = start;
+        plan.withheld.push(format!(
+            "scale-out: {start} more server(s) needed, but {why}"
+        ));
     } else if cfg.can_start {
         plan.actions.push(Action {
             kind: ActionKind::Start { count: start },
@@ -148,10 +166,15 @@ fn scale_in(
         .iter()
         .filter(|s| s.is_live() && !s.is_cordoned())
         .collect();
+    // Fewest sessions first; among equals, servers in our containers (they can be reaped),
+    // newest first.
     candidates.sort_by(|a, b| {
+        let created = |s: &Server| t.container(&s.id).map(|c| c.created_s);
         a.sessions
             .known()
             .cmp(&b.sessions.known())
+            .then(created(b).is_some().cmp(&created(a).is_some()))
+            .then(created(b).cmp(&created(a)))
             .then(a.id.cmp(&b.id))
     });
     let mut capacity = totals.capacity;
@@ -204,7 +227,11 @@ fn reap(
         if zero_for < cfg.reap_after || !s.is_cordoned() || s.sessions.known() != Some(0) {
             continue;
         }
-        if let Some(g) = gate {
+        // Only servers running in a container this pipeline owns can be stopped.
+        if t.container(&s.id).is_none() {
+            continue;
+        }
+        if let Some(g) = gate.or(containers_gate(t, cfg)) {
             plan.withheld.push(format!("reap {}: {g}", s.id));
             continue;
         }
@@ -220,6 +247,50 @@ fn reap(
     }
 }
 
+/// Containers of ours that never became healthy in time, or that stopped: removed.
+fn discard(
+    t: &Topology,
+    cfg: &ScaleConfig,
+    now: Instant,
+    h: &History,
+    gate: Option<&str>,
+    plan: &mut Plan,
+) {
+    let Some(timeout) = cfg.provision_timeout else {
+        return;
+    };
+    if !cfg.can_reap {
+        return;
+    }
+    for c in &t.containers {
+        let passing = t.get(&c.server).is_some_and(|s| s.passing);
+        let reason = if c.state == crate::topology::ContainerState::Stopped && !passing {
+            Reason::Provision {
+                what: "container stopped",
+                for_s: 0,
+            }
+        } else {
+            match h.pending_for(&c.server, now) {
+                Some(d) if d >= timeout && !passing => Reason::Provision {
+                    what: "not passing within provision_timeout",
+                    for_s: d.as_secs(),
+                },
+                _ => continue,
+            }
+        };
+        if let Some(g) = gate.or(containers_gate(t, cfg)) {
+            plan.withheld.push(format!("discard {}: {g}", c.server));
+            continue;
+        }
+        plan.actions.push(Action {
+            kind: ActionKind::Discard {
+                server: c.server.clone(),
+            },
+            reason,
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -227,7 +298,7 @@ mod tests {
     use super::*;
     use crate::decide::{decide, DecideConfig};
     use crate::topology::fixtures::{fleet, server};
-    use crate::topology::Admin;
+    use crate::topology::{Admin, ContainerState, OwnedContainer, Topology};
 
     fn cfg() -> DecideConfig {
         let mut c = DecideConfig::default();
@@ -354,7 +425,8 @@ mod tests {
 
     #[test]
     fn empty_cordoned_servers_are_reaped_after_reap_after_when_a_scaler_can() {
-        let t = fleet(vec![server("a", 100, 50), cordoned("z", 100, 0)]);
+        let mut t = fleet(vec![server("a", 100, 50), cordoned("z", 100, 0)]);
+        owned(&mut t, "z", ContainerState::Running, 1);
         let mut c = cfg();
         c.scale.can_reap = true;
         let t0 = Instant::now();
@@ -367,5 +439,116 @@ mod tests {
         );
         c.scale.can_reap = false;
         assert!(decide(&t, &c, t0 + Duration::from_secs(10), &h).is_empty());
+    }
+
+    fn docker_cfg() -> DecideConfig {
+        let mut c = cfg();
+        c.scale.can_start = true;
+        c.scale.can_reap = true;
+        c.scale.provision_timeout = Some(Duration::from_secs(20));
+        c
+    }
+
+    fn owned(t: &mut Topology, server: &str, state: ContainerState, created_s: i64) {
+        t.containers.push(OwnedContainer {
+            server: server.into(),
+            state,
+            created_s,
+        });
+        t.containers.sort_by(|a, b| a.server.cmp(&b.server));
+        t.containers_synced = true;
+    }
+
+    #[test]
+    fn only_servers_in_our_containers_are_reaped() {
+        let mut t = fleet(vec![
+            server("a", 100, 50),
+            cordoned("mine", 100, 0),
+            cordoned("theirs", 100, 0),
+        ]);
+        owned(&mut t, "mine", ContainerState::Running, 1);
+        let c = docker_cfg();
+        let t0 = Instant::now();
+        let mut h = History::default();
+        h.observe(&t, &c, t0);
+        assert_eq!(
+            kinds(&decide(&t, &c, t0 + Duration::from_secs(10), &h)),
+            vec!["reap mine"]
+        );
+    }
+
+    #[test]
+    fn scale_in_cordons_our_newest_containers_first_among_equals() {
+        let mut t = fleet(vec![
+            server("a", 100, 5),
+            server("b", 100, 5),
+            server("c-old", 100, 5),
+            server("d-new", 100, 5),
+        ]);
+        owned(&mut t, "c-old", ContainerState::Running, 100);
+        owned(&mut t, "d-new", ContainerState::Running, 200);
+        let mut c = docker_cfg();
+        c.scale.max_per_round = 1;
+        let t0 = Instant::now();
+        let mut h = History::default();
+        h.observe(&t, &c, t0);
+        assert_eq!(
+            kinds(&decide(&t, &c, t0 + Duration::from_secs(60), &h)),
+            vec!["cordon d-new"]
+        );
+    }
+
+    #[test]
+    fn a_container_that_never_passes_is_discarded_and_scale_out_backs_off() {
+        let mut t = fleet(vec![server("a", 100, 90), server("b", 100, 90)]);
+        let mut stuck = server("new", 100, 0);
+        stuck.passing = false;
+        stuck.provisioning = true;
+        t.servers.push(stuck);
+        t.pending = 1;
+        owned(&mut t, "new", ContainerState::Running, 1);
+        let c = docker_cfg();
+        let t0 = Instant::now();
+        let mut h = History::default();
+        h.observe(&t, &c, t0);
+        assert_eq!(
+            t.totals().failing,
+            0,
+            "a provisioning server is pending, not failing"
+        );
+        assert!(!kinds(&decide(&t, &c, t0 + Duration::from_secs(19), &h))
+            .contains(&"discard new".to_string()));
+        let p = decide(&t, &c, t0 + Duration::from_secs(20), &h);
+        assert!(kinds(&p).contains(&"discard new".to_string()), "{p:?}");
+        h.record(&p, t0 + Duration::from_secs(20));
+
+        // Gone, and the scale-out it was part of backs off for a cooldown (30 s).
+        let t2 = fleet(vec![server("a", 100, 90), server("b", 100, 90)]);
+        let mut t2 = t2;
+        t2.containers_synced = true;
+        let later = t0 + Duration::from_secs(25);
+        assert!(decide(&t2, &c, later, &h)
+            .withheld
+            .iter()
+            .any(|w| w.contains("backing off")));
+        assert_eq!(
+            kinds(&decide(&t2, &c, t0 + Duration::from_secs(51), &h)),
+            vec!["start 2"]
+        );
+    }
+
+    #[test]
+    fn no_container_is_started_or_stopped_while_the_container_list_is_unknown() {
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 90)]);
+        let p = decide(&t, &docker_cfg(), Instant::now(), &History::default());
+        assert!(p.is_empty());
+        assert!(
+            p.withheld
+                .iter()
+                .any(|w| w.contains("container list is not synced")),
+            "{:?}",
+            p.withheld
+        );
+        assert_eq!(p.shortfall, 2, "what cannot be started is reported");
     }
 }

@@ -4,6 +4,7 @@
 pub mod consul_health;
 pub mod consul_kv;
 pub mod consul_watch;
+pub mod docker;
 pub mod redis_sessions;
 
 use tokio::time::Instant;
@@ -18,6 +19,7 @@ pub enum SourceKind {
     Health,
     States,
     Sessions,
+    Containers,
 }
 
 impl SourceKind {
@@ -26,6 +28,7 @@ impl SourceKind {
             SourceKind::Health => "consul-health",
             SourceKind::States => "consul-kv",
             SourceKind::Sessions => "redis-sessions",
+            SourceKind::Containers => "docker",
         }
     }
 }
@@ -38,6 +41,8 @@ pub enum Change {
     /// The full list of per-server states.
     States(StateList),
     Sessions(SessionsUpdate),
+    /// Every container this pipeline owns.
+    Containers(Vec<crate::topology::OwnedContainer>),
     /// The source lost its connection: the snapshot is stale until it resyncs.
     Down(SourceKind),
 }
@@ -48,6 +53,7 @@ impl Change {
             Change::Health(_) => SourceKind::Health,
             Change::States(_) => SourceKind::States,
             Change::Sessions(_) => SourceKind::Sessions,
+            Change::Containers(_) => SourceKind::Containers,
             Change::Down(k) => *k,
         }
     }

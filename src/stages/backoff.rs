@@ -31,7 +31,8 @@ impl Default for BackoffPolicy {
 }
 
 impl BackoffPolicy {
-    fn delays(&self) -> ExponentialBackoff {
+    /// The delays this policy waits, in order; for loops that pace themselves.
+    pub fn delays(&self) -> ExponentialBackoff {
         let b = ExponentialBuilder::default()
             .with_min_delay(self.min)
             .with_max_delay(self.max)

@@ -556,3 +556,307 @@ impl Prometheus {
         }
     }
 }
+
+/// Sends SIGTERM and waits up to `grace` for the process to exit, then kills it.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A `rebalancer demo-server` with the agent, capacity `max`, on a free port.
+pub struct DemoServer {
+    pub id: String,
+    pub port: u16,
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl DemoServer {
+    pub fn start(id: &str, max: u32, redis: &Redis, consul: &ConsulAgent) -> DemoServer {
+        let port = free_port();
+        let args = vec![
+            "demo-server".into(),
+            "--service".into(),
+            "ws".into(),
+            "--id".into(),
+            id.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--max-sessions".into(),
+            max.to_string(),
+            "--consul".into(),
+            consul.address(),
+            "--redis".into(),
+            redis.url(),
+            "--shed-window".into(),
+            "1s".into(),
+        ];
+        let log = temp_dir(&format!("server-{id}")).join("server.log");
+        let mut s = DemoServer {
+            id: id.into(),
+            port,
+            child: None,
+            args,
+            log,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_rebalancer"))
+                .args(&self.args)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start a demo server"),
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.port)
+    }
+
+    /// SIGTERM: the agent deregisters and drains its sessions, then the process exits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts again with the same id and port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DemoServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `rebalancer loadgen`; [`Loadgen::finish`] stops it and returns its JSON summary.
+pub struct Loadgen {
+    child: Option<Child>,
+    out: PathBuf,
+}
+
+impl Loadgen {
+    pub fn start(args: &[&str]) -> Loadgen {
+        let dir = temp_dir("loadgen");
+        let out = dir.join("summary.json");
+        let child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
+            .arg("loadgen")
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(log_file(&dir, "progress.log"))
+            .spawn()
+            .expect("start the load generator");
+        Loadgen {
+            child: Some(child),
+            out,
+        }
+    }
+
+    pub fn finish(&mut self) -> serde_json::Value {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c, Duration::from_secs(15));
+        }
+        let text = std::fs::read_to_string(&self.out).unwrap();
+        let last = text
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no summary from loadgen: {text:?}"));
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {last}"))
+    }
+}
+
+impl Drop for Loadgen {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Redis {
+    /// Every reported session count of `service`, by server.
+    pub async fn counts(&self, service: &str) -> std::collections::BTreeMap<String, u64> {
+        let mut c = self.conn().await;
+        let prefix = format!("rebalancer:{service}:sessions:");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        let mut out = std::collections::BTreeMap::new();
+        for k in keys {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .unwrap_or(None);
+            if let Some(n) = v.and_then(|v| v.parse().ok()) {
+                out.insert(k.trim_start_matches(&prefix).to_string(), n);
+            }
+        }
+        out
+    }
+
+    /// The acks stream of `service`: each entry's fields.
+    pub async fn acks(&self, service: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let mut c = self.conn().await;
+        let raw: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg(format!("rebalancer:{service}:acks"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        raw.into_iter()
+            .map(|(_, kv)| kv.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect())
+            .collect()
+    }
+}
+
+impl ConsulAgent {
+    /// IDs of passing instances of `service`.
+    pub async fn passing(&self, service: &str) -> Vec<String> {
+        let url = format!(
+            "{}/v1/health/service/{service}?passing=true",
+            self.address()
+        );
+        let Ok(r) = self.http.get(url).send().await else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = r.json().await.unwrap_or_default();
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["Service"]["ID"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+pub const DOCKER_HINT: &str = "run `scripts/setup.sh` (installs docker.io and starts dockerd --bridge=none --iptables=false --ip6tables=false)";
+
+/// Runs the docker CLI; panics with how to get an engine when it cannot.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker: {e}; {DOCKER_HINT}"));
+    if !out.status.success() {
+        panic!(
+            "docker {args:?} failed: {}; {DOCKER_HINT}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The test image (`rebalancer:test`), built once per test binary from the binary under test
+/// with `scripts/docker-image.sh`.
+pub fn docker_image() -> &'static str {
+    static IMAGE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        docker(&["version", "--format", "{{.Server.Version}}"]);
+        let script = repo().join("scripts/docker-image.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .arg(env!("CARGO_BIN_EXE_rebalancer"))
+            .arg("rebalancer:test")
+            .output()
+            .expect("run scripts/docker-image.sh");
+        assert!(
+            out.status.success(),
+            "building the test image failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    "rebalancer:test"
+}
+
+/// `(name, state)` of the containers carrying `label=value`.
+pub fn containers_labelled(label: &str, value: &str) -> Vec<(String, String)> {
+    docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label={label}={value}"),
+        "--format",
+        "{{.Names}} {{.State}}",
+    ])
+    .lines()
+    .filter_map(|l| {
+        l.split_once(' ')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+    })
+    .collect()
+}
+
+/// Removes every container of a pipeline (and any named ones) when dropped.
+pub struct ContainerJanitor {
+    pub pipeline: String,
+    pub names: Vec<String>,
+}
+
+impl Drop for ContainerJanitor {
+    fn drop(&mut self) {
+        let mut ids: Vec<String> = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=rebalancer.pipeline={}", self.pipeline),
+            ])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.extend(self.names.iter().cloned());
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .arg("rm")
+                .arg("-f")
+                .args(&ids)
+                .output();
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! The agent: what a connection server embeds to take part in protocol v1. It registers the
+//! server in Consul with an HTTP health check, reports the session count to Redis, watches
+//! its own cordon state, and obeys shed and drain commands, acking each on the acks stream.
+//! Redis or Consul outages never crash the server or drop its sessions: every loop retries
+//! with backoff and re-registers, re-reports and resubscribes.
+
+pub mod commands;
+pub mod report;
+pub mod sessions;
+pub mod shed;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use commands::{CommandFilter, Verdict};
+pub use sessions::{CloseReason, SessionGuard, SessionRegistry, Sessions, VictimPolicy};
+
+use crate::consul::Consul;
+use crate::protocol::{
+    acks_stream, commands_channel, sessions_key, state_key, unix_ms, Command, CommandKind,
+};
+use crate::source::consul_watch::{consul_fetch, watch};
+use crate::stages::{BackoffPolicy, StreamStages};
+use crate::topology::Admin;
+
+/// Entries kept in the acks stream (approximately: `XADD MAXLEN ~`).
+pub const ACKS_MAXLEN: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub service: String,
+    /// Consul service ID; also the server's name in counts and commands.
+    pub id: String,
+    /// Address and port registered in Consul (where clients and health checks reach us).
+    pub address: String,
+    pub port: u16,
+    pub max_sessions: u32,
+    pub weight: Option<f32>,
+    /// Consul HTTP address, e.g. `http://127.0.0.1:8500`.
+    pub consul: String,
+    pub redis: String,
+    /// Path of the HTTP health check Consul runs against the server.
+    pub health_path: String,
+    /// Heartbeat of the count report; the key's TTL is three of these.
+    pub report_interval: Duration,
+    /// At most one report per this window when the count changes.
+    pub coalesce: Duration,
+    /// Sheds and drains are spread over this window.
+    pub shed_window: Duration,
+    pub policy: VictimPolicy,
+    /// On shutdown, sessions are closed over this window after deregistering.
+    pub shutdown_drain: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(
+        service: &str,
+        id: &str,
+        address: &str,
+        port: u16,
+        max_sessions: u32,
+    ) -> AgentConfig {
+        AgentConfig {
+            service: service.into(),
+            id: id.into(),
+            address: address.into(),
+            port,
+            max_sessions,
+            weight: None,
+            consul: "http://127.0.0.1:8500".into(),
+            redis: "redis://127.0.0.1:6379/0".into(),
+            health_path: "/health".into(),
+            report_interval: Duration::from_secs(1),
+            coalesce: Duration::from_millis(100),
+            shed_window: Duration::from_secs(2),
+            policy: VictimPolicy::Random,
+            shutdown_drain: Duration::from_secs(2),
+        }
+    }
+
+    /// The Consul registration of this server.
+    pub fn registration(&self) -> serde_json::Value {
+        let mut meta = json!({ "max_sessions": self.max_sessions.to_string() });
+        if let Some(w) = self.weight {
+            meta["weight"] = json!(w.to_string());
+        }
+        json!({
+            "ID": self.id,
+            "Name": self.service,
+            "Address": self.address,
+            "Port": self.port,
+            "Meta": meta,
+            "Check": {
+                "CheckID": format!("service:{}", self.id),
+                "HTTP": format!("http://{}:{}{}", self.address, self.port, self.health_path),
+                "Interval": "1s",
+                "Timeout": "1s",
+                "DeregisterCriticalServiceAfter": "1m",
+            }
+        })
+    }
+}
+
+/// Whether a new session may be opened now, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Accept,
+    /// At `max_sessions`.
+    Full,
+    /// Cordoned: no new sessions, existing ones stay until drained.
+    Cordoned,
+    /// Just told to shed: reconnecting clients must land elsewhere, not back here.
+    Shedding,
+    ShuttingDown,
+}
+
+impl Admission {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Admission::Accept => "accepted",
+            Admission::Full => "server full",
+            Admission::Cordoned => "server cordoned",
+            Admission::Shedding => "server shedding",
+            Admission::ShuttingDown => "server shutting down",
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    cordoned: AtomicBool,
+    shutting_down: AtomicBool,
+    /// Refuse new sessions until then (set while a shed is carried out).
+    hold_until: Mutex<Option<Instant>>,
+}
+
+/// An agent for one server. Cheap to clone; every clone shares the state.
+#[derive(Clone)]
+pub struct Agent {
+    cfg: Arc<AgentConfig>,
+    sessions: Arc<dyn Sessions>,
+    state: Arc<State>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid Redis URL {url:?}: {source}")]
+    RedisUrl {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig, sessions: Arc<dyn Sessions>) -> Agent {
+        Agent {
+            cfg: Arc::new(cfg),
+            sessions,
+            state: Arc::default(),
+        }
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// Whether to accept a new session now.
+    pub fn admission(&self) -> Admission {
+        if self.state.shutting_down.load(Ordering::Relaxed) {
+            Admission::ShuttingDown
+        } else if self.state.cordoned.load(Ordering::Relaxed) {
+            Admission::Cordoned
+        } else if self
+            .state
+            .hold_until
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|t| Instant::now() < t)
+        {
+            Admission::Shedding
+        } else if self.sessions.count() >= u64::from(self.cfg.max_sessions) {
+            Admission::Full
+        } else {
+            Admission::Accept
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.state.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Runs every loop until `shutdown`; then deregisters, closes the remaining sessions over
+    /// `shutdown_drain`, and removes the count.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let redis = redis::Client::open(self.cfg.redis.as_str()).map_err(|source| {
+            AgentError::RedisUrl {
+                url: self.cfg.redis.clone(),
+                source,
+            }
+        })?;
+        let consul = Consul::new(&self.cfg.consul, None);
+        let conn = ConnectionManager::new_lazy_with_config(
+            redis.clone(),
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(2))),
+        )
+        .map_err(|source| AgentError::RedisUrl {
+            url: self.cfg.redis.clone(),
+            source,
+        })?;
+        let loops = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(self.clone().register_loop(consul.clone(), loops.clone())),
+            tokio::spawn(self.clone().cordon_loop(consul.clone(), loops.clone())),
+            tokio::spawn(self.clone().report_loop(conn.clone(), loops.clone())),
+            tokio::spawn(
+                self.clone()
+                    .command_loop(redis, conn.clone(), loops.clone()),
+            ),
+        ];
+        shutdown.cancelled().await;
+
+        self.state.shutting_down.store(true, Ordering::Relaxed);
+        tracing::info!(server = %self.cfg.id, "shutting down: deregistering, then draining");
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            consul.put(
+                &format!("/v1/agent/service/deregister/{}", self.cfg.id),
+                Vec::new(),
+            ),
+        )
+        .await;
+        let n = self.sessions.count();
+        self.close_spread(n, self.cfg.shutdown_drain, CloseReason::Drain)
+            .await;
+        loops.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let mut c = conn;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            redis::cmd("DEL")
+                .arg(sessions_key(&self.cfg.service, &self.cfg.id))
+                .query_async::<()>(&mut c),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Registers, and registers again whenever Consul has forgotten us (an agent restart).
+    async fn register_loop(self, consul: Consul, stop: CancellationToken) {
+        let body = self.cfg.registration().to_string().into_bytes();
+        let path = format!("/v1/agent/service/{}", self.cfg.id);
+        let policy = BackoffPolicy::default();
+        let mut delays = policy.delays();
+        loop {
+            let wait = match consul.get(&path).await {
+                Ok(Some(_)) => Duration::from_secs(5),
+                Ok(None) => match consul.put("/v1/agent/service/register", body.clone()).await {
+                    Ok(_) => {
+                        tracing::info!(server = %self.cfg.id, service = %self.cfg.service, "registered in Consul");
+                        delays = policy.delays();
+                        Duration::from_secs(5)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register in Consul; retrying");
+                        delays.next().unwrap_or(policy.max)
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach Consul; retrying");
+                    delays.next().unwrap_or(policy.max)
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Follows this server's state record; keeps the last known state while Consul is away.
+    async fn cordon_loop(self, consul: Consul, stop: CancellationToken) {
+        let path = format!("/v1/kv/{}", state_key(&self.cfg.service, &self.cfg.id));
+        let (svc, id, p2) = (self.cfg.service.clone(), self.cfg.id.clone(), path.clone());
+        let states = watch(
+            consul_fetch(consul, path, Duration::from_secs(30)),
+            move |f| {
+                let list = crate::source::consul_kv::parse(&svc, &p2, f)?;
+                Ok(list
+                    .states
+                    .into_iter()
+                    .find(|(s, _)| **s == *id)
+                    .map(|(_, a)| a))
+            },
+        );
+        let mut states = Box::pin(states).backoff(BackoffPolicy::default());
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = states.next() => n,
+            };
+            match next {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the cordon state; keeping the last one")
+                }
+                Some(Ok(Some(Admin::Unknown))) => {
+                    tracing::warn!(server = %self.cfg.id, "unreadable state record; keeping the last state")
+                }
+                Some(Ok(state)) => {
+                    let cordoned = matches!(state, Some(Admin::Cordoned { .. }));
+                    if self.state.cordoned.swap(cordoned, Ordering::Relaxed) != cordoned {
+                        tracing::info!(server = %self.cfg.id, cordoned, "state changed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn report_loop(self, conn: ConnectionManager, stop: CancellationToken) {
+        let key = sessions_key(&self.cfg.service, &self.cfg.id);
+        let ttl_ms = (self.cfg.report_interval * 3).as_millis() as u64;
+        let sink = move |count: u64| {
+            let mut c = conn.clone();
+            let key = key.clone();
+            async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(count)
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async::<()>(&mut c)
+                    .await
+            }
+        };
+        report::run(
+            self.sessions.watch_count(),
+            self.cfg.report_interval,
+            self.cfg.coalesce,
+            sink,
+            stop,
+        )
+        .await;
+    }
+
+    async fn command_loop(
+        self,
+        redis: redis::Client,
+        conn: ConnectionManager,
+        stop: CancellationToken,
+    ) {
+        let channel = commands_channel(&self.cfg.service);
+        let mut filter = CommandFilter::new(&self.cfg.id, 4096);
+        let policy = BackoffPolicy::default();
+        let mut delays = policy.delays();
+        loop {
+            let subscribed = async {
+                let mut ps = redis.get_async_pubsub().await?;
+                ps.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            match tokio::time::timeout(Duration::from_secs(5), subscribed).await {
+                Ok(Ok(ps)) => {
+                    tracing::info!(server = %self.cfg.id, %channel, "listening for commands");
+                    delays = policy.delays();
+                    let mut msgs = ps.into_on_message();
+                    loop {
+                        let m = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            m = msgs.next() => m,
+                        };
+                        let Some(m) = m else { break };
+                        let Ok(payload) = m.get_payload::<String>() else {
+                            continue;
+                        };
+                        self.on_command(&payload, &mut filter, &conn);
+                    }
+                    tracing::warn!(server = %self.cfg.id, "command subscription lost; resubscribing");
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot subscribe to commands; retrying"),
+                Err(_) => tracing::warn!("subscribing to commands timed out; retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(delays.next().unwrap_or(policy.max)) => {}
+            }
+        }
+    }
+
+    fn on_command(&self, payload: &str, filter: &mut CommandFilter, conn: &ConnectionManager) {
+        let cmd: Command = match serde_json::from_str(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, payload, "ignoring a command that is not protocol v1 JSON");
+                return;
+            }
+        };
+        let verdict = filter.check(&cmd, unix_ms(SystemTime::now()));
+        if verdict != Verdict::Accept {
+            if verdict != Verdict::OtherServer {
+                tracing::info!(id = %cmd.id, verdict = verdict.as_str(), "ignoring command");
+            }
+            return;
+        }
+        tracing::info!(id = %cmd.id, kind = cmd.kind.as_str(), count = cmd.count, epoch = cmd.epoch, "obeying command");
+        let (agent, mut conn) = (self.clone(), conn.clone());
+        tokio::spawn(async move {
+            let reason = match cmd.kind {
+                CommandKind::Shed => {
+                    // Reconnecting clients must not land back here while we shed.
+                    *agent.state.hold_until.lock().expect("not poisoned") =
+                        Some(Instant::now() + agent.cfg.shed_window + Duration::from_secs(2));
+                    CloseReason::Shed
+                }
+                CommandKind::Drain => CloseReason::Drain,
+            };
+            let shed = agent
+                .close_spread(cmd.count, agent.cfg.shed_window, reason)
+                .await;
+            let ack = redis::cmd("XADD")
+                .arg(acks_stream(&agent.cfg.service))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(ACKS_MAXLEN)
+                .arg("*")
+                .arg("id")
+                .arg(&cmd.id)
+                .arg("server")
+                .arg(&agent.cfg.id)
+                .arg("requested")
+                .arg(cmd.count)
+                .arg("shed")
+                .arg(shed)
+                .arg("at_ms")
+                .arg(unix_ms(SystemTime::now()))
+                .query_async::<String>(&mut conn)
+                .await;
+            if let Err(e) = ack {
+                tracing::warn!(id = %cmd.id, error = %e, "cannot ack command");
+            }
+        });
+    }
+
+    /// Closes `n` sessions at random offsets within `window`; returns how many were closed.
+    async fn close_spread(&self, n: u64, window: Duration, reason: CloseReason) -> u64 {
+        let start = Instant::now();
+        let offsets = shed::spread(n.min(self.sessions.count()), window, &mut rand::rng());
+        let mut closed = 0;
+        for (at, k) in shed::batches(&offsets) {
+            tokio::time::sleep_until(start + at).await;
+            closed += self.sessions.close(k, self.cfg.policy, reason);
+        }
+        closed
+    }
+}

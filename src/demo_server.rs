@@ -1,0 +1,247 @@
+//! `rebalancer demo-server`: a WebSocket echo server that embeds the agent. Every session is
+//! greeted with `{"server":"<id>"}` so clients (and the load generator) know where they
+//! landed; new sessions are refused with 503 when the agent says so (full, cordoned,
+//! shedding, shutting down).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{
+    Admission, Agent, AgentConfig, SessionGuard, SessionRegistry, Sessions, VictimPolicy,
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoServerArgs {
+    /// Consul service to register in.
+    #[arg(long, env = "REBALANCER_AGENT_SERVICE", default_value = "ws")]
+    pub service: String,
+    /// Consul service ID (default: `<service>-<port>`).
+    #[arg(long, env = "REBALANCER_AGENT_ID")]
+    pub id: Option<String>,
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "REBALANCER_AGENT_LISTEN",
+        default_value = "127.0.0.1:9001"
+    )]
+    pub listen: SocketAddr,
+    /// Address registered in Consul (default: the listen address's IP).
+    #[arg(long, env = "REBALANCER_AGENT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Sessions this server holds at most (Consul Meta.max_sessions).
+    #[arg(long, env = "REBALANCER_AGENT_MAX_SESSIONS", default_value_t = 100)]
+    pub max_sessions: u32,
+    /// Routing weight (Consul Meta.weight).
+    #[arg(long, env = "REBALANCER_AGENT_WEIGHT")]
+    pub weight: Option<f32>,
+    /// Consul HTTP address.
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_ADDR",
+        default_value = "http://127.0.0.1:8500"
+    )]
+    pub consul: String,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    pub redis: String,
+    /// Which sessions to close first when told to shed.
+    #[arg(long, env = "REBALANCER_AGENT_POLICY", value_enum, default_value_t = VictimPolicy::Random)]
+    pub policy: VictimPolicy,
+    /// Sheds are spread over this window.
+    #[arg(long, env = "REBALANCER_AGENT_SHED_WINDOW", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub shed_window: Duration,
+    /// Wait this long before registering: a slow-starting server, for trying out
+    /// provisioning timeouts.
+    #[arg(long, env = "REBALANCER_AGENT_START_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub start_delay: Duration,
+    /// Heartbeat of the session-count report (its TTL is three of these).
+    #[arg(long, env = "REBALANCER_AGENT_REPORT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub report_interval: Duration,
+}
+
+impl DemoServerArgs {
+    pub fn agent_config(&self) -> Result<AgentConfig, DemoError> {
+        if self.max_sessions == 0 {
+            return Err(DemoError::Config(
+                "--max-sessions must be at least 1".into(),
+            ));
+        }
+        if let Some(w) = self.weight {
+            if !(w.is_finite() && w > 0.0 && w <= 1000.0) {
+                return Err(DemoError::Config("--weight must be in (0, 1000]".into()));
+            }
+        }
+        let id = self
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", self.service, self.listen.port()));
+        let address = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.ip().to_string());
+        let mut cfg = AgentConfig::new(
+            &self.service,
+            &id,
+            &address,
+            self.listen.port(),
+            self.max_sessions,
+        );
+        cfg.weight = self.weight;
+        cfg.consul = with_scheme(&self.consul);
+        cfg.redis = self.redis.clone();
+        cfg.policy = self.policy;
+        cfg.shed_window = self.shed_window;
+        cfg.report_interval = self.report_interval;
+        Ok(cfg)
+    }
+}
+
+/// Accepts Consul addresses with or without a scheme, as `CONSUL_HTTP_ADDR` does.
+pub fn with_scheme(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+#[derive(Clone)]
+struct App {
+    agent: Agent,
+    registry: SessionRegistry,
+    id: Arc<str>,
+    max: u64,
+}
+
+/// Serves until `shutdown`; then the agent deregisters and drains before the listener closes.
+pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<(), DemoError> {
+    let cfg = args.agent_config()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| DemoError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let registry = SessionRegistry::new();
+    let agent = Agent::new(cfg.clone(), Arc::new(registry.clone()));
+    let app = App {
+        agent: agent.clone(),
+        registry,
+        id: cfg.id.as_str().into(),
+        max: u64::from(cfg.max_sessions),
+    };
+    let router = Router::new()
+        .route("/health", get(health))
+        .route("/", get(upgrade))
+        .route("/ws", get(upgrade))
+        .with_state(app);
+    let http_stop = CancellationToken::new();
+    let server = {
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    tracing::info!(id = %cfg.id, listen = %args.listen, max_sessions = cfg.max_sessions, "demo server up");
+    let delayed = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(args.start_delay) => true,
+    };
+    let result = if delayed {
+        agent.run(shutdown).await
+    } else {
+        Ok(())
+    };
+    http_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    result.map_err(DemoError::from)
+}
+
+async fn health(State(app): State<App>) -> Response {
+    if app.agent.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        (StatusCode::OK, "ok").into_response()
+    }
+}
+
+async fn upgrade(State(app): State<App>, ws: WebSocketUpgrade) -> Response {
+    let admission = app.agent.admission();
+    if admission != Admission::Accept {
+        return (StatusCode::SERVICE_UNAVAILABLE, admission.reason()).into_response();
+    }
+    // Reserve the slot before upgrading so concurrent upgrades cannot exceed the maximum.
+    let guard = app.registry.open();
+    if app.registry.count() > app.max {
+        drop(guard);
+        return (StatusCode::SERVICE_UNAVAILABLE, Admission::Full.reason()).into_response();
+    }
+    let id = app.id.clone();
+    ws.on_upgrade(move |socket| session(socket, guard, id))
+}
+
+async fn session(mut socket: WebSocket, mut guard: SessionGuard, id: Arc<str>) {
+    let hello = serde_json::json!({ "server": &*id }).to_string();
+    if socket.send(Message::Text(hello.into())).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            reason = guard.closed() => {
+                let frame = CloseFrame { code: reason.code(), reason: reason.text().into() };
+                let _ = socket.send(Message::Close(Some(frame))).await;
+                // Give the client a moment to answer the close handshake.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(Ok(m)) = socket.recv().await {
+                        if matches!(m, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                return;
+            }
+            m = socket.recv() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    if socket.send(Message::Text(t)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    if socket.send(Message::Binary(b)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The closed loop with real WebSocket clients: demo servers embedding the agent, the load
+//! generator, the controller, real Consul and Redis. Each test prints its figures.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use support::*;
+
+const CAPACITY: u64 = 100;
+const LOOP_WAIT: Duration = Duration::from_secs(90);
+
+/// The controller for these tests: a tolerance of 0.05 guarantees max − min ≤ 0.15 once no
+/// server is over (every u ≤ U + 0.05 around U = 0.5), and short rounds keep the tests quick.
+fn controller(redis: &Redis, consul: &ConsulAgent) -> Controller {
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        redis,
+        consul,
+        port,
+        "",
+        "[rebalance]\ntolerance = 0.05\nround_interval = \"3s\"\n[scale]\nenabled = false\n",
+    );
+    Controller::start(&temp_dir("loop-ctl"), &toml, port)
+}
+
+fn spread(counts: &BTreeMap<String, u64>) -> f64 {
+    let max = counts.values().max().copied().unwrap_or(0);
+    let min = counts.values().min().copied().unwrap_or(0);
+    (max - min) as f64 / CAPACITY as f64
+}
+
+/// Σ max(0, sessions − ceil(capacity × U)): what any rebalancer must move at least.
+fn minimum_moves(counts: &BTreeMap<String, u64>) -> u64 {
+    let total: u64 = counts.values().sum();
+    let cap = CAPACITY * counts.len() as u64;
+    let target = (CAPACITY * total).div_ceil(cap);
+    counts.values().map(|s| s.saturating_sub(target)).sum()
+}
+
+async fn servers_passing(consul: &ConsulAgent, n: usize) {
+    eventually("the demo servers to pass their checks", WAIT, || async {
+        (consul.passing("ws").await.len() == n).then_some(())
+    })
+    .await;
+}
+
+async fn counts_where(
+    redis: &Redis,
+    what: &str,
+    f: impl Fn(&BTreeMap<String, u64>) -> bool,
+) -> BTreeMap<String, u64> {
+    eventually(what, LOOP_WAIT, || async {
+        let c = redis.counts("ws").await;
+        f(&c).then_some(c)
+    })
+    .await
+}
+
+fn total(c: &BTreeMap<String, u64>) -> u64 {
+    c.values().sum()
+}
+
+fn shed_in_acks(acks: &[std::collections::HashMap<String, String>]) -> u64 {
+    acks.iter().map(|a| a["shed"].parse::<u64>().unwrap()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piled_up_fleet_converges_moving_close_to_the_minimum_and_losing_no_client() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start(id, 100, &redis, &consul))
+        .collect();
+    servers_passing(&consul, 3).await;
+    let pile = servers[0].url();
+    let mut load = Loadgen::start(&[
+        "--connections",
+        "150",
+        "--duration",
+        "180s",
+        "--pile-on",
+        &pile,
+        "--consul",
+        &consul.address(),
+        "--service",
+        "ws",
+        "--backoff-max",
+        "1s",
+    ]);
+    let before = counts_where(&redis, "150 clients, s1 full", |c| {
+        total(c) == 150 && c.get("s1") == Some(&100)
+    })
+    .await;
+    let minimum = minimum_moves(&before);
+
+    let ctl = controller(&redis, &consul);
+    let after = counts_where(&redis, "the fleet within 0.15 of utilization", |c| {
+        c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
+    })
+    .await;
+    // Let any shed still in flight land before counting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let summary = load.finish();
+    let acks = redis.acks("ws").await;
+    let moved = shed_in_acks(&acks);
+    println!(
+        "closed loop (random reconnects): before {before:?} after {after:?} spread {:.2} \
+         moved {moved} minimum {minimum} ratio {:.2} rounds {} loadgen {summary}",
+        spread(&after),
+        moved as f64 / minimum as f64,
+        acks.len()
+    );
+    assert!(
+        !acks.is_empty(),
+        "the acks stream shows what was shed; log:\n{}",
+        ctl.log()
+    );
+    for a in &acks {
+        assert!(a.contains_key("id") && a.contains_key("requested") && a.contains_key("at_ms"));
+        assert!(a["server"].starts_with('s'));
+    }
+    assert!(moved >= minimum, "moved {moved} < the minimum {minimum}?");
+    assert!(
+        moved as f64 <= 1.5 * minimum as f64,
+        "moved {moved}, more than 1.5 × {minimum}"
+    );
+    assert_eq!(
+        summary["connected_at_end"], 150,
+        "every client connected at the end: {summary}"
+    );
+    assert_eq!(
+        summary["reconnects"].as_u64(),
+        Some(moved),
+        "only commanded closes: {summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_moves_clients_away_and_the_fleet_rebalances_onto_the_new_server() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let mut servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start(id, 100, &redis, &consul))
+        .collect();
+    servers_passing(&consul, 3).await;
+    let mut load = Loadgen::start(&[
+        "--connections",
+        "150",
+        "--duration",
+        "180s",
+        "--consul",
+        &consul.address(),
+        "--service",
+        "ws",
+        "--backoff-max",
+        "1s",
+    ]);
+    let _ctl = controller(&redis, &consul);
+    counts_where(&redis, "a balanced start", |c| {
+        c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
+    })
+    .await;
+
+    servers[1].stop();
+    let during = counts_where(&redis, "s2's clients on s1 and s3", |c| {
+        !c.contains_key("s2") && c.get("s1").unwrap_or(&0) + c.get("s3").unwrap_or(&0) == 150
+    })
+    .await;
+    servers[1].restart();
+    let after = counts_where(&redis, "s2 back and the fleet balanced", |c| {
+        c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
+    })
+    .await;
+    let summary = load.finish();
+    println!("rolling restart: during {during:?} after {after:?} loadgen {summary}");
+    assert!(
+        after["s2"] >= 35,
+        "the restarted server took sessions: {after:?}"
+    );
+    assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
+    let codes = &summary["close_codes"];
+    assert!(
+        codes["1012"].as_u64().unwrap_or(0) >= 1,
+        "the restart drained with 1012: {summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_drops_no_client_and_reports_resume() {
+    let (mut redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start(id, 100, &redis, &consul))
+        .collect();
+    servers_passing(&consul, 3).await;
+    let mut load = Loadgen::start(&[
+        "--connections",
+        "120",
+        "--duration",
+        "180s",
+        "--consul",
+        &consul.address(),
+        "--service",
+        "ws",
+        "--backoff-max",
+        "1s",
+    ]);
+    let ctl = controller(&redis, &consul);
+    let before = counts_where(&redis, "a balanced loop", |c| {
+        c.len() == 3 && total(c) == 120 && spread(c) <= 0.15
+    })
+    .await;
+    // Quiet: no shed for a few rounds.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let shed_before = shed_in_acks(&redis.acks("ws").await);
+    let before = {
+        let now = redis.counts("ws").await;
+        if total(&now) == 120 {
+            now
+        } else {
+            before
+        }
+    };
+
+    redis.restart().await; // empty, notifications off
+    let after = counts_where(&redis, "every server reporting again", |c| {
+        c.len() == 3 && total(c) == 120
+    })
+    .await;
+    eventually("the controller to resync Redis", WAIT, || async {
+        (ctl.metric(
+            "rebalancer_source_resyncs_total",
+            &[("source", "redis-sessions")],
+        )
+        .await
+            >= Some(1.0)
+            && ctl.metric("rebalancer_snapshot_stale", &[]).await == Some(0.0))
+        .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let summary = load.finish();
+    println!("redis restart: before {before:?} after {after:?} loadgen {summary}");
+    assert_eq!(after, before, "the servers kept their sessions");
+    assert_eq!(
+        redis.acks("ws").await.len(),
+        0,
+        "nothing was shed after the restart"
+    );
+    assert_eq!(summary["connected_at_end"], 120);
+    // Every reconnect of the run is one of the sheds commanded before the restart.
+    assert_eq!(
+        summary["reconnects"].as_u64(),
+        Some(shed_before),
+        "a client was dropped: {summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_made_of_raw_redis_and_consul_calls_is_treated_like_an_agent_backed_one() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let agent_backed = DemoServer::start("agent-1", 100, &redis, &consul);
+    // The raw server: a Consul registration with a TTL check, and a SET with a TTL.
+    consul.register_capacity("ws", "raw-1", 100).await;
+    redis.report("ws", "raw-1", "90").await;
+    servers_passing(&consul, 2).await;
+    let mut load = Loadgen::start(&[
+        "--connections",
+        "10",
+        "--duration",
+        "120s",
+        "--url",
+        &agent_backed.url(),
+    ]);
+    counts_where(&redis, "10 sessions on the agent-backed server", |c| {
+        c.get("agent-1") == Some(&10)
+    })
+    .await;
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut ps = client.get_async_pubsub().await.unwrap();
+    ps.subscribe("rebalancer:ws:commands").await.unwrap();
+    let mut msgs = ps.into_on_message();
+    let ctl = controller(&redis, &consul);
+    eventually(
+        "both servers active in the controller's snapshot",
+        WAIT,
+        || async {
+            (ctl.metric("rebalancer_servers", &[("state", "active")])
+                .await
+                == Some(2.0)
+                && ctl.metric("rebalancer_sessions", &[]).await == Some(100.0))
+            .then_some(())
+        },
+    )
+    .await;
+    let m = tokio::time::timeout(WAIT, msgs.next())
+        .await
+        .expect("a command")
+        .unwrap();
+    let cmd: rebalancer::protocol::Command =
+        serde_json::from_str(&m.get_payload::<String>().unwrap()).unwrap();
+    assert_eq!((cmd.server.as_str(), cmd.count), ("raw-1", 40));
+    // The raw server obeys: fewer sessions, and an ack on the stream.
+    redis.report("ws", "raw-1", "50").await;
+    let mut c = redis.conn().await;
+    redis::cmd("XADD")
+        .arg("rebalancer:ws:acks")
+        .arg("*")
+        .arg("id")
+        .arg(&cmd.id)
+        .arg("server")
+        .arg("raw-1")
+        .arg("requested")
+        .arg(cmd.count)
+        .arg("shed")
+        .arg(40)
+        .arg("at_ms")
+        .arg(1)
+        .query_async::<String>(&mut c)
+        .await
+        .unwrap();
+    eventually(
+        "the controller to see the raw server at 50",
+        WAIT,
+        || async { (ctl.metric("rebalancer_sessions", &[]).await == Some(60.0)).then_some(()) },
+    )
+    .await;
+    let summary = load.finish();
+    assert_eq!(
+        summary["reconnects"].as_u64(),
+        Some(0),
+        "the agent-backed server was not shed: {summary}"
+    );
+}

@@ -1,0 +1,465 @@
+//! Scaling with Docker against a real engine: containers running the demo server (an image
+//! built locally with `docker import`) on host networking and loopback ports only.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// A pipeline with container scaling; `extra_cmd` is appended to the demo-server command.
+fn docker_pipeline(
+    name: &str,
+    redis: &Redis,
+    consul: &ConsulAgent,
+    metrics: u16,
+    ports: &str,
+    image: &str,
+    extra: &str,
+    extra_cmd: &str,
+) -> String {
+    let cmd = format!(
+        r#"["demo-server", "--service", "ws", "--id", "{{id}}", "--listen", "127.0.0.1:{{port}}", "--max-sessions", "100", "--consul", "{}", "--redis", "{}", "--shed-window", "1s"{extra_cmd}]"#,
+        consul.address(),
+        redis.url()
+    );
+    pipeline_toml(
+        name,
+        redis,
+        consul,
+        metrics,
+        "",
+        &format!(
+            "[rebalance]\ntolerance = 0.05\nround_interval = \"2s\"\n\
+             [scale]\nscale_in_after = \"4s\"\ncooldown = \"3s\"\nreap_after = \"2s\"\nmin_servers = 2\nmax_servers = 10\n\
+             {extra}\n\
+             [scale.docker]\nimage = \"{image}\"\ncommand = {cmd}\nport_range = \"{ports}\"\nname_prefix = \"{name}-\"\n\
+             provision_timeout = \"20s\"\nstop_grace = \"3s\"\n"
+        ),
+    )
+}
+
+fn owned(pipeline: &str) -> Vec<(String, String)> {
+    containers_labelled("rebalancer.pipeline", pipeline)
+}
+
+fn unique(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 10_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_fleet_reactivates_then_starts_containers_and_a_cold_one_reaps_them() {
+    let image = docker_image();
+    let name = unique("dkout");
+    let _janitor = ContainerJanitor {
+        pipeline: name.clone(),
+        names: vec![],
+    };
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start(id, 100, &redis, &consul))
+        .collect();
+    consul
+        .kv_put(
+            "rebalancer/ws/servers/s3",
+            r#"{"state":"cordoned","reason":"spare"}"#,
+        )
+        .await;
+    eventually("three servers passing", WAIT, || async {
+        (consul.passing("ws").await.len() == 3).then_some(())
+    })
+    .await;
+    let mut load = Loadgen::start(&[
+        "--connections",
+        "170",
+        "--duration",
+        "300s",
+        "--consul",
+        &consul.address(),
+        "--service",
+        "ws",
+        "--backoff-max",
+        "1s",
+    ]);
+    eventually(
+        "170 clients on s1 and s2 (s3 is cordoned)",
+        LONG,
+        || async {
+            let c = redis.counts("ws").await;
+            (c.get("s1").unwrap_or(&0) + c.get("s2").unwrap_or(&0) == 170).then_some(())
+        },
+    )
+    .await;
+
+    let port = free_port();
+    let ctl = Controller::start(
+        &temp_dir("dk-out"),
+        &docker_pipeline(&name, &redis, &consul, port, "21000-21049", image, "", ""),
+        port,
+    );
+    // U = 0.85: 4 servers needed; s3 comes back first, one container makes the fourth.
+    eventually("s3 reactivated", LONG, || async {
+        (consul.server_state("ws", "s3").await.as_deref() == Some("active")).then_some(())
+    })
+    .await;
+    let container = eventually(
+        "one container of ours, its server passing",
+        LONG,
+        || async {
+            let cs = owned(&name);
+            let passing = consul.passing("ws").await;
+            (cs.len() == 1 && passing.contains(&cs[0].0)).then(|| cs[0].0.clone())
+        },
+    )
+    .await;
+    let during = eventually(
+        "the container's server taking sessions, the fleet between the thresholds",
+        LONG,
+        || async {
+            let c = redis.counts("ws").await;
+            let total: u64 = c.values().sum();
+            let u = total as f64 / 400.0;
+            (c.get(&container).copied().unwrap_or(0) > 0
+                && total == 170
+                && (0.40..=0.70).contains(&u))
+            .then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(owned(&name).len(), 1, "no more containers than needed");
+
+    // The load goes away: the emptiest are cordoned (ours first), ours is reaped.
+    let summary = load.finish();
+    let mut small = Loadgen::start(&[
+        "--connections",
+        "20",
+        "--duration",
+        "300s",
+        "--url",
+        &servers[1].url(),
+    ]);
+    eventually("our container stopped and removed", LONG, || async {
+        owned(&name).is_empty().then_some(())
+    })
+    .await;
+    let states = eventually(
+        "two servers cordoned, two active (min_servers)",
+        LONG,
+        || async {
+            let mut cordoned = Vec::new();
+            for id in ["s1", "s2", "s3"] {
+                if consul.server_state("ws", id).await.as_deref() == Some("cordoned") {
+                    cordoned.push(id);
+                }
+            }
+            (cordoned == vec!["s1"]).then_some(cordoned)
+        },
+    )
+    .await;
+    assert_eq!(
+        consul.server_state("ws", &container).await,
+        None,
+        "the reaped server's state was cleared"
+    );
+    assert!(
+        ctl.metric(
+            "rebalancer_actions_total",
+            &[("kind", "reap"), ("result", "ok")]
+        )
+        .await
+            >= Some(1.0)
+    );
+    let small_summary = small.finish();
+    println!("docker scale: during {during:?} first load {summary} cordoned {states:?} small load {small_summary}");
+    assert_eq!(
+        small_summary["reconnects"].as_u64(),
+        Some(0),
+        "no session dropped by the scale-in"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restarted_mid_scale_out_adopts_pending_containers_and_starts_no_duplicates() {
+    let image = docker_image();
+    let name = unique("dkrst");
+    let _janitor = ContainerJanitor {
+        pipeline: name.clone(),
+        names: vec![],
+    };
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    for (id, n) in [("s1", "90"), ("s2", "90")] {
+        consul.register_capacity("ws", id, 100).await;
+        redis.report("ws", id, n).await;
+    }
+    // Slow servers: they register 8 s after their container starts, so they stay pending.
+    let toml = docker_pipeline(
+        &name,
+        &redis,
+        &consul,
+        0,
+        "21050-21099",
+        image,
+        "",
+        r#", "--start-delay", "8s""#,
+    );
+    let port = free_port();
+    let toml1 = toml.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let first = Controller::start(&temp_dir("dk-rst1"), &toml1, port);
+    eventually("two containers started", LONG, || async {
+        (owned(&name).len() == 2).then_some(())
+    })
+    .await;
+    drop(first); // killed in the middle of the scale-out
+
+    let port2 = free_port();
+    let toml2 = toml.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port2}\""),
+    );
+    let second = Controller::start(&temp_dir("dk-rst2"), &toml2, port2);
+    eventually(
+        "the new controller sees two pending containers",
+        LONG,
+        || async {
+            (second
+                .metric("rebalancer_containers", &[("state", "pending")])
+                .await
+                == Some(2.0))
+            .then_some(())
+        },
+    )
+    .await;
+    eventually("both servers passing", LONG, || async {
+        (consul.passing("ws").await.len() == 4).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(owned(&name).len(), 2, "no duplicate containers");
+    assert_eq!(
+        second
+            .metric(
+                "rebalancer_actions_total",
+                &[("kind", "start"), ("result", "ok")]
+            )
+            .await,
+        None,
+        "the restarted controller started nothing: it adopted the pending ones"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_faults_are_counted_and_backed_off_and_never_block_other_actions() {
+    let image = docker_image();
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    // Hot and unbalanced: a scale-out is wanted and s1 should shed.
+    for (id, n) in [("s1", "100"), ("s2", "60")] {
+        consul.register_capacity("ws", id, 100).await;
+        redis.report("ws", id, n).await;
+    }
+    let mut commands = {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut ps = client.get_async_pubsub().await.unwrap();
+        ps.subscribe("rebalancer:ws:commands").await.unwrap();
+        ps.into_on_message()
+    };
+
+    // 1. No engine at all.
+    let name = unique("dkgone");
+    let port = free_port();
+    let toml = docker_pipeline(&name, &redis, &consul, port, "21100-21119", image, "", "").replace(
+        "[scale.docker]",
+        "[scale.docker]\nhost = \"unix:///tmp/no-docker-here.sock\"",
+    );
+    let ctl = Controller::start(&temp_dir("dk-gone"), &toml, port);
+    use futures::StreamExt;
+    let m = tokio::time::timeout(LONG, commands.next())
+        .await
+        .expect("a shed despite the missing engine")
+        .unwrap();
+    assert!(m
+        .get_payload::<String>()
+        .unwrap()
+        .contains("\"server\":\"s1\""));
+    assert!(
+        ctl.metric("rebalancer_source_errors_total", &[("source", "docker")])
+            .await
+            >= Some(1.0)
+    );
+    assert!(
+        ctl.metric("rebalancer_scale_shortfall_servers", &[]).await >= Some(1.0),
+        "the shortfall is reported"
+    );
+    drop(ctl);
+
+    // 2. An engine that refuses the create (no such image).
+    let name = unique("dkrefuse");
+    let _janitor = ContainerJanitor {
+        pipeline: name.clone(),
+        names: vec![],
+    };
+    let port = free_port();
+    let toml = docker_pipeline(
+        &name,
+        &redis,
+        &consul,
+        port,
+        "21120-21139",
+        "rebalancer:no-such-image",
+        "",
+        "",
+    );
+    let ctl = Controller::start(&temp_dir("dk-refuse"), &toml, port);
+    eventually("a refused start, counted", LONG, || async {
+        (ctl.metric(
+            "rebalancer_actions_total",
+            &[("kind", "start"), ("result", "error")],
+        )
+        .await
+            >= Some(1.0))
+        .then_some(())
+    })
+    .await;
+    let errors_then = ctl
+        .metric(
+            "rebalancer_actions_total",
+            &[("kind", "start"), ("result", "error")],
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ctl.metric(
+            "rebalancer_actions_total",
+            &[("kind", "start"), ("result", "error")]
+        )
+        .await,
+        errors_then,
+        "backing off, not retrying every round"
+    );
+    assert!(
+        ctl.log().contains("no-such-image"),
+        "the error names what failed"
+    );
+    drop(ctl);
+
+    // 3. A container whose server never turns healthy is removed after provision_timeout.
+    let name = unique("dkstuck");
+    let _janitor = ContainerJanitor {
+        pipeline: name.clone(),
+        names: vec![],
+    };
+    let port = free_port();
+    let toml = docker_pipeline(
+        &name,
+        &redis,
+        &consul,
+        port,
+        "21140-21159",
+        image,
+        "",
+        r#", "--start-delay", "1h""#,
+    )
+    .replace("provision_timeout = \"20s\"", "provision_timeout = \"4s\"");
+    let ctl = Controller::start(&temp_dir("dk-stuck"), &toml, port);
+    eventually("containers that never pass", LONG, || async {
+        (!owned(&name).is_empty()).then_some(())
+    })
+    .await;
+    eventually(
+        "them discarded after the provision timeout",
+        LONG,
+        || async {
+            (ctl.metric(
+                "rebalancer_actions_total",
+                &[("kind", "discard"), ("result", "ok")],
+            )
+            .await
+                >= Some(1.0)
+                && owned(&name).is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_without_the_pipeline_labels_is_never_stopped_even_with_a_matching_name() {
+    let image = docker_image();
+    let name = unique("dkown");
+    let imposter = format!("{name}-imposter");
+    let ours = format!("{name}-ours");
+    let _janitor = ContainerJanitor {
+        pipeline: name.clone(),
+        names: vec![imposter.clone()],
+    };
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _s1 = DemoServer::start("s1", 100, &redis, &consul);
+    let run = |id: &str, labels: bool| {
+        let port = free_port().to_string();
+        let mut args = vec!["run", "-d", "--network", "host", "--name", id];
+        let (l1, l2) = (
+            format!("rebalancer.pipeline={name}"),
+            format!("rebalancer.server={id}"),
+        );
+        if labels {
+            args.extend(["--label", &l1, "--label", &l2]);
+        }
+        let listen = format!("127.0.0.1:{port}");
+        let (c, r) = (consul.address(), redis.url());
+        args.extend([
+            image,
+            "demo-server",
+            "--service",
+            "ws",
+            "--id",
+            id,
+            "--listen",
+            &listen,
+            "--consul",
+            &c,
+            "--redis",
+            &r,
+        ]);
+        docker(&args);
+    };
+    run(&ours, true);
+    run(&imposter, false);
+    for id in [&ours, &imposter] {
+        consul
+            .kv_put(
+                &format!("rebalancer/ws/servers/{id}"),
+                r#"{"state":"cordoned","reason":"test"}"#,
+            )
+            .await;
+    }
+    eventually("three servers passing", LONG, || async {
+        (consul.passing("ws").await.len() == 3).then_some(())
+    })
+    .await;
+    let port = free_port();
+    let ctl = Controller::start(
+        &temp_dir("dk-own"),
+        &docker_pipeline(&name, &redis, &consul, port, "21160-21179", image, "", "")
+            .replace("min_servers = 2", "min_servers = 1"),
+        port,
+    );
+    eventually("ours reaped", LONG, || async {
+        (!docker(&["ps", "-a", "--format", "{{.Names}}"])
+            .lines()
+            .any(|l| l == ours))
+        .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let running = docker(&["ps", "--format", "{{.Names}}"]);
+    assert!(
+        running.lines().any(|l| l == imposter),
+        "the look-alike was touched:\n{running}\n{}",
+        ctl.log()
+    );
+}
