@@ -17,7 +17,6 @@ fn docker_pipeline(
     metrics: u16,
     ports: &str,
     image: &str,
-    extra: &str,
     extra_cmd: &str,
 ) -> String {
     let cmd = format!(
@@ -34,7 +33,6 @@ fn docker_pipeline(
         &format!(
             "[rebalance]\ntolerance = 0.05\nround_interval = \"2s\"\n\
              [scale]\nscale_in_after = \"4s\"\ncooldown = \"3s\"\nreap_after = \"2s\"\nmin_servers = 2\nmax_servers = 10\n\
-             {extra}\n\
              [scale.docker]\nimage = \"{image}\"\ncommand = {cmd}\nport_range = \"{ports}\"\nname_prefix = \"{name}-\"\n\
              provision_timeout = \"20s\"\nstop_grace = \"3s\"\n"
         ),
@@ -97,7 +95,7 @@ async fn a_hot_fleet_reactivates_then_starts_containers_and_a_cold_one_reaps_the
     let port = free_port();
     let ctl = Controller::start(
         &temp_dir("dk-out"),
-        &docker_pipeline(&name, &redis, &consul, port, "21000-21049", image, "", ""),
+        &docker_pipeline(&name, &redis, &consul, port, "21000-21049", image, ""),
         port,
     );
     // U = 0.85: 4 servers needed; s3 comes back first, one container makes the fourth.
@@ -202,7 +200,6 @@ async fn a_controller_restarted_mid_scale_out_adopts_pending_containers_and_star
         0,
         "21050-21099",
         image,
-        "",
         r#", "--start-delay", "8s""#,
     );
     let port = free_port();
@@ -272,7 +269,7 @@ async fn engine_faults_are_counted_and_backed_off_and_never_block_other_actions(
     // 1. No engine at all.
     let name = unique("dkgone");
     let port = free_port();
-    let toml = docker_pipeline(&name, &redis, &consul, port, "21100-21119", image, "", "").replace(
+    let toml = docker_pipeline(&name, &redis, &consul, port, "21100-21119", image, "").replace(
         "[scale.docker]",
         "[scale.docker]\nhost = \"unix:///tmp/no-docker-here.sock\"",
     );
@@ -311,7 +308,6 @@ async fn engine_faults_are_counted_and_backed_off_and_never_block_other_actions(
         port,
         "21120-21139",
         "rebalancer:no-such-image",
-        "",
         "",
     );
     let ctl = Controller::start(&temp_dir("dk-refuse"), &toml, port);
@@ -361,7 +357,6 @@ async fn engine_faults_are_counted_and_backed_off_and_never_block_other_actions(
         port,
         "21140-21159",
         image,
-        "",
         r#", "--start-delay", "1h""#,
     )
     .replace("provision_timeout = \"20s\"", "provision_timeout = \"4s\"");
@@ -444,7 +439,7 @@ async fn a_container_without_the_pipeline_labels_is_never_stopped_even_with_a_ma
     let port = free_port();
     let ctl = Controller::start(
         &temp_dir("dk-own"),
-        &docker_pipeline(&name, &redis, &consul, port, "21160-21179", image, "", "")
+        &docker_pipeline(&name, &redis, &consul, port, "21160-21179", image, "")
             .replace("min_servers = 2", "min_servers = 1"),
         port,
     );
