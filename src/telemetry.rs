@@ -146,6 +146,16 @@ pub const METRICS: &[(&str, Unit, &str)] = &[
         Unit::Count,
         "Lock index of the held leader lock (the command epoch)",
     ),
+    (
+        CONTAINERS,
+        Unit::Count,
+        "Containers this pipeline owns, by state: pending, running, stopping, stopped",
+    ),
+    (
+        PROVISION,
+        Unit::Seconds,
+        "From creating a container to its server passing in Consul",
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
