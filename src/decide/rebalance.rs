@@ -2,7 +2,8 @@
 //! how much each cordoned server drains.
 //!
 //! `U = Σ sessions of live servers / Σ capacity of live active servers`; a server is
-//! over-utilized when `u > U + tolerance`; `threshold = ceil(capacity × U)`;
+//! over-utilized when `u > U + tolerance` — or, while some server is more than `tolerance`
+//! below U, when `u > U` at all; `threshold = ceil(capacity × U)`;
 //! `offload = sessions − threshold`. Each round sheds `ceil(offload × shed_fraction)`,
 //! clamped to `max_shed`, zero below `min_shed`, never more in total than the
 //! under-utilized servers can absorb, never from a server shed within `round_interval`,
@@ -97,6 +98,9 @@ pub fn plan(
         });
     }
 
+    // A server far below U (an empty one after a restart, in a large fleet) is an imbalance
+    // even when nobody is far above: then every server above its threshold gives.
+    let pull = live_active(t).any(|s| s.utilization().is_some_and(|x| x < u - cfg.tolerance));
     // Servers are sorted by id, so their index breaks ties in id order without chasing
     // pointers to compare strings (ties are common: capacities are round numbers).
     let mut over: Vec<(usize, f64)> = t
@@ -105,7 +109,7 @@ pub fn plan(
         .enumerate()
         .filter(|(_, s)| s.is_live() && !s.is_cordoned())
         .filter_map(|(i, s)| s.utilization().map(|x| (i, x)))
-        .filter(|(_, x)| *x > u + cfg.tolerance)
+        .filter(|(_, x)| *x > u + cfg.tolerance || (pull && *x > u))
         .collect();
     over.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     for (i, ui) in over {
@@ -255,6 +259,19 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_server_in_a_large_fleet_pulls_from_every_server_above_its_threshold() {
+        // Ten servers of 1000 at 6000 sessions: the nine others hold 667 each, U = 0.6;
+        // none is above U + 0.10, but the empty one is 0.6 below.
+        let mut servers: Vec<_> = (0..9).map(|i| server(&format!("s{i}"), 1000, 667)).collect();
+        servers.push(server("new", 1000, 0));
+        let t = fleet(servers);
+        let p = decide(&t, &cfg(), now(), &History::default());
+        assert_eq!(sheds(&p).len(), 9);
+        // threshold = ceil(1000 × 6003/10000) = 601: 66 each, 594 in all (the minimum).
+        assert_eq!(p.shed_total(), 594);
+    }
+
+    #[test]
     fn servers_within_tolerance_are_left_alone() {
         // U = 0.5; a is at 0.59 < 0.5 + 0.10.
         let t = fleet(vec![server("a", 100, 59), server("b", 100, 41)]);
@@ -369,7 +386,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn a_balanced_fleet_yields_an_empty_plan(caps in prop::collection::vec(1u32..1000, 1..50), u in 0.0f64..1.0) {
+        fn a_balanced_fleet_yields_an_empty_plan(
+            // Capacities of 50 and more: flooring the sessions moves u by 0.02 at most, so
+            // every server is within tolerance of U (the definition of balanced).
+            caps in prop::collection::vec(50u32..1000, 1..50),
+            u in 0.0f64..1.0,
+        ) {
             let t = fleet(caps.iter().enumerate()
                 .map(|(i, c)| server(&format!("s{i}"), *c, (f64::from(*c) * u).floor() as u64)).collect());
             let p = decide(&t, &cfg(), now(), &History::default());
