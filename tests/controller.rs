@@ -214,10 +214,21 @@ fn check_accepts_good_files_and_lists_every_error_of_bad_ones() {
     let bin = env!("CARGO_BIN_EXE_rebalancer");
     // Every shipped pipeline file is valid.
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines");
-    let files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert!(files.len() >= 2);
-    let good = Command::new(bin).arg("check").args(&files).output().unwrap();
-    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    let good = Command::new(bin)
+        .arg("check")
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
 
     let dir = temp_dir("check");
     let bad = dir.join("bad.toml");

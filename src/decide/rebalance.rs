@@ -262,7 +262,9 @@ mod tests {
     fn an_empty_server_in_a_large_fleet_pulls_from_every_server_above_its_threshold() {
         // Ten servers of 1000 at 6000 sessions: the nine others hold 667 each, U = 0.6;
         // none is above U + 0.10, but the empty one is 0.6 below.
-        let mut servers: Vec<_> = (0..9).map(|i| server(&format!("s{i}"), 1000, 667)).collect();
+        let mut servers: Vec<_> = (0..9)
+            .map(|i| server(&format!("s{i}"), 1000, 667))
+            .collect();
         servers.push(server("new", 1000, 0));
         let t = fleet(servers);
         let p = decide(&t, &cfg(), now(), &History::default());
