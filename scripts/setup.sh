@@ -29,6 +29,14 @@ else
   as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
 fi
 
+# --- fonts-dejavu-core (the simulator's charts) -----------------------------------------
+if [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  say "fonts-dejavu-core: present"
+else
+  say "installing fonts-dejavu-core (Debian), for the simulator's charts"
+  apt_install fonts-dejavu-core
+fi
+
 # --- prometheus -----------------------------------------------------------------------
 if command -v prometheus >/dev/null 2>&1; then
   say "prometheus: $(prometheus --version 2>&1 | head -n1 | cut -d' ' -f3)"

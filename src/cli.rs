@@ -50,6 +50,8 @@ pub enum Command {
     DemoServer(crate::demo_server::DemoServerArgs),
     /// Open and hold N WebSocket clients, reconnecting with backoff; JSON summary at the end.
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Run the controller's decisions over a simulated fleet, beside the baselines.
+    Simulate(crate::simulate::SimulateArgs),
 }
 
 /// Loads and validates, printing every error; `Err(exit code)` when invalid.
@@ -243,5 +245,18 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub fn simulate(args: &crate::simulate::SimulateArgs) -> ExitCode {
+    match crate::simulate::run(args) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                crate::simulate::SimulateError::Chart(_) => ExitCode::FAILURE,
+                _ => ExitCode::from(EX_CONFIG),
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod leader;
 pub mod loadgen;
 pub mod pipeline;
 pub mod protocol;
+pub mod simulate;
 pub mod source;
 pub mod stages;
 pub mod telemetry;

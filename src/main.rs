@@ -14,5 +14,6 @@ fn main() -> ExitCode {
         Command::Check { files } => cli::check(files),
         Command::DemoServer(args) => cli::demo_server(args.clone()),
         Command::Loadgen(args) => cli::loadgen(args.clone()),
+        Command::Simulate(args) => cli::simulate(args),
     }
 }
