@@ -488,17 +488,17 @@ impl Sim<'_> {
                             }
                             self.scale_events.push((t, true));
                         }
-                        (ActionKind::Reap { .. } | ActionKind::Discard { .. }, Some(i)) => {
-                            if self.servers[i].sessions == 0 {
-                                self.servers[i].gone = true;
-                            }
+                        (ActionKind::Reap { .. } | ActionKind::Discard { .. }, Some(i))
+                            if self.servers[i].sessions == 0 =>
+                        {
+                            self.servers[i].gone = true;
                         }
                         _ => {}
                     }
                 }
             }
             Algorithm::Clb => {
-                if t % 10 != 0 {
+                if !t.is_multiple_of(10) {
                     return;
                 }
                 let live: Vec<usize> = (0..self.servers.len())
@@ -545,7 +545,7 @@ impl Sim<'_> {
             self.shed_in_round.clear();
             self.got_in_round.clear();
         }
-        if t % self.sample_every == 0 {
+        if t.is_multiple_of(self.sample_every) {
             self.series.times.push(t);
             self.series.fleet.push(u);
             for (k, s) in self.servers.iter().take(CHART_SERVERS).enumerate() {
