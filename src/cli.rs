@@ -52,6 +52,8 @@ pub enum Command {
     Loadgen(crate::loadgen::LoadgenArgs),
     /// Run the controller's decisions over a simulated fleet, beside the baselines.
     Simulate(crate::simulate::SimulateArgs),
+    /// The least-connections HTTP/WebSocket gateway in front of the fleet.
+    Gateway(crate::gateway::GatewayArgs),
 }
 
 /// Loads and validates, printing every error; `Err(exit code)` when invalid.
@@ -259,4 +261,30 @@ pub fn simulate(args: &crate::simulate::SimulateArgs) -> ExitCode {
             }
         }
     }
+}
+
+pub fn gateway(args: &crate::gateway::GatewayArgs) -> ExitCode {
+    let env = |k: &str| config::gateway_env_aliases(&config::process_env, k);
+    let cfg = match config::load_all(std::slice::from_ref(&args.pipeline), &env) {
+        Ok(mut c) => c.remove(0),
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        match crate::gateway::run(cfg, args.listen, on_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EX_UNAVAILABLE)
+            }
+        }
+    })
 }

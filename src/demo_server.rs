@@ -159,6 +159,8 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
         .route("/health", get(health))
         .route("/", get(upgrade))
         .route("/ws", get(upgrade))
+        .route("/hello", get(hello))
+        .route("/static/{*file}", get(static_file))
         .with_state(app);
     let http_stop = CancellationToken::new();
     let server = {
@@ -190,6 +192,23 @@ async fn health(State(app): State<App>) -> Response {
     } else {
         (StatusCode::OK, "ok").into_response()
     }
+}
+
+/// Plain HTTP: who answered (for trying out a gateway).
+async fn hello(State(app): State<App>) -> Response {
+    axum::Json(serde_json::json!({ "server": &*app.id })).into_response()
+}
+
+/// A cacheable "static" file that names the server it came from.
+async fn static_file(
+    State(app): State<App>,
+    axum::extract::Path(file): axum::extract::Path<String>,
+) -> Response {
+    (
+        [(axum::http::header::CACHE_CONTROL, "public, max-age=60")],
+        format!("{file} from {}\n", app.id),
+    )
+        .into_response()
 }
 
 async fn upgrade(State(app): State<App>, ws: WebSocketUpgrade) -> Response {

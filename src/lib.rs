@@ -9,6 +9,7 @@ pub mod consul;
 pub mod decide;
 pub mod demo_server;
 pub mod fold;
+pub mod gateway;
 pub mod leader;
 pub mod loadgen;
 pub mod pipeline;

@@ -15,5 +15,6 @@ fn main() -> ExitCode {
         Command::DemoServer(args) => cli::demo_server(args.clone()),
         Command::Loadgen(args) => cli::loadgen(args.clone()),
         Command::Simulate(args) => cli::simulate(args),
+        Command::Gateway(args) => cli::gateway(args),
     }
 }

@@ -39,6 +39,13 @@ pub const EVENT_TO_ACTION: &str = "rebalancer_event_to_action_seconds";
 pub const LEADER: &str = "rebalancer_leader";
 pub const EPOCH: &str = "rebalancer_leader_epoch";
 pub const CONTAINERS: &str = "rebalancer_containers";
+pub const GW_REQUESTS: &str = "rebalancer_gateway_requests_total";
+pub const GW_REQUEST_DURATION: &str = "rebalancer_gateway_request_duration_seconds";
+pub const GW_WS_OPEN: &str = "rebalancer_gateway_websockets_open";
+pub const GW_RETRIES: &str = "rebalancer_gateway_retries_total";
+pub const GW_CIRCUIT: &str = "rebalancer_gateway_circuit_state";
+pub const GW_BACKEND_UP: &str = "rebalancer_gateway_backend_up";
+pub const GW_CACHE: &str = "rebalancer_gateway_cache_total";
 pub const PROVISION: &str = "rebalancer_provision_seconds";
 
 /// `(name, unit, description)` of every metric, for registration and the README.
@@ -155,6 +162,41 @@ pub const METRICS: &[(&str, Unit, &str)] = &[
         PROVISION,
         Unit::Seconds,
         "From creating a container to its server passing in Consul",
+    ),
+    (
+        GW_REQUESTS,
+        Unit::Count,
+        "Gateway requests by backend and outcome: ok, ws, error, no_backend",
+    ),
+    (
+        GW_REQUEST_DURATION,
+        Unit::Seconds,
+        "Gateway latency by kind: http, ws_connect",
+    ),
+    (
+        GW_WS_OPEN,
+        Unit::Count,
+        "WebSocket connections the gateway relays, by backend",
+    ),
+    (
+        GW_RETRIES,
+        Unit::Count,
+        "Requests and upgrades retried on another server",
+    ),
+    (
+        GW_CIRCUIT,
+        Unit::Count,
+        "Circuit breaker by backend: 0 closed, 1 half-open, 2 open",
+    ),
+    (
+        GW_BACKEND_UP,
+        Unit::Count,
+        "Active health by backend: 1 up, 0 down",
+    ),
+    (
+        GW_CACHE,
+        Unit::Count,
+        "Static cache lookups and stores by result: hit, miss, store",
     ),
 ];
 

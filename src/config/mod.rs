@@ -64,6 +64,7 @@ pub struct PipelineConfig {
     pub leader_session_ttl: Duration,
     pub metrics_listen: SocketAddr,
     pub docker: Option<DockerConfig>,
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +79,29 @@ pub struct ConsulConfig {
 pub struct RedisConfig {
     pub url: String,
     pub reconcile: Duration,
+}
+
+/// Settings of the gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub health_path: String,
+    pub health_interval: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub breaker_failures: u32,
+    pub breaker_open: Duration,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub slow_start: Duration,
+    pub reservation_ttl: Duration,
+    pub cache_paths: Vec<String>,
+    pub cache_ttl: Duration,
+    pub cache_capacity: u64,
+    pub target_port: Option<u16>,
 }
 
 /// Container scaling with Docker.
@@ -195,6 +219,7 @@ pub fn parse(
 fn schema() -> toml::Table {
     let mut all = RawPipeline::default();
     all.scale.docker = Some(raw::RawDocker::default());
+    all.gateway = Some(raw::RawGateway::default());
     toml::Table::try_from(all).expect("defaults serialize to TOML")
 }
 
@@ -504,6 +529,7 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
     let max_per_round = ck.at_least("scale.max_per_round", s.max_per_round, 1);
 
     let docker = s.docker.as_ref().map(|d| compile_docker(d, &raw.name, ck));
+    let gateway = compile_gateway(&raw.gateway.clone().unwrap_or_default(), ck);
 
     let halt = ck.range(
         "safety.halt_unhealthy_fraction",
@@ -584,6 +610,87 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
         leader_session_ttl,
         metrics_listen,
         docker,
+        gateway,
+    }
+}
+
+fn compile_gateway(g: &raw::RawGateway, ck: &mut Checker) -> GatewayConfig {
+    let mut addr = |key: &str, v: &str| match v.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(e) => {
+            ck.err(
+                key,
+                format!("{v:?} is not an address such as 127.0.0.1:8080 ({e})"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        }
+    };
+    let listen = addr("gateway.listen", &g.listen);
+    let metrics_listen = addr("gateway.metrics_listen", &g.metrics_listen);
+    if !g.health_path.starts_with('/') {
+        ck.err(
+            "gateway.health_path",
+            format!("{:?} must start with /", g.health_path),
+        );
+    }
+    for (i, p) in g.cache_paths.iter().enumerate() {
+        if !p.starts_with('/') {
+            ck.err(
+                &format!("gateway.cache_paths[{i}]"),
+                format!("{p:?} must start with /"),
+            );
+        }
+    }
+    let target_port = match g.target_port {
+        0 => None,
+        p @ 1..=65535 => Some(p as u16),
+        p => {
+            ck.err(
+                "gateway.target_port",
+                format!("{p} is not a port (1-65535, or 0 for the registered one)"),
+            );
+            None
+        }
+    };
+    GatewayConfig {
+        listen,
+        metrics_listen,
+        health_path: g.health_path.clone(),
+        health_interval: ck.duration("gateway.health_interval", &g.health_interval),
+        rise: ck.at_least("gateway.rise", g.rise, 1) as u32,
+        fall: ck.at_least("gateway.fall", g.fall, 1) as u32,
+        connect_timeout: ck.duration("gateway.connect_timeout", &g.connect_timeout),
+        request_timeout: ck.duration("gateway.request_timeout", &g.request_timeout),
+        breaker_failures: ck.at_least("gateway.breaker_failures", g.breaker_failures, 1) as u32,
+        breaker_open: ck.duration("gateway.breaker_open", &g.breaker_open),
+        retries: ck.at_least("gateway.retries", g.retries, 0) as u32,
+        retry_budget: ck.range("gateway.retry_budget", g.retry_budget, 0.0, true, 1.0, true),
+        slow_start: ck.duration("gateway.slow_start", &g.slow_start),
+        reservation_ttl: ck.duration("gateway.reservation_ttl", &g.reservation_ttl),
+        cache_paths: g.cache_paths.clone(),
+        cache_ttl: ck.duration("gateway.cache_ttl", &g.cache_ttl),
+        cache_capacity: ck.at_least("gateway.cache_capacity", g.cache_capacity, 1),
+        target_port,
+    }
+}
+
+/// The Rust balancer's environment variable names, accepted as aliases of gateway keys:
+/// `HOST_PORT_HTTP_BALANCER` (the port to listen on, on loopback), `TARGET_PORT`,
+/// `CACHE_CAPACITY`, `REQUEST_TIMEOUT` (seconds). The `REBALANCER_GATEWAY_*` names win.
+pub fn gateway_env_aliases(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    if let Some(v) = env(name) {
+        return Some(v);
+    }
+    match name {
+        "REBALANCER_GATEWAY_LISTEN" => {
+            env("HOST_PORT_HTTP_BALANCER").map(|p| format!("127.0.0.1:{}", p.trim()))
+        }
+        "REBALANCER_GATEWAY_TARGET_PORT" => env("TARGET_PORT"),
+        "REBALANCER_GATEWAY_CACHE_CAPACITY" => env("CACHE_CAPACITY"),
+        "REBALANCER_GATEWAY_REQUEST_TIMEOUT" => {
+            env("REQUEST_TIMEOUT").map(|s| format!("{}s", s.trim()))
+        }
+        _ => None,
     }
 }
 
@@ -850,6 +957,36 @@ mod tests {
         ] {
             assert!(all.contains(want), "missing {want:?} in\n{all}");
         }
+    }
+
+    #[test]
+    fn the_gateway_section_has_defaults_and_takes_the_rust_balancers_variable_names() {
+        let c = parse(Path::new("p.toml"), "", &no_env).unwrap();
+        assert_eq!(c.gateway.listen.port(), 8080);
+        assert_eq!(c.gateway.cache_paths, vec!["/static/".to_string()]);
+        let env = |k: &str| match k {
+            "HOST_PORT_HTTP_BALANCER" => Some("9090".to_string()),
+            "CACHE_CAPACITY" => Some("5".to_string()),
+            "REQUEST_TIMEOUT" => Some("7".to_string()),
+            "TARGET_PORT" => Some("9001".to_string()),
+            _ => None,
+        };
+        let aliased = |k: &str| gateway_env_aliases(&env, k);
+        let c = parse(Path::new("p.toml"), "", &aliased).unwrap();
+        assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.gateway.cache_capacity, 5);
+        assert_eq!(c.gateway.request_timeout, Duration::from_secs(7));
+        assert_eq!(c.gateway.target_port, Some(9001));
+        let bad = |k: &str| {
+            gateway_env_aliases(
+                &|k2: &str| (k2 == "REQUEST_TIMEOUT").then(|| "soon".to_string()),
+                k,
+            )
+        };
+        let e = parse(Path::new("p.toml"), "", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gateway.request_timeout"), "{e}");
     }
 
     #[test]

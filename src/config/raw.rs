@@ -18,6 +18,67 @@ pub struct RawPipeline {
     pub safety: RawSafety,
     pub leader: RawLeader,
     pub metrics: RawMetrics,
+    /// Settings of `rebalancer gateway`; absent: the defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<RawGateway>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawGateway {
+    pub listen: String,
+    pub metrics_listen: String,
+    /// Path of the active health check on every server.
+    pub health_path: String,
+    pub health_interval: String,
+    /// Checks passed in a row to bring a server back; failed to take it out.
+    pub rise: i64,
+    pub fall: i64,
+    pub connect_timeout: String,
+    pub request_timeout: String,
+    /// Consecutive failures that open a server's circuit breaker, and for how long.
+    pub breaker_failures: i64,
+    pub breaker_open: String,
+    /// Other servers tried after a connect failure (idempotent requests and upgrades).
+    pub retries: i64,
+    /// Retries allowed as a share of requests (plus 10 spare).
+    pub retry_budget: f64,
+    /// A server that just joined takes a growing share of new connections over this.
+    pub slow_start: String,
+    /// Connections routed to a server count toward it this long, until its report shows them.
+    pub reservation_ttl: String,
+    /// Path prefixes whose GET responses are cached.
+    pub cache_paths: Vec<String>,
+    pub cache_ttl: String,
+    /// Cached responses kept at most.
+    pub cache_capacity: i64,
+    /// Use this port for every server instead of the one registered in Consul.
+    pub target_port: i64,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        RawGateway {
+            listen: "127.0.0.1:8080".into(),
+            metrics_listen: "127.0.0.1:9466".into(),
+            health_path: "/health".into(),
+            health_interval: "1s".into(),
+            rise: 2,
+            fall: 2,
+            connect_timeout: "2s".into(),
+            request_timeout: "30s".into(),
+            breaker_failures: 5,
+            breaker_open: "10s".into(),
+            retries: 2,
+            retry_budget: 0.2,
+            slow_start: "10s".into(),
+            reservation_ttl: "2s".into(),
+            cache_paths: vec!["/static/".into()],
+            cache_ttl: "60s".into(),
+            cache_capacity: 1000,
+            target_port: 0,
+        }
+    }
 }
 
 impl Default for RawPipeline {
@@ -34,6 +95,7 @@ impl Default for RawPipeline {
             safety: RawSafety::default(),
             leader: RawLeader::default(),
             metrics: RawMetrics::default(),
+            gateway: None,
         }
     }
 }

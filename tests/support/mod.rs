@@ -860,3 +860,81 @@ impl Drop for ContainerJanitor {
         }
     }
 }
+
+/// `rebalancer gateway` in front of the test fleet; killed when dropped.
+pub struct GatewayProc {
+    child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    log: PathBuf,
+}
+
+impl GatewayProc {
+    pub async fn start(redis: &Redis, consul: &ConsulAgent) -> GatewayProc {
+        let (port, metrics_port) = (free_port(), free_port());
+        let toml = pipeline_toml(
+            "gw",
+            redis,
+            consul,
+            free_port(),
+            "",
+            &format!(
+                "[gateway]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                 health_interval = \"300ms\"\nbreaker_open = \"2s\"\nslow_start = \"1ms\"\n"
+            ),
+        );
+        let dir = temp_dir("gateway");
+        std::fs::write(dir.join("p.toml"), toml).unwrap();
+        let log = dir.join("gateway.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
+            .args(["gateway", "--pipeline"])
+            .arg(dir.join("p.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the gateway");
+        let g = GatewayProc {
+            child,
+            port,
+            metrics_port,
+            log,
+        };
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        eventually("the gateway to serve metrics", WAIT, || {
+            let url = url.clone();
+            async move { reqwest::get(url).await.ok().map(|_| ()) }
+        })
+        .await;
+        g
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        sample(&text, name, labels)
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

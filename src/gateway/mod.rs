@@ -1,0 +1,552 @@
+//! `rebalancer gateway`: an HTTP and WebSocket reverse proxy that routes new connections by
+//! weighted least-connections (power of two choices) over the live fleet. The fleet comes
+//! from the same sources and snapshot as the controller (Consul health and KV, Redis
+//! counts); active health checks and a per-server circuit breaker take failing servers out;
+//! connect failures are retried on another server; static GETs are cached.
+
+pub mod cache;
+pub mod health;
+pub mod route;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use metrics::{counter, gauge, histogram};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as TgCloseFrame;
+use tokio_tungstenite::tungstenite::Message as TgMessage;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{GatewayConfig, PipelineConfig};
+use crate::telemetry::Events;
+use crate::topology::{Admin, Topology};
+use cache::StaticCache;
+use health::{Active, Breaker};
+use route::{choose, ramp, Candidate};
+
+use crate::telemetry::{GW_BACKEND_UP as BACKEND_UP, GW_CACHE as CACHE, GW_CIRCUIT as CIRCUIT};
+use crate::telemetry::{GW_REQUESTS as REQUESTS, GW_REQUEST_DURATION as REQUEST_DURATION};
+use crate::telemetry::{GW_RETRIES as RETRIES, GW_WS_OPEN as WS_OPEN};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// The pipeline file: service, Consul and Redis, and the optional [gateway] section.
+    #[arg(long)]
+    pub pipeline: std::path::PathBuf,
+    /// Listen address (overrides gateway.listen).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Default)]
+struct Backend {
+    first_seen: Option<Instant>,
+    active: Active,
+    breaker: Breaker,
+    reservations: VecDeque<Instant>,
+}
+
+/// A routable server as of one request.
+#[derive(Debug, Clone)]
+struct Target {
+    id: Arc<str>,
+    host: String,
+}
+
+struct Shared {
+    cfg: GatewayConfig,
+    topology: watch::Receiver<Arc<Topology>>,
+    backends: Mutex<HashMap<Arc<str>, Backend>>,
+    http: reqwest::Client,
+    cache: StaticCache,
+    requests: AtomicU64,
+    retries: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Gateway(Arc<Shared>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+impl Gateway {
+    pub fn new(cfg: GatewayConfig, topology: watch::Receiver<Arc<Topology>>) -> Gateway {
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("a plain HTTP client builds");
+        let cache = StaticCache::new(cfg.cache_capacity, cfg.cache_ttl, cfg.cache_paths.clone());
+        Gateway(Arc::new(Shared {
+            cfg,
+            topology,
+            backends: Mutex::new(HashMap::new()),
+            http,
+            cache,
+            requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }))
+    }
+
+    fn host_of(&self, s: &crate::topology::Server) -> String {
+        format!("{}:{}", s.address, self.0.cfg.target_port.unwrap_or(s.port))
+    }
+
+    /// Picks a server for a new connection, skipping `tried`; reserves a slot on it.
+    fn pick(&self, tried: &[Arc<str>]) -> Option<Target> {
+        let t = self.0.topology.borrow().clone();
+        let now = Instant::now();
+        let cfg = &self.0.cfg;
+        let mut backends = self.0.backends.lock().expect("not poisoned");
+        let mut ids = Vec::new();
+        let mut cands = Vec::new();
+        let mut exclude = Vec::new();
+        for s in &t.servers {
+            if !s.passing || s.admin != Admin::Active {
+                continue;
+            }
+            let b = backends.entry(s.id.clone()).or_default();
+            let first = *b.first_seen.get_or_insert(now);
+            if !b.active.up()
+                || b.breaker.state(now, cfg.breaker_open) == health::BreakerState::Open
+            {
+                continue;
+            }
+            while b
+                .reservations
+                .front()
+                .is_some_and(|at| now.saturating_duration_since(*at) > cfg.reservation_ttl)
+            {
+                b.reservations.pop_front();
+            }
+            if tried.iter().any(|x| **x == *s.id) {
+                exclude.push(cands.len());
+            }
+            ids.push(s);
+            cands.push(Candidate {
+                sessions: s.sessions.known().unwrap_or(0),
+                reserved: b.reservations.len() as u64,
+                capacity: s.capacity,
+                weight: s.weight,
+                ramp: ramp(
+                    now.saturating_duration_since(first).as_secs_f64(),
+                    cfg.slow_start.as_secs_f64(),
+                ),
+            });
+        }
+        let i = choose(&cands, &exclude, &mut rand::rng())?;
+        let s = ids[i];
+        let b = backends.get_mut(&s.id).expect("present");
+        if !b.breaker.allow(now, cfg.breaker_open) {
+            return None;
+        }
+        b.reservations.push_back(now);
+        Some(Target {
+            id: s.id.clone(),
+            host: self.host_of(s),
+        })
+    }
+
+    fn outcome(&self, target: &Target, ok: bool) {
+        let now = Instant::now();
+        let mut backends = self.0.backends.lock().expect("not poisoned");
+        let Some(b) = backends.get_mut(&target.id) else {
+            return;
+        };
+        if ok {
+            b.breaker.success();
+        } else if b.breaker.failure(now, self.0.cfg.breaker_failures) {
+            tracing::warn!(backend = %target.id, "circuit breaker opened");
+        }
+        gauge!(CIRCUIT, "backend" => target.id.to_string())
+            .set(b.breaker.state(now, self.0.cfg.breaker_open).as_f64());
+    }
+
+    /// May one more retry be spent? (A budget: a share of requests, plus 10 spare.)
+    fn retry_allowed(&self) -> bool {
+        let req = self.0.requests.load(Ordering::Relaxed) as f64;
+        let ret = self.0.retries.load(Ordering::Relaxed) as f64;
+        if ret < req * self.0.cfg.retry_budget + 10.0 {
+            self.0.retries.fetch_add(1, Ordering::Relaxed);
+            counter!(RETRIES).increment(1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Active health checks of every server the snapshot knows, until `stop`.
+    pub async fn check_health(self, stop: CancellationToken) {
+        let client = reqwest::Client::builder()
+            .timeout(self.0.cfg.health_interval.max(Duration::from_millis(500)))
+            .build()
+            .expect("a plain HTTP client builds");
+        loop {
+            let t = self.0.topology.borrow().clone();
+            let checks = t.servers.iter().map(|s| {
+                let url = format!("http://{}{}", self.host_of(s), self.0.cfg.health_path);
+                let id = s.id.clone();
+                let client = client.clone();
+                async move {
+                    (
+                        id,
+                        matches!(client.get(url).send().await, Ok(r) if r.status().is_success()),
+                    )
+                }
+            });
+            let results = futures::future::join_all(checks).await;
+            {
+                let mut backends = self.0.backends.lock().expect("not poisoned");
+                for (id, passed) in results {
+                    let b = backends.entry(id.clone()).or_default();
+                    if let Some(up) = b.active.record(passed, self.0.cfg.rise, self.0.cfg.fall) {
+                        tracing::info!(backend = %id, up, "health check state changed");
+                    }
+                    gauge!(BACKEND_UP, "backend" => id.to_string()).set(if b.active.up() {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                }
+                backends.retain(|id, _| t.get(id).is_some());
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.0.cfg.health_interval) => {}
+            }
+        }
+    }
+}
+
+fn unavailable(why: &str) -> Response {
+    counter!(REQUESTS, "backend" => "none", "outcome" => "no_backend").increment(1);
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("no server can take this request: {why}\n"),
+    )
+        .into_response()
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get("upgrade")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Every request: a WebSocket upgrade is relayed to a chosen server, anything else forwarded.
+pub async fn handle(State(g): State<Gateway>, req: Request) -> Response {
+    g.0.requests.fetch_add(1, Ordering::Relaxed);
+    if is_upgrade(req.headers()) {
+        ws(g, req).await
+    } else {
+        http(g, req).await
+    }
+}
+
+async fn ws(g: Gateway, req: Request) -> Response {
+    let started = Instant::now();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let (mut parts, _body) = req.into_parts();
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    loop {
+        let Some(target) = g.pick(&tried) else {
+            return unavailable(if tried.is_empty() {
+                "no live server"
+            } else {
+                "every server tried refused"
+            });
+        };
+        let url = format!("ws://{}{}", target.host, path);
+        let attempt = tokio::time::timeout(
+            g.0.cfg.connect_timeout,
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await;
+        match attempt {
+            Ok(Ok((backend, _))) => {
+                g.outcome(&target, true);
+                histogram!(REQUEST_DURATION, "kind" => "ws_connect")
+                    .record(started.elapsed().as_secs_f64());
+                counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "ws")
+                    .increment(1);
+                let id = target.id.clone();
+                return upgrade.on_upgrade(move |client| relay(client, backend, id));
+            }
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+                // The server is up but refuses (full, cordoned, shedding): try another.
+                tracing::debug!(backend = %target.id, status = %resp.status(), "upgrade refused");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(backend = %target.id, error = %e, "cannot connect");
+                g.outcome(&target, false);
+            }
+            Err(_) => g.outcome(&target, false),
+        }
+        tried.push(target.id.clone());
+        if tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
+            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
+                .increment(1);
+            return unavailable("every server tried refused or failed");
+        }
+        tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
+    }
+}
+
+type BackendStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Relays messages both ways until either side closes, passing close codes through.
+async fn relay(client: WebSocket, backend: BackendStream, id: Arc<str>) {
+    gauge!(WS_OPEN, "backend" => id.to_string()).increment(1.0);
+    let (mut c_tx, mut c_rx) = client.split();
+    let (mut b_tx, mut b_rx) = backend.split();
+    let up = async {
+        while let Some(Ok(m)) = c_rx.next().await {
+            let m = match m {
+                AxMessage::Text(t) => TgMessage::Text(t.as_str().into()),
+                AxMessage::Binary(b) => TgMessage::Binary(b),
+                AxMessage::Ping(p) => TgMessage::Ping(p),
+                AxMessage::Pong(p) => TgMessage::Pong(p),
+                AxMessage::Close(f) => {
+                    let f = f.map(|f| TgCloseFrame {
+                        code: CloseCode::from(f.code),
+                        reason: f.reason.as_str().into(),
+                    });
+                    let _ = b_tx.send(TgMessage::Close(f)).await;
+                    break;
+                }
+            };
+            if b_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async {
+        while let Some(Ok(m)) = b_rx.next().await {
+            let m = match m {
+                TgMessage::Text(t) => AxMessage::Text(t.as_str().into()),
+                TgMessage::Binary(b) => AxMessage::Binary(b),
+                TgMessage::Ping(p) => AxMessage::Ping(p),
+                TgMessage::Pong(p) => AxMessage::Pong(p),
+                TgMessage::Close(f) => {
+                    let f = f.map(|f| CloseFrame {
+                        code: u16::from(f.code),
+                        reason: f.reason.as_str().into(),
+                    });
+                    let _ = c_tx.send(AxMessage::Close(f)).await;
+                    break;
+                }
+                TgMessage::Frame(_) => continue,
+            };
+            if c_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+    gauge!(WS_OPEN, "backend" => id.to_string()).decrement(1.0);
+}
+
+fn idempotent(m: &axum::http::Method) -> bool {
+    matches!(
+        m.as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+    )
+}
+
+async fn http(g: Gateway, req: Request) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let cacheable = method == axum::http::Method::GET && g.0.cache.covers(req.uri().path());
+    if cacheable {
+        if let Some(hit) = g.0.cache.get(&path) {
+            counter!(CACHE, "result" => "hit").increment(1);
+            let mut resp = Response::new(Body::from(hit.body.clone()));
+            *resp.status_mut() = StatusCode::from_u16(hit.status).unwrap_or(StatusCode::OK);
+            for (k, v) in &hit.headers {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::try_from(k.as_str()),
+                    HeaderValue::try_from(v.as_str()),
+                ) {
+                    resp.headers_mut().append(k, v);
+                }
+            }
+            resp.headers_mut()
+                .insert("x-cache", HeaderValue::from_static("hit"));
+            return resp;
+        }
+        counter!(CACHE, "result" => "miss").increment(1);
+    }
+    let headers = req.headers().clone();
+    let body = match axum::body::to_bytes(req.into_body(), 16 << 20).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 16 MiB\n").into_response()
+        }
+    };
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    loop {
+        let Some(target) = g.pick(&tried) else {
+            return unavailable(if tried.is_empty() {
+                "no live server"
+            } else {
+                "every server tried failed"
+            });
+        };
+        let mut rb =
+            g.0.http
+                .request(method.clone(), format!("http://{}{}", target.host, path))
+                .timeout(g.0.cfg.request_timeout)
+                .body(body.clone());
+        for (k, v) in headers.iter() {
+            if !HOP_BY_HOP.contains(&k.as_str()) {
+                rb = rb.header(k, v);
+            }
+        }
+        match rb.send().await {
+            Ok(r) => {
+                let status = r.status();
+                g.outcome(
+                    &target,
+                    !status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE,
+                );
+                let mut out_headers = Vec::new();
+                let mut resp_headers = HeaderMap::new();
+                for (k, v) in r.headers() {
+                    if !HOP_BY_HOP.contains(&k.as_str()) {
+                        resp_headers.append(k.clone(), v.clone());
+                        if let Ok(s) = v.to_str() {
+                            out_headers.push((k.to_string(), s.to_string()));
+                        }
+                    }
+                }
+                let bytes = match r.bytes().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        g.outcome(&target, false);
+                        counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error").increment(1);
+                        return (
+                            StatusCode::BAD_GATEWAY,
+                            format!("reading the response from {} failed: {e}\n", target.id),
+                        )
+                            .into_response();
+                    }
+                };
+                if cacheable
+                    && g.0
+                        .cache
+                        .put(&path, status.as_u16(), out_headers, bytes.clone())
+                {
+                    counter!(CACHE, "result" => "store").increment(1);
+                }
+                histogram!(REQUEST_DURATION, "kind" => "http")
+                    .record(started.elapsed().as_secs_f64());
+                counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "ok")
+                    .increment(1);
+                let mut resp = Response::new(Body::from(bytes));
+                *resp.status_mut() = status;
+                *resp.headers_mut() = resp_headers;
+                return resp;
+            }
+            Err(e) => {
+                g.outcome(&target, false);
+                tried.push(target.id.clone());
+                // Retried on another server: a request that never reached one (connect
+                // failure), or an idempotent one that timed out.
+                let retry = e.is_connect() || (idempotent(&method) && e.is_timeout());
+                if !retry || tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
+                    counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
+                        .increment(1);
+                    return (
+                        StatusCode::BAD_GATEWAY,
+                        format!("{} failed: {e}\n", target.id),
+                    )
+                        .into_response();
+                }
+                tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
+            }
+        }
+    }
+}
+
+/// Runs the gateway until `shutdown`.
+pub async fn run(
+    cfg: PipelineConfig,
+    listen: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let gw_cfg = cfg.gateway.clone();
+    let addr = listen.unwrap_or(gw_cfg.listen);
+    crate::telemetry::install_exporter(gw_cfg.metrics_listen)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Listen { addr, source })?;
+    let (topology, _fold) =
+        crate::pipeline::spawn_topology(&cfg, Events::new(&cfg.name), shutdown.clone())?;
+    let gateway = Gateway::new(gw_cfg.clone(), topology);
+    gateway
+        .0
+        .cache
+        .spawn_collector(Duration::from_secs(5), shutdown.clone());
+    tokio::spawn(gateway.clone().check_health(shutdown.clone()));
+    let router = axum::Router::new().fallback(handle).with_state(gateway);
+    tracing::info!(%addr, service = %cfg.service, metrics = %gw_cfg.metrics_listen, "gateway up");
+    let stop = shutdown.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+        .map_err(|source| GatewayError::Listen { addr, source })
+}

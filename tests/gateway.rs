@@ -1,0 +1,287 @@
+//! The gateway in front of real demo servers, with real Consul and Redis: where new
+//! connections go, WebSocket relaying in the closed loop, health and circuit breaking, and
+//! the static cache.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use support::*;
+
+const LOOP_WAIT: Duration = Duration::from_secs(90);
+
+async fn fleet(redis: &Redis, consul: &ConsulAgent, n: usize) -> Vec<DemoServer> {
+    let servers: Vec<DemoServer> = (1..=n)
+        .map(|i| DemoServer::start(&format!("s{i}"), 100, redis, consul))
+        .collect();
+    eventually("the servers passing", WAIT, || async {
+        (consul.passing("ws").await.len() == n).then_some(())
+    })
+    .await;
+    servers
+}
+
+async fn counts_where(
+    redis: &Redis,
+    what: &str,
+    f: impl Fn(&BTreeMap<String, u64>) -> bool,
+) -> BTreeMap<String, u64> {
+    eventually(what, LOOP_WAIT, || async {
+        let c = redis.counts("ws").await;
+        f(&c).then_some(c)
+    })
+    .await
+}
+
+fn per_server(summary: &serde_json::Value, id: &str) -> u64 {
+    summary["per_server"][id].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_go_to_the_least_utilized_and_a_burst_spreads_and_cordoned_servers_get_none(
+) {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let servers = fleet(&redis, &consul, 3).await;
+    let mut on_s1 = Loadgen::start(&[
+        "--connections",
+        "60",
+        "--duration",
+        "120s",
+        "--url",
+        &servers[0].url(),
+    ]);
+    let mut on_s2 = Loadgen::start(&[
+        "--connections",
+        "30",
+        "--duration",
+        "120s",
+        "--url",
+        &servers[1].url(),
+    ]);
+    counts_where(&redis, "60 / 30 / 0", |c| {
+        c.get("s1") == Some(&60) && c.get("s2") == Some(&30) && c.get("s3") == Some(&0)
+    })
+    .await;
+    let gw = GatewayProc::start(&redis, &consul).await;
+    eventually("the gateway to see the fleet", WAIT, || async {
+        (reqwest::get(gw.http_url("/hello"))
+            .await
+            .ok()?
+            .status()
+            .is_success())
+        .then_some(())
+    })
+    .await;
+
+    // A burst of 60 at once: never to the busiest; not all to the emptiest.
+    let mut burst = Loadgen::start(&[
+        "--connections",
+        "60",
+        "--duration",
+        "120s",
+        "--ramp",
+        "2000",
+        "--url",
+        &gw.ws_url(),
+    ]);
+    let after = counts_where(&redis, "150 sessions", |c| c.values().sum::<u64>() == 150).await;
+    let summary = burst.finish();
+    println!("burst through the gateway: {after:?} new {summary}");
+    assert_eq!(
+        per_server(&summary, "s1"),
+        0,
+        "the busiest server got new connections: {summary}"
+    );
+    assert!(
+        per_server(&summary, "s3") > per_server(&summary, "s2"),
+        "{summary}"
+    );
+    assert!(
+        per_server(&summary, "s2") > 0,
+        "the whole burst landed on one server: {summary}"
+    );
+
+    // A cordoned server gets nothing.
+    consul
+        .kv_put("rebalancer/ws/servers/s3", r#"{"state":"cordoned"}"#)
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut more = Loadgen::start(&[
+        "--connections",
+        "20",
+        "--duration",
+        "120s",
+        "--url",
+        &gw.ws_url(),
+    ]);
+    counts_where(&redis, "the 20 placed", |c| c.values().sum::<u64>() == 110).await;
+    let s = more.finish();
+    assert_eq!(
+        per_server(&s, "s3"),
+        0,
+        "a cordoned server got connections: {s}"
+    );
+    on_s1.finish();
+    on_s2.finish();
+}
+
+/// The closed loop of the agent issue, with reconnects through `reconnect` ("gateway" or
+/// "consul" for random): returns (sessions moved, rounds).
+async fn closed_loop(reconnect: &str) -> (u64, usize) {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let servers = fleet(&redis, &consul, 3).await;
+    let gw = GatewayProc::start(&redis, &consul).await;
+    let pile = servers[0].url();
+    let gw_url = gw.ws_url();
+    let consul_addr = consul.address();
+    let mut args = vec![
+        "--connections",
+        "150",
+        "--duration",
+        "180s",
+        "--pile-on",
+        &pile,
+        "--backoff-max",
+        "1s",
+    ];
+    if reconnect == "gateway" {
+        args.extend(["--url", &gw_url]);
+    } else {
+        args.extend(["--consul", &consul_addr, "--service", "ws"]);
+    }
+    let mut load = Loadgen::start(&args);
+    counts_where(&redis, "150 clients, s1 full", |c| {
+        c.values().sum::<u64>() == 150 && c.get("s1") == Some(&100)
+    })
+    .await;
+    // Let the first 150 settle: the overflow's spread is not the experiment.
+    let before = redis.counts("ws").await;
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[rebalance]\ntolerance = 0.05\nround_interval = \"3s\"\n[scale]\nenabled = false\n",
+    );
+    let _ctl = Controller::start(&temp_dir("gw-loop"), &toml, port);
+    let after = counts_where(&redis, "the fleet balanced", |c| {
+        c.len() == 3 && c.values().sum::<u64>() == 150 && {
+            let (lo, hi) = (c.values().min().unwrap(), c.values().max().unwrap());
+            (hi - lo) as f64 / 100.0 <= 0.15
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let summary = load.finish();
+    let acks = redis.acks("ws").await;
+    let moved: u64 = acks.iter().map(|a| a["shed"].parse::<u64>().unwrap()).sum();
+    println!("closed loop via {reconnect}: before {before:?} after {after:?} moved {moved} rounds {} loadgen {summary}", acks.len());
+    assert_eq!(summary["connected_at_end"], 150, "{summary}");
+    (moved, acks.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_closed_loop_through_the_gateway_moves_no_more_than_with_random_reconnects() {
+    let (gw_moved, gw_rounds) = closed_loop("gateway").await;
+    let (rnd_moved, rnd_rounds) = closed_loop("consul").await;
+    println!("through the gateway: moved {gw_moved} in {gw_rounds} commands; random: moved {rnd_moved} in {rnd_rounds}");
+    assert!(
+        gw_moved <= rnd_moved,
+        "gateway {gw_moved} > random {rnd_moved}"
+    );
+    assert!(gw_rounds <= rnd_rounds);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let mut servers = fleet(&redis, &consul, 2).await;
+    let gw = GatewayProc::start(&redis, &consul).await;
+    let client = reqwest::Client::new();
+    let hello = |c: reqwest::Client, url: String| async move {
+        let r = c.get(url).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let v: serde_json::Value = r.json().await.ok()?;
+        v["server"].as_str().map(str::to_string)
+    };
+    eventually(
+        "both servers answering through the gateway",
+        WAIT,
+        || async {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..20 {
+                seen.insert(hello(client.clone(), gw.http_url("/hello")).await?);
+            }
+            (seen.len() == 2).then_some(())
+        },
+    )
+    .await;
+
+    servers[1].stop();
+    // Every request keeps succeeding (connect failures are retried elsewhere), on s1.
+    let mut answered = Vec::new();
+    for _ in 0..40 {
+        answered.push(
+            hello(client.clone(), gw.http_url("/hello"))
+                .await
+                .expect("a request failed while a backend was down"),
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(answered[20..].iter().all(|s| s == "s1"), "{answered:?}");
+    servers[1].restart();
+    eventually("s2 restored", LOOP_WAIT, || async {
+        for _ in 0..20 {
+            if hello(client.clone(), gw.http_url("/hello"))
+                .await
+                .as_deref()
+                == Some("s2")
+            {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    assert!(
+        gw.metric("rebalancer_gateway_retries_total", &[])
+            .await
+            .unwrap_or(0.0)
+            >= 0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_responses_are_cached_and_served_without_the_backend() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _servers = fleet(&redis, &consul, 1).await;
+    let gw = GatewayProc::start(&redis, &consul).await;
+    let first = eventually("a first response", WAIT, || async {
+        let r = reqwest::get(gw.http_url("/static/app.js")).await.ok()?;
+        r.status().is_success().then_some(r)
+    })
+    .await;
+    assert!(first.headers().get("x-cache").is_none());
+    let body = first.text().await.unwrap();
+    let second = reqwest::get(gw.http_url("/static/app.js")).await.unwrap();
+    assert_eq!(
+        second.headers().get("x-cache").map(|v| v.to_str().unwrap()),
+        Some("hit")
+    );
+    assert_eq!(second.text().await.unwrap(), body);
+    assert!(
+        gw.metric("rebalancer_gateway_cache_total", &[("result", "hit")])
+            .await
+            >= Some(1.0)
+    );
+    let api = reqwest::get(gw.http_url("/hello")).await.unwrap();
+    assert!(
+        api.headers().get("x-cache").is_none(),
+        "only configured paths are cached"
+    );
+}
