@@ -3,6 +3,7 @@
 //! landed; new sessions are refused with 503 when the agent says so (full, cordoned,
 //! shedding, shutting down).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,6 +161,7 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
         .route("/", get(upgrade))
         .route("/ws", get(upgrade))
         .route("/hello", get(hello))
+        .route("/slow", get(slow))
         .route("/static/{*file}", get(static_file))
         .with_state(app);
     let http_stop = CancellationToken::new();
@@ -197,6 +199,16 @@ async fn health(State(app): State<App>) -> Response {
 /// Plain HTTP: who answered (for trying out a gateway).
 async fn hello(State(app): State<App>) -> Response {
     axum::Json(serde_json::json!({ "server": &*app.id })).into_response()
+}
+
+/// Answers after `?ms=` milliseconds (at most 10 s): for trying timeouts and aborts.
+async fn slow(
+    State(app): State<App>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, u64>>,
+) -> Response {
+    let ms = q.get("ms").copied().unwrap_or(100).min(10_000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    axum::Json(serde_json::json!({ "server": &*app.id, "slept_ms": ms })).into_response()
 }
 
 /// A cacheable "static" file that names the server it came from.

@@ -285,3 +285,122 @@ async fn static_responses_are_cached_and_served_without_the_backend() {
         "only configured paths are cached"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_keep_the_shared_in_flight_counts_exact_even_for_aborted_requests() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _servers = fleet(&redis, &consul, 2).await;
+    let shared = "shared_accounting = true\nredis_timeout = \"200ms\"\n";
+    let gws = [
+        GatewayProc::start_with(&redis, &consul, shared).await,
+        GatewayProc::start_with(&redis, &consul, shared).await,
+    ];
+    for gw in &gws {
+        eventually("the gateway serving", WAIT, || async {
+            reqwest::get(gw.http_url("/hello"))
+                .await
+                .ok()?
+                .status()
+                .is_success()
+                .then_some(())
+        })
+        .await;
+    }
+    let urls: Vec<String> = gws.iter().map(|g| g.http_url("/slow?ms=150")).collect();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (url, peak) = (redis.url(), peak.clone());
+        tokio::spawn(async move {
+            let mut c = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            for _ in 0..60 {
+                let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                    .arg("rebalancer:ws:inflight")
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default();
+                let total = v.iter().map(|x| x.1).sum::<f64>() as u64;
+                peak.fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // 40 clients, 20 requests each at most, for about 3 s; half give up after 50 ms.
+    let mut clients = Vec::new();
+    for k in 0..40 {
+        let url = urls[k % 2].clone();
+        let timeout = if k % 2 == 0 {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_secs(5)
+        };
+        clients.push(tokio::spawn(async move {
+            let c = reqwest::Client::builder().timeout(timeout).build().unwrap();
+            let (mut ok, mut aborted) = (0, 0);
+            for _ in 0..20 {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    Ok(r) => panic!(
+                        "{} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default().trim()
+                    ),
+                    Err(_) => aborted += 1,
+                }
+            }
+            (ok, aborted)
+        }));
+    }
+    let (mut ok, mut aborted) = (0, 0);
+    for c in clients {
+        let (o, a) = c.await.unwrap();
+        ok += o;
+        aborted += a;
+    }
+    sampler.await.unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "shared accounting: {ok} answered, {aborted} aborted by the client, peak in flight {peak}"
+    );
+    assert!(
+        aborted > 100 && ok > 100,
+        "both kinds happened: {ok} ok, {aborted} aborted"
+    );
+    assert_eq!(
+        ok + aborted,
+        800,
+        "every request answered, or aborted by its client"
+    );
+    assert!(
+        peak > 5,
+        "the sorted set counted requests in flight: peak {peak}"
+    );
+    let mut c = redis.conn().await;
+    eventually("the in-flight set back to empty", WAIT, || {
+        let mut c = c.clone();
+        async move {
+            let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                .arg("rebalancer:ws:inflight")
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut c)
+                .await
+                .ok()?;
+            v.is_empty().then_some(())
+        }
+    })
+    .await;
+    let left: i64 = redis::cmd("EXISTS")
+        .arg("rebalancer:ws:inflight")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}

@@ -102,6 +102,8 @@ pub struct GatewayConfig {
     pub cache_ttl: Duration,
     pub cache_capacity: u64,
     pub target_port: Option<u16>,
+    pub shared_accounting: bool,
+    pub redis_timeout: Duration,
 }
 
 /// Container scaling with Docker.
@@ -671,6 +673,8 @@ fn compile_gateway(g: &raw::RawGateway, ck: &mut Checker) -> GatewayConfig {
         cache_ttl: ck.duration("gateway.cache_ttl", &g.cache_ttl),
         cache_capacity: ck.at_least("gateway.cache_capacity", g.cache_capacity, 1),
         target_port,
+        shared_accounting: g.shared_accounting,
+        redis_timeout: ck.duration("gateway.redis_timeout", &g.redis_timeout),
     }
 }
 

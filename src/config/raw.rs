@@ -54,6 +54,10 @@ pub struct RawGateway {
     pub cache_capacity: i64,
     /// Use this port for every server instead of the one registered in Consul.
     pub target_port: i64,
+    /// Request-level least-connections across gateway replicas, through Redis.
+    pub shared_accounting: bool,
+    /// Longest wait on Redis for the shared accounting.
+    pub redis_timeout: String,
 }
 
 impl Default for RawGateway {
@@ -77,6 +81,8 @@ impl Default for RawGateway {
             cache_ttl: "60s".into(),
             cache_capacity: 1000,
             target_port: 0,
+            shared_accounting: false,
+            redis_timeout: "50ms".into(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! counts); active health checks and a per-server circuit breaker take failing servers out;
 //! connect failures are retried on another server; static GETs are cached.
 
+pub mod accounting;
 pub mod cache;
 pub mod health;
 pub mod route;
@@ -32,7 +33,7 @@ use crate::telemetry::Events;
 use crate::topology::{Admin, Topology};
 use cache::StaticCache;
 use health::{Active, Breaker};
-use route::{choose, ramp, Candidate};
+use route::{choose, ramp, Candidate, Kind};
 
 use crate::telemetry::{GW_BACKEND_UP as BACKEND_UP, GW_CACHE as CACHE, GW_CIRCUIT as CIRCUIT};
 use crate::telemetry::{GW_REQUESTS as REQUESTS, GW_REQUEST_DURATION as REQUEST_DURATION};
@@ -71,6 +72,7 @@ struct Shared {
     cache: StaticCache,
     requests: AtomicU64,
     retries: AtomicU64,
+    accounting: Option<accounting::Accounting>,
 }
 
 #[derive(Clone)]
@@ -104,7 +106,11 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 impl Gateway {
-    pub fn new(cfg: GatewayConfig, topology: watch::Receiver<Arc<Topology>>) -> Gateway {
+    pub fn new(
+        cfg: GatewayConfig,
+        topology: watch::Receiver<Arc<Topology>>,
+        accounting: Option<accounting::Accounting>,
+    ) -> Gateway {
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -121,6 +127,7 @@ impl Gateway {
             cache,
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            accounting,
         }))
     }
 
@@ -130,6 +137,16 @@ impl Gateway {
 
     /// Picks a server for a new connection, skipping `tried`; reserves a slot on it.
     fn pick(&self, tried: &[Arc<str>]) -> Option<Target> {
+        self.pick_with(tried, Kind::Session, None)
+    }
+
+    /// As `pick`; with shared accounting, `inflight` requests stand for session counts.
+    fn pick_with(
+        &self,
+        tried: &[Arc<str>],
+        kind: Kind,
+        inflight: Option<&HashMap<String, f64>>,
+    ) -> Option<Target> {
         let t = self.0.topology.borrow().clone();
         let now = Instant::now();
         let cfg = &self.0.cfg;
@@ -159,8 +176,12 @@ impl Gateway {
                 exclude.push(cands.len());
             }
             ids.push(s);
+            let sessions = match inflight {
+                Some(m) => m.get(&*s.id).copied().unwrap_or(0.0).max(0.0) as u64,
+                None => s.sessions.known().unwrap_or(0),
+            };
             cands.push(Candidate {
-                sessions: s.sessions.known().unwrap_or(0),
+                sessions,
                 reserved: b.reservations.len() as u64,
                 capacity: s.capacity,
                 weight: s.weight,
@@ -170,13 +191,15 @@ impl Gateway {
                 ),
             });
         }
-        let i = choose(&cands, &exclude, &mut rand::rng())?;
+        let i = choose(&cands, &exclude, kind, &mut rand::rng())?;
         let s = ids[i];
         let b = backends.get_mut(&s.id).expect("present");
         if !b.breaker.allow(now, cfg.breaker_open) {
             return None;
         }
-        b.reservations.push_back(now);
+        if kind == Kind::Session {
+            b.reservations.push_back(now);
+        }
         Some(Target {
             id: s.id.clone(),
             host: self.host_of(s),
@@ -438,13 +461,22 @@ async fn http(g: Gateway, req: Request) -> Response {
         }
     };
     let mut tried: Vec<Arc<str>> = Vec::new();
+    let inflight = match &g.0.accounting {
+        Some(acc) => acc.inflight().await,
+        None => None,
+    };
     loop {
-        let Some(target) = g.pick(&tried) else {
+        let Some(target) = g.pick_with(&tried, Kind::Request, inflight.as_ref()) else {
             return unavailable(if tried.is_empty() {
                 "no live server"
             } else {
                 "every server tried failed"
             });
+        };
+        // Held until this iteration ends or the future is dropped (the client went away).
+        let _slot = match &g.0.accounting {
+            Some(acc) => acc.acquire(&target.id).await,
+            None => None,
         };
         let mut rb =
             g.0.http
@@ -536,7 +568,18 @@ pub async fn run(
         .map_err(|source| GatewayError::Listen { addr, source })?;
     let (topology, _fold) =
         crate::pipeline::spawn_topology(&cfg, Events::new(&cfg.name), shutdown.clone())?;
-    let gateway = Gateway::new(gw_cfg.clone(), topology);
+    let accounting = if gw_cfg.shared_accounting {
+        match accounting::Accounting::new(&cfg.redis.url, &cfg.service, gw_cfg.redis_timeout) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "shared accounting disabled: invalid Redis URL");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let gateway = Gateway::new(gw_cfg.clone(), topology, accounting);
     gateway
         .0
         .cache

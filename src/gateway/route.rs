@@ -39,11 +39,24 @@ pub fn ramp(age_s: f64, ramp_s: f64) -> f64 {
     }
 }
 
-/// Index of the chosen candidate, or `None` when every one is full. `exclude` lists
+/// What is being placed: a long-lived session (which must fit in a server's capacity and
+/// reserves a slot), or a plain request (which neither reserves nor is refused for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Session,
+    Request,
+}
+
+/// Index of the chosen candidate, or `None` when none can take it. `exclude` lists
 /// candidates already tried for this request.
-pub fn choose(cands: &[Candidate], exclude: &[usize], rng: &mut impl Rng) -> Option<usize> {
+pub fn choose(
+    cands: &[Candidate],
+    exclude: &[usize],
+    kind: Kind,
+    rng: &mut impl Rng,
+) -> Option<usize> {
     let open: Vec<usize> = (0..cands.len())
-        .filter(|i| !exclude.contains(i) && !cands[*i].full())
+        .filter(|i| !exclude.contains(i) && (kind == Kind::Request || !cands[*i].full()))
         .collect();
     match open.len() {
         0 => None,
@@ -83,7 +96,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut out = vec![0; cands.len()];
         for _ in 0..n {
-            out[choose(cands, &[], &mut rng).unwrap()] += 1;
+            out[choose(cands, &[], Kind::Session, &mut rng).unwrap()] += 1;
         }
         out
     }
@@ -116,12 +129,30 @@ mod tests {
         busy.reserved = 80;
         assert_eq!(tally(&[busy, c(50, 100)], 20), vec![0, 20]);
         assert_eq!(
-            choose(&[c(100, 100), c(99, 100)], &[], &mut rand::rng()),
+            choose(
+                &[c(100, 100), c(99, 100)],
+                &[],
+                Kind::Session,
+                &mut rand::rng()
+            ),
             Some(1)
         );
-        assert_eq!(choose(&[c(100, 100)], &[], &mut rand::rng()), None);
         assert_eq!(
-            choose(&[c(1, 100), c(2, 100)], &[0], &mut rand::rng()),
+            choose(&[c(100, 100)], &[], Kind::Session, &mut rand::rng()),
+            None
+        );
+        assert_eq!(
+            choose(&[c(100, 100)], &[], Kind::Request, &mut rand::rng()),
+            Some(0),
+            "a server full of sessions still answers plain requests"
+        );
+        assert_eq!(
+            choose(
+                &[c(1, 100), c(2, 100)],
+                &[0],
+                Kind::Session,
+                &mut rand::rng()
+            ),
             Some(1),
             "retries skip what was tried"
         );

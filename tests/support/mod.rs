@@ -871,6 +871,11 @@ pub struct GatewayProc {
 
 impl GatewayProc {
     pub async fn start(redis: &Redis, consul: &ConsulAgent) -> GatewayProc {
+        Self::start_with(redis, consul, "").await
+    }
+
+    /// With `extra` keys added to the `[gateway]` section.
+    pub async fn start_with(redis: &Redis, consul: &ConsulAgent, extra: &str) -> GatewayProc {
         let (port, metrics_port) = (free_port(), free_port());
         let toml = pipeline_toml(
             "gw",
@@ -880,7 +885,7 @@ impl GatewayProc {
             "",
             &format!(
                 "[gateway]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-                 health_interval = \"300ms\"\nbreaker_open = \"2s\"\nslow_start = \"1ms\"\n"
+                 health_interval = \"300ms\"\nbreaker_open = \"2s\"\nslow_start = \"1ms\"\n{extra}"
             ),
         );
         let dir = temp_dir("gateway");

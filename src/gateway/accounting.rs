@@ -1,0 +1,109 @@
+//! Shared request accounting (optional): per-server in-flight requests in a Redis sorted set
+//! `rebalancer:<svc>:inflight`, so several gateway replicas balance requests together.
+//! Every change is one Lua script (atomic); every call has a timeout; a request's slot is
+//! released by a guard on every completion path — errors and client aborts included. When
+//! Redis does not answer in time the gateway routes on its own view instead of waiting.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+pub fn key(service: &str) -> String {
+    format!("rebalancer:{service}:inflight")
+}
+
+const ACQUIRE: &str = "return redis.call('ZINCRBY', KEYS[1], 1, ARGV[1])";
+const RELEASE: &str = r"
+local v = tonumber(redis.call('ZINCRBY', KEYS[1], -1, ARGV[1]))
+if v <= 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return v";
+
+#[derive(Clone)]
+pub struct Accounting {
+    conn: ConnectionManager,
+    key: Arc<str>,
+    timeout: Duration,
+    acquire: Arc<Script>,
+    release: Arc<Script>,
+}
+
+impl Accounting {
+    pub fn new(
+        redis_url: &str,
+        service: &str,
+        timeout: Duration,
+    ) -> Result<Accounting, redis::RedisError> {
+        let client = redis::Client::open(redis_url)?;
+        let conn = ConnectionManager::new_lazy_with_config(
+            client,
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout * 10))
+                .set_response_timeout(Some(timeout)),
+        )?;
+        Ok(Accounting {
+            conn,
+            key: key(service).into(),
+            timeout,
+            acquire: Arc::new(Script::new(ACQUIRE)),
+            release: Arc::new(Script::new(RELEASE)),
+        })
+    }
+
+    /// In-flight counts of every server, or `None` when Redis does not answer in time.
+    pub async fn inflight(&self) -> Option<HashMap<String, f64>> {
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(&*self.key).arg(0).arg(-1).arg("WITHSCORES");
+        let q = cmd.query_async::<Vec<(String, f64)>>(&mut c);
+        match tokio::time::timeout(self.timeout, q).await {
+            Ok(Ok(v)) => Some(v.into_iter().collect()),
+            _ => None,
+        }
+    }
+
+    /// Counts a request to `server`; the slot is released when the guard drops.
+    pub async fn acquire(&self, server: &str) -> Option<Slot> {
+        let mut c = self.conn.clone();
+        let mut inv = self.acquire.key(&*self.key);
+        inv.arg(server);
+        match tokio::time::timeout(self.timeout, inv.invoke_async::<f64>(&mut c)).await {
+            Ok(Ok(_)) => Some(Slot {
+                acc: self.clone(),
+                server: server.to_string(),
+            }),
+            _ => {
+                tracing::debug!(server, "shared accounting unavailable; request not counted");
+                None
+            }
+        }
+    }
+}
+
+/// One counted request.
+pub struct Slot {
+    acc: Accounting,
+    server: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let acc = self.acc.clone();
+        let server = std::mem::take(&mut self.server);
+        // Runs even when the request's own task was cancelled (a client abort).
+        tokio::spawn(async move {
+            let mut c = acc.conn.clone();
+            let mut inv = acc.release.key(&*acc.key);
+            inv.arg(&server);
+            for _ in 0..3 {
+                match tokio::time::timeout(acc.timeout * 4, inv.invoke_async::<f64>(&mut c)).await {
+                    Ok(Ok(_)) => return,
+                    _ => tokio::time::sleep(acc.timeout).await,
+                }
+            }
+            tracing::warn!(server, "could not release a shared accounting slot");
+        });
+    }
+}
