@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local demo, all on loopback: Consul, Redis, three demo servers (capacity 100 each),
-# the load generator piling 150 clients on the first server, then the controller. The load
-# generator's live line shows the fleet converge. Ctrl-C stops everything; nothing is left.
+# the gateway, the load generator piling 150 clients on the first server (reconnecting
+# through the gateway), then the controller. The load generator's live line shows the
+# fleet converge. Ctrl-C stops everything; nothing is left.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -9,6 +10,8 @@ cd "$root"
 CONSUL_PORT=${CONSUL_PORT:-18500}
 REDIS_PORT=${REDIS_PORT:-16379}
 METRICS_PORT=${METRICS_PORT:-19464}
+GATEWAY_PORT=${GATEWAY_PORT:-18080}
+GATEWAY_METRICS_PORT=${GATEWAY_METRICS_PORT:-19466}
 SERVER_PORTS=(${SERVER_PORTS:-19001 19002 19003})
 CLIENTS=${CLIENTS:-150}
 
@@ -28,7 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-for port in "$CONSUL_PORT" "$REDIS_PORT" "$METRICS_PORT" "${SERVER_PORTS[@]}"; do
+for port in "$CONSUL_PORT" "$REDIS_PORT" "$METRICS_PORT" "$GATEWAY_PORT" "$GATEWAY_METRICS_PORT" "${SERVER_PORTS[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "demo: port $port is taken; set CONSUL_PORT, REDIS_PORT, METRICS_PORT or SERVER_PORTS" >&2; exit 1
   fi
@@ -69,14 +72,20 @@ tolerance = 0.05                # tighter than the default, so the table ends vi
 round_interval = "5s"
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"
+[gateway]
+listen = "127.0.0.1:$GATEWAY_PORT"
+metrics_listen = "127.0.0.1:$GATEWAY_METRICS_PORT"
 TOML
+"$bin" gateway --pipeline "$work/pipeline.toml" >"$work/gateway.log" 2>&1 &
+pids+=($!)
 
 echo "demo: Consul $consul  Redis $redis  servers ws-1..ws-3 on ${SERVER_PORTS[*]}"
-echo "demo: $CLIENTS clients pile onto ws-1 (it holds 100 at most; the rest find the others)."
-echo "demo: the controller starts in 8 s, then sheds ws-1 toward the fleet's average."
+echo "demo: gateway ws://127.0.0.1:$GATEWAY_PORT/ (metrics http://127.0.0.1:$GATEWAY_METRICS_PORT/metrics)"
+echo "demo: $CLIENTS clients pile onto ws-1 (it holds 100 at most; the rest go through the gateway)."
+echo "demo: the controller starts in 8 s, then sheds ws-1; shed clients reconnect through the gateway."
 echo "demo: logs in $work — Ctrl-C to stop"
 "$bin" loadgen --connections "$CLIENTS" --duration 1h --pile-on "ws://127.0.0.1:${SERVER_PORTS[0]}/" \
-  --consul "$consul" --service ws >"$work/loadgen.json" &
+  --url "ws://127.0.0.1:$GATEWAY_PORT/" >"$work/loadgen.json" &
 pids+=($!)
 loadgen=$!
 sleep 8

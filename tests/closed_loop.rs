@@ -337,3 +337,45 @@ async fn a_server_made_of_raw_redis_and_consul_calls_is_treated_like_an_agent_ba
         "the agent-backed server was not shed: {summary}"
     );
 }
+
+#[test]
+fn a_demo_server_stops_on_sigterm_even_when_redis_and_consul_are_gone() {
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let (dead_consul, dead_redis) = (
+        format!("http://127.0.0.1:{}", free_port()),
+        format!("redis://127.0.0.1:{}/0", free_port()),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rebalancer"))
+        .args([
+            "demo-server",
+            "--id",
+            "lonely",
+            "--listen",
+            &listen,
+            "--consul",
+            &dead_consul,
+            "--redis",
+            &dead_redis,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2)); // its loops are now retrying
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(status.success(), "exit status {status}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the demo server did not stop within 15 s of SIGTERM");
+}

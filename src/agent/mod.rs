@@ -211,7 +211,10 @@ impl Agent {
             redis.clone(),
             redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_response_timeout(Some(Duration::from_secs(2))),
+                .set_response_timeout(Some(Duration::from_secs(2)))
+                // Fail fast and let our own loops retry: the manager's default of six
+                // retries with backoff kept a call, and so shutdown, waiting on a dead Redis.
+                .set_number_of_retries(1),
         )
         .map_err(|source| AgentError::RedisUrl {
             url: self.cfg.redis.clone(),
@@ -264,7 +267,11 @@ impl Agent {
         let policy = BackoffPolicy::default();
         let mut delays = policy.delays();
         loop {
-            let wait = match consul.get(&path).await {
+            let found = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = consul.get(&path) => r,
+            };
+            let wait = match found {
                 Ok(Some(_)) => Duration::from_secs(5),
                 Ok(None) => match consul.put("/v1/agent/service/register", body.clone()).await {
                     Ok(_) => {

@@ -25,7 +25,12 @@ pub async fn run<F, Fut, E>(
     loop {
         let value = *counts.borrow_and_update();
         let sent_at = Instant::now();
-        match sink(value).await {
+        // A report stuck on an unreachable Redis must not hold up shutdown.
+        let sent = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = sink(value) => r,
+        };
+        match sent {
             Ok(()) => {
                 if failing {
                     tracing::info!(count = value, "session count reports resumed");
