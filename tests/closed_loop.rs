@@ -10,7 +10,6 @@ use futures::StreamExt;
 use support::*;
 
 const CAPACITY: u64 = 100;
-const LOOP_WAIT: Duration = Duration::from_secs(90);
 
 /// The controller for these tests: a tolerance of 0.05 guarantees max − min ≤ 0.15 once no
 /// server is over (every u ≤ U + 0.05 around U = 0.5), and short rounds keep the tests quick.
@@ -46,18 +45,6 @@ async fn servers_passing(consul: &ConsulAgent, n: usize) {
         (consul.passing("ws").await.len() == n).then_some(())
     })
     .await;
-}
-
-async fn counts_where(
-    redis: &Redis,
-    what: &str,
-    f: impl Fn(&BTreeMap<String, u64>) -> bool,
-) -> BTreeMap<String, u64> {
-    eventually(what, LOOP_WAIT, || async {
-        let c = redis.counts("ws").await;
-        f(&c).then_some(c)
-    })
-    .await
 }
 
 fn total(c: &BTreeMap<String, u64>) -> u64 {

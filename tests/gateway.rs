@@ -4,12 +4,9 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use support::*;
-
-const LOOP_WAIT: Duration = Duration::from_secs(90);
 
 async fn fleet(redis: &Redis, consul: &ConsulAgent, n: usize) -> Vec<DemoServer> {
     let servers: Vec<DemoServer> = (1..=n)
@@ -20,18 +17,6 @@ async fn fleet(redis: &Redis, consul: &ConsulAgent, n: usize) -> Vec<DemoServer>
     })
     .await;
     servers
-}
-
-async fn counts_where(
-    redis: &Redis,
-    what: &str,
-    f: impl Fn(&BTreeMap<String, u64>) -> bool,
-) -> BTreeMap<String, u64> {
-    eventually(what, LOOP_WAIT, || async {
-        let c = redis.counts("ws").await;
-        f(&c).then_some(c)
-    })
-    .await
 }
 
 fn per_server(summary: &serde_json::Value, id: &str) -> u64 {

@@ -943,3 +943,19 @@ impl Drop for GatewayProc {
         let _ = self.child.wait();
     }
 }
+
+/// How long closed-loop tests wait for a fleet to settle.
+pub const LOOP_WAIT: Duration = Duration::from_secs(90);
+
+/// Waits (up to [`LOOP_WAIT`]) until the session counts of service `ws` satisfy `f`.
+pub async fn counts_where(
+    redis: &Redis,
+    what: &str,
+    f: impl Fn(&std::collections::BTreeMap<String, u64>) -> bool,
+) -> std::collections::BTreeMap<String, u64> {
+    eventually(what, LOOP_WAIT, || async {
+        let c = redis.counts("ws").await;
+        f(&c).then_some(c)
+    })
+    .await
+}
