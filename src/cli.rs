@@ -274,7 +274,20 @@ pub fn gateway(args: &crate::gateway::GatewayArgs) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let rt = match runtime() {
+    let built = match args.threads {
+        0 => tokio::runtime::Runtime::new(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let rt = match built.map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    }) {
         Ok(rt) => rt,
         Err(code) => return code,
     };

@@ -47,6 +47,9 @@ pub struct GatewayArgs {
     /// Listen address (overrides gateway.listen).
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
+    /// Runtime worker threads: 0 for one per core, 1 for a single-threaded event loop.
+    #[arg(long, env = "REBALANCER_GATEWAY_THREADS", default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Default)]
@@ -68,7 +71,11 @@ struct Shared {
     cfg: GatewayConfig,
     topology: watch::Receiver<Arc<Topology>>,
     backends: Mutex<HashMap<Arc<str>, Backend>>,
-    http: reqwest::Client,
+    /// Pooled keep-alive connections to the servers; bodies stream through.
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
     cache: StaticCache,
     requests: AtomicU64,
     retries: AtomicU64,
@@ -111,13 +118,14 @@ impl Gateway {
         topology: watch::Receiver<Arc<Topology>>,
         accounting: Option<accounting::Accounting>,
     ) -> Gateway {
-        let http = reqwest::Client::builder()
-            .connect_timeout(cfg.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("a plain HTTP client builds");
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_nodelay(true);
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(256)
+                .build(connector);
         let cache = StaticCache::new(cfg.cache_capacity, cfg.cache_ttl, cfg.cache_paths.clone());
         Gateway(Arc::new(Shared {
             cfg,
@@ -212,13 +220,17 @@ impl Gateway {
         let Some(b) = backends.get_mut(&target.id) else {
             return;
         };
+        let before = b.breaker.state(now, self.0.cfg.breaker_open);
         if ok {
             b.breaker.success();
         } else if b.breaker.failure(now, self.0.cfg.breaker_failures) {
             tracing::warn!(backend = %target.id, "circuit breaker opened");
         }
-        gauge!(CIRCUIT, "backend" => target.id.to_string())
-            .set(b.breaker.state(now, self.0.cfg.breaker_open).as_f64());
+        // Set the gauge when the state changes, not on every request (it is on the hot path).
+        let after = b.breaker.state(now, self.0.cfg.breaker_open);
+        if after != before {
+            gauge!(CIRCUIT, "backend" => target.id.to_string()).set(after.as_f64());
+        }
     }
 
     /// May one more retry be spent? (A budget: a share of requests, plus 10 spare.)
@@ -439,13 +451,14 @@ fn idempotent(m: &axum::http::Method) -> bool {
 
 async fn http(g: Gateway, req: Request) -> Response {
     let started = Instant::now();
-    let method = req.method().clone();
-    let path = req
-        .uri()
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let path = parts
+        .uri
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let cacheable = method == axum::http::Method::GET && g.0.cache.covers(req.uri().path());
+    let cacheable = method == axum::http::Method::GET && g.0.cache.covers(parts.uri.path());
     if cacheable {
         if let Some(hit) = g.0.cache.get(&path) {
             counter!(CACHE, "result" => "hit").increment(1);
@@ -465,8 +478,8 @@ async fn http(g: Gateway, req: Request) -> Response {
         }
         counter!(CACHE, "result" => "miss").increment(1);
     }
-    let headers = req.headers().clone();
-    let body = match axum::body::to_bytes(req.into_body(), 16 << 20).await {
+    // The request body is kept so that a retry can send it again (most requests have none).
+    let body = match axum::body::to_bytes(body, 16 << 20).await {
         Ok(b) => b,
         Err(_) => {
             return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 16 MiB\n").into_response()
@@ -490,79 +503,88 @@ async fn http(g: Gateway, req: Request) -> Response {
             Some(acc) => acc.acquire(&target.id).await,
             None => None,
         };
-        let mut rb =
-            g.0.http
-                .request(method.clone(), format!("http://{}{}", target.host, path))
-                .timeout(g.0.cfg.request_timeout)
-                .body(body.clone());
-        for (k, v) in headers.iter() {
+        let mut builder = axum::http::Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}{}", target.host, path));
+        for (k, v) in parts.headers.iter() {
             if !HOP_BY_HOP.contains(&k.as_str()) {
-                rb = rb.header(k, v);
+                builder = builder.header(k, v);
             }
         }
-        match rb.send().await {
-            Ok(r) => {
-                let status = r.status();
-                g.outcome(
-                    &target,
-                    !status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE,
-                );
-                let mut out_headers = Vec::new();
-                let mut resp_headers = HeaderMap::new();
-                for (k, v) in r.headers() {
-                    if !HOP_BY_HOP.contains(&k.as_str()) {
-                        resp_headers.append(k.clone(), v.clone());
-                        if let Ok(s) = v.to_str() {
-                            out_headers.push((k.to_string(), s.to_string()));
+        let Ok(upstream) = builder.body(Body::from(body.clone())) else {
+            return (StatusCode::BAD_REQUEST, "cannot forward this request\n").into_response();
+        };
+        let backend = metrics::SharedString::from_shared(target.id.clone());
+        let err =
+            match tokio::time::timeout(g.0.cfg.request_timeout, g.0.http.request(upstream)).await {
+                Ok(Ok(r)) => {
+                    let status = r.status();
+                    g.outcome(
+                        &target,
+                        !status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE,
+                    );
+                    let (mut rparts, incoming) = r.into_parts();
+                    for h in HOP_BY_HOP {
+                        if *h != "content-length" {
+                            rparts.headers.remove(*h);
                         }
                     }
-                }
-                let bytes = match r.bytes().await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        g.outcome(&target, false);
-                        counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error").increment(1);
-                        return (
-                            StatusCode::BAD_GATEWAY,
-                            format!("reading the response from {} failed: {e}\n", target.id),
-                        )
-                            .into_response();
+                    histogram!(REQUEST_DURATION, "kind" => "http")
+                        .record(started.elapsed().as_secs_f64());
+                    counter!(REQUESTS, "backend" => backend, "outcome" => "ok").increment(1);
+                    if cacheable && status == StatusCode::OK {
+                        // Only cached responses are read whole; the rest stream through.
+                        let Ok(collected) = http_body_util::BodyExt::collect(incoming).await else {
+                            return (
+                                StatusCode::BAD_GATEWAY,
+                                format!("reading the response from {} failed\n", target.id),
+                            )
+                                .into_response();
+                        };
+                        let bytes = collected.to_bytes();
+                        let headers = rparts
+                            .headers
+                            .iter()
+                            .filter_map(|(k, v)| {
+                                v.to_str().ok().map(|v| (k.to_string(), v.to_string()))
+                            })
+                            .collect();
+                        if g.0
+                            .cache
+                            .put(&path, status.as_u16(), headers, bytes.clone())
+                        {
+                            counter!(CACHE, "result" => "store").increment(1);
+                        }
+                        return Response::from_parts(rparts, Body::from(bytes));
                     }
-                };
-                if cacheable
-                    && g.0
-                        .cache
-                        .put(&path, status.as_u16(), out_headers, bytes.clone())
-                {
-                    counter!(CACHE, "result" => "store").increment(1);
+                    return Response::from_parts(rparts, Body::new(incoming));
                 }
-                histogram!(REQUEST_DURATION, "kind" => "http")
-                    .record(started.elapsed().as_secs_f64());
-                counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "ok")
-                    .increment(1);
-                let mut resp = Response::new(Body::from(bytes));
-                *resp.status_mut() = status;
-                *resp.headers_mut() = resp_headers;
-                return resp;
-            }
-            Err(e) => {
-                g.outcome(&target, false);
-                tried.push(target.id.clone());
-                // Retried on another server: a request that never reached one (connect
-                // failure), or an idempotent one that timed out.
-                let retry = e.is_connect() || (idempotent(&method) && e.is_timeout());
-                if !retry || tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
-                    counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
-                        .increment(1);
-                    return (
-                        StatusCode::BAD_GATEWAY,
-                        format!("{} failed: {e}\n", target.id),
-                    )
-                        .into_response();
+                Ok(Err(e)) => {
+                    let connect = e.is_connect();
+                    (e.to_string(), connect, false)
                 }
-                tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
-            }
+                Err(_) => (
+                    format!("no answer within {:?}", g.0.cfg.request_timeout),
+                    false,
+                    true,
+                ),
+            };
+        let (message, connect, timed_out) = err;
+        g.outcome(&target, false);
+        tried.push(target.id.clone());
+        // Retried on another server: a request that never reached one (connect failure),
+        // or an idempotent one that timed out.
+        let retry = connect || (idempotent(&method) && timed_out);
+        if !retry || tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
+            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
+                .increment(1);
+            return (
+                StatusCode::BAD_GATEWAY,
+                format!("{} failed: {message}\n", target.id),
+            )
+                .into_response();
         }
+        tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
     }
 }
 
