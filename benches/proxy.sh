@@ -31,7 +31,7 @@ trap cleanup EXIT INT TERM
 free() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 cport=$(free); rport=$(free)
-.tools/consul-bin agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$cport" -dns-port -1 -grpc-port -1 \
+target/tools/consul-bin agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$cport" -dns-port -1 -grpc-port -1 \
   -serf-lan-port "$(free)" -serf-wan-port "$(free)" -server-port "$(free)" -node bench >"$work/consul.log" 2>&1 &
 pids+=($!)
 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &

@@ -38,7 +38,7 @@ for port in "$CONSUL_PORT" "$REDIS_PORT" "$METRICS_PORT" "$GATEWAY_PORT" "$GATEW
 done
 free() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
-.tools/consul-bin agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$CONSUL_PORT" \
+target/tools/consul-bin agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$CONSUL_PORT" \
   -dns-port -1 -grpc-port -1 -serf-lan-port "$(free)" -serf-wan-port "$(free)" -server-port "$(free)" \
   -node demo >"$work/consul.log" 2>&1 &
 pids+=($!)

@@ -4,10 +4,10 @@
 #   and starts a Docker engine (no bridge, no iptables) when none answers.
 # Consul is looked for on PATH, then unpacked from ../shared/vendor/consul_*.deb, then
 # downloaded from the bullseye suite of the machine's own Debian mirror. It is unpacked into
-# .tools/consul/ (no root needed for that part); scripts and tests find it there.
+# target/tools/consul/ (no root needed for that part); scripts and tests find it there.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-tools="$root/.tools"
+tools="$root/target/tools"
 mkdir -p "$tools"
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -151,7 +151,7 @@ async fn closed_loop(reconnect: &str) -> (u64, usize) {
         "",
         "[rebalance]\ntolerance = 0.05\nround_interval = \"3s\"\n[scale]\nenabled = false\n",
     );
-    let _ctl = Controller::start(&temp_dir("gw-loop"), &toml, port);
+    let ctl = Controller::start(&temp_dir("gw-loop"), &toml, port);
     let after = counts_where(&redis, "the fleet balanced", |c| {
         c.len() == 3 && c.values().sum::<u64>() == 150 && {
             let (lo, hi) = (c.values().min().unwrap(), c.values().max().unwrap());
@@ -159,7 +159,7 @@ async fn closed_loop(reconnect: &str) -> (u64, usize) {
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    sheds_acked(&ctl, &redis).await;
     let summary = load.finish();
     let acks = redis.acks("ws").await;
     let moved: u64 = acks.iter().map(|a| a["shed"].parse::<u64>().unwrap()).sum();

@@ -143,7 +143,7 @@ impl Gateway {
         format!("{}:{}", s.address, self.0.cfg.target_port.unwrap_or(s.port))
     }
 
-    /// Picks a server for a new connection, skipping `tried`; reserves a slot on it.
+    /// Picks a server for a new connection, other than those in `tried`; reserves a slot on it.
     fn pick(&self, tried: &[Arc<str>]) -> Option<Target> {
         self.pick_with(tried, Kind::Session, None)
     }

@@ -14,13 +14,13 @@ use std::time::Duration;
 use serde_json::json;
 
 pub const INSTALL_HINT: &str =
-    "run `scripts/setup.sh` (installs redis-server and unpacks consul into .tools/)";
+    "run `scripts/setup.sh` (installs redis-server and unpacks consul into target/tools/)";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Finds a tool: `REBALANCER_<NAME>_BIN`, then PATH, then `.tools/<name>-bin`.
+/// Finds a tool: `REBALANCER_<NAME>_BIN`, then PATH, then `target/tools/<name>-bin`.
 pub fn tool(name: &str) -> PathBuf {
     let var = format!("REBALANCER_{}_BIN", name.to_uppercase().replace('-', "_"));
     if let Ok(p) = std::env::var(&var) {
@@ -34,11 +34,14 @@ pub fn tool(name: &str) -> PathBuf {
             }
         }
     }
-    let local = repo().join(".tools").join(format!("{name}-bin"));
+    let local = repo()
+        .join("target")
+        .join("tools")
+        .join(format!("{name}-bin"));
     if local.exists() {
         return local;
     }
-    panic!("`{name}` is needed by this test and was not found on PATH, in ${var} or in .tools/: {INSTALL_HINT}");
+    panic!("`{name}` is needed by this test and was not found on PATH, in ${var} or in target/tools/: {INSTALL_HINT}");
 }
 
 pub fn free_port() -> u16 {
@@ -958,4 +961,21 @@ pub async fn counts_where(
         f(&c).then_some(c)
     })
     .await
+}
+
+/// Waits until every shed the controller published has been carried out and acked by its
+/// server (acks come after the server's spread window), so counts taken next are final.
+pub async fn sheds_acked(ctl: &Controller, redis: &Redis) {
+    eventually("every published shed acked", LOOP_WAIT, || async {
+        let published = ctl
+            .metric(
+                "rebalancer_actions_total",
+                &[("kind", "shed"), ("result", "ok")],
+            )
+            .await
+            .unwrap_or(0.0);
+        let acked = redis.acks("ws").await.len() as f64;
+        (published == acked).then_some(())
+    })
+    .await;
 }
