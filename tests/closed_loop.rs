@@ -89,7 +89,7 @@ async fn a_piled_up_fleet_converges_moving_close_to_the_minimum_and_losing_no_cl
         c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
     })
     .await;
-    sheds_acked(&ctl, &redis).await;
+    sheds_settled(&ctl, &redis, 150).await;
     let summary = load.finish();
     let acks = redis.acks("ws").await;
     let moved = shed_in_acks(&acks);

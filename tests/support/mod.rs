@@ -964,18 +964,22 @@ pub async fn counts_where(
 }
 
 /// Waits until every shed the controller published has been carried out and acked by its
-/// server (acks come after the server's spread window), so counts taken next are final.
-pub async fn sheds_acked(ctl: &Controller, redis: &Redis) {
-    eventually("every published shed acked", LOOP_WAIT, || async {
-        let published = ctl
-            .metric(
-                "rebalancer_actions_total",
-                &[("kind", "shed"), ("result", "ok")],
-            )
-            .await
-            .unwrap_or(0.0);
-        let acked = redis.acks("ws").await.len() as f64;
-        (published == acked).then_some(())
-    })
+/// server (acks come after the server's spread window), and every one of the `clients` is
+/// counted on a server again (the last ones shed reconnect after their backoff).
+pub async fn sheds_settled(ctl: &Controller, redis: &Redis, clients: u64) {
+    eventually(
+        "every published shed acked and its clients back",
+        LOOP_WAIT,
+        || async {
+            let shed = [("kind", "shed"), ("result", "ok")];
+            let published = ctl
+                .metric("rebalancer_actions_total", &shed)
+                .await
+                .unwrap_or(0.0);
+            let acked = redis.acks("ws").await.len() as f64;
+            let counted: u64 = redis.counts("ws").await.values().sum();
+            (published == acked && counted == clients).then_some(())
+        },
+    )
     .await;
 }
