@@ -103,21 +103,33 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
-        let port = free_port();
         let mut r = Redis {
-            port,
+            port: free_port(),
             dir: temp_dir("redis"),
             proc: None,
         };
-        r.spawn().await;
-        r
+        // As for consul: a port chosen free may be taken before redis binds it.
+        for attempt in 0..4 {
+            if attempt > 0 {
+                r.port = free_port();
+            }
+            if r.spawn().await {
+                return r;
+            }
+        }
+        panic!(
+            "redis-server exited at every start; see {}/redis.log",
+            r.dir.display()
+        );
     }
 
-    async fn spawn(&mut self) {
+    /// Starts redis on its port; `false` when it exited before answering PING.
+    async fn spawn(&mut self) -> bool {
+        let port = self.port.to_string();
         let child = Command::new(tool("redis-server"))
             .args([
                 "--port",
-                &self.port.to_string(),
+                &port,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -128,23 +140,36 @@ impl Redis {
             .args(["--notify-keyspace-events", ""])
             .current_dir(&self.dir)
             .stdout(log_file(&self.dir, "redis.log"))
-            .stderr(Stdio::null())
+            .stderr(log_file(&self.dir, "redis.err"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL_HINT}"));
-        self.proc = Some(Proc(child));
+        let mut proc = Proc(child);
         let url = self.url();
-        eventually("redis to answer PING", Duration::from_secs(10), || {
-            let url = url.clone();
-            async move {
-                let c = redis::Client::open(url).ok()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(_)) = proc.0.try_wait() {
+                return false;
+            }
+            let ping = async {
+                let c = redis::Client::open(url.as_str()).ok()?;
                 let mut conn = c.get_multiplexed_async_connection().await.ok()?;
                 redis::cmd("PING")
                     .query_async::<String>(&mut conn)
                     .await
                     .ok()
+            };
+            if ping.await.is_some() {
+                self.proc = Some(proc);
+                return true;
             }
-        })
-        .await;
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "redis-server did not answer PING within 10 s; see {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn url(&self) -> String {
@@ -158,7 +183,13 @@ impl Redis {
     /// Stops and starts again on the same port, empty.
     pub async fn restart(&mut self) {
         self.stop();
-        self.spawn().await;
+        for _ in 0..20 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("redis-server did not restart on port {}", self.port);
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -210,12 +241,33 @@ impl ConsulAgent {
             proc: None,
             http: reqwest::Client::new(),
         };
-        c.spawn().await;
-        c
+        // A port chosen free can be taken by a concurrent test before consul binds it:
+        // then consul exits at once, and a first start tries again on other ports.
+        for attempt in 0..4 {
+            if attempt > 0 {
+                c.http_port = free_port();
+                c.ports = [free_port(), free_port(), free_port()];
+            }
+            if c.spawn().await {
+                return c;
+            }
+        }
+        panic!(
+            "consul exited at every start; see {}/consul.err",
+            c.dir.display()
+        );
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the agent on its ports; `false` when it exited before becoming leader.
+    async fn spawn(&mut self) -> bool {
         let [serf_lan, serf_wan, server] = self.ports;
+        let (http, lan, wan, srv) = (
+            self.http_port.to_string(),
+            serf_lan.to_string(),
+            serf_wan.to_string(),
+            server.to_string(),
+        );
+        let node = format!("test-{}", self.http_port);
         let child = Command::new(tool("consul"))
             .args([
                 "agent",
@@ -225,46 +277,45 @@ impl ConsulAgent {
                 "-client",
                 "127.0.0.1",
             ])
-            .args([
-                "-http-port",
-                &self.http_port.to_string(),
-                "-dns-port",
-                "-1",
-                "-grpc-port",
-                "-1",
-            ])
+            .args(["-http-port", &http, "-dns-port", "-1", "-grpc-port", "-1"])
             .args([
                 "-serf-lan-port",
-                &serf_lan.to_string(),
+                &lan,
                 "-serf-wan-port",
-                &serf_wan.to_string(),
-            ])
-            .args([
+                &wan,
                 "-server-port",
-                &server.to_string(),
+                &srv,
                 "-node",
-                &format!("test-{}", self.http_port),
+                &node,
             ])
             .current_dir(&self.dir)
             .stdout(log_file(&self.dir, "consul.log"))
-            .stderr(Stdio::null())
+            .stderr(log_file(&self.dir, "consul.err"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start consul: {e}; {INSTALL_HINT}"));
-        self.proc = Some(Proc(child));
+        let mut proc = Proc(child);
         let url = format!("{}/v1/status/leader", self.address());
-        let http = self.http.clone();
-        eventually(
-            "consul to elect itself leader",
-            Duration::from_secs(30),
-            || {
-                let (url, http) = (url.clone(), http.clone());
-                async move {
-                    let body = http.get(&url).send().await.ok()?.text().await.ok()?;
-                    (body.len() > 2).then_some(())
-                }
-            },
-        )
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(_)) = proc.0.try_wait() {
+                return false;
+            }
+            let ready = async {
+                let body = self.http.get(&url).send().await.ok()?.text().await.ok()?;
+                (body.len() > 2).then_some(())
+            };
+            if ready.await.is_some() {
+                self.proc = Some(proc);
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "consul did not elect itself leader within 30 s; see {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn address(&self) -> String {
@@ -278,7 +329,17 @@ impl ConsulAgent {
     /// Stops and starts again on the same ports; a dev agent comes back empty.
     pub async fn restart(&mut self) {
         self.stop();
-        self.spawn().await;
+        for _ in 0..20 {
+            if self.spawn().await {
+                return;
+            }
+            // The old agent's ports may take a moment to be free again.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!(
+            "consul did not restart on its ports; see {}/consul.err",
+            self.dir.display()
+        );
     }
 
     async fn put(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
