@@ -119,16 +119,22 @@ impl Fold {
             }
             Change::Sessions(SessionsUpdate::Patch(changes)) => {
                 for (id, r) in changes {
-                    self.invalid_counts.remove(&id);
                     match r {
                         None => {
+                            self.invalid_counts.remove(&id);
                             self.counts.remove(&id);
                         }
-                        Some(r) => {
-                            let mut garbage = std::mem::take(&mut self.invalid_counts);
-                            let c = self.reading(&id, r, &mut garbage);
-                            self.invalid_counts = garbage;
-                            self.counts.insert(id, c);
+                        Some(Ok(n)) => {
+                            self.invalid_counts.remove(&id);
+                            self.counts.insert(id, Count::Known(n));
+                        }
+                        Some(Err(raw)) => {
+                            // Reported once while it stays garbage: the same value often
+                            // arrives both in a resync and in the notification after it.
+                            if self.invalid_counts.insert(id.clone()) {
+                                self.events.invalid_count(&id, &raw);
+                            }
+                            self.counts.insert(id, Count::Unknown);
                         }
                     }
                 }
@@ -323,6 +329,39 @@ mod tests {
             t.get("a").unwrap().sessions,
             Count::Unknown,
             "an expired count is unknown"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_seen_in_a_resync_and_again_in_a_patch_is_reported_once() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let (mut f, _rx) = synced_fold(); // resync with b = "lots"
+            let same = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
+                "b".into(),
+                Some(Err("lots".into())),
+            )])))];
+            f.apply(same);
+            let fixed = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
+                "b".into(),
+                Some(Ok(3)),
+            )])))];
+            f.apply(fixed);
+            let again = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
+                "b".into(),
+                Some(Err("x".into())),
+            )])))];
+            f.apply(again);
+        });
+        let text = handle.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("rebalancer_invalid_counts_total"))
+            .unwrap_or("");
+        assert!(
+            line.ends_with(" 2"),
+            "once for the first garbage, once after it was fixed and broke again: {text}"
         );
     }
 
