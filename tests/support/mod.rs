@@ -79,6 +79,38 @@ impl Drop for Proc {
     }
 }
 
+/// Waits until a just-started process is `ready`. `None` when it exited first (typically a
+/// port taken by a concurrent test between choosing it and binding it); panics after
+/// `timeout`, naming what it waited for and where the logs are.
+async fn until_ready<F, Fut>(
+    mut proc: Proc,
+    what: &str,
+    timeout: Duration,
+    dir: &Path,
+    mut ready: F,
+) -> Option<Proc>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(Some(_)) = proc.0.try_wait() {
+            return None;
+        }
+        if ready().await {
+            return Some(proc);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; logs in {}",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
     std::fs::File::create(dir.join(name)).expect("create a log file")
 }
@@ -143,33 +175,29 @@ impl Redis {
             .stderr(log_file(&self.dir, "redis.err"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL_HINT}"));
-        let mut proc = Proc(child);
         let url = self.url();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(_)) = proc.0.try_wait() {
-                return false;
-            }
-            let ping = async {
-                let c = redis::Client::open(url.as_str()).ok()?;
-                let mut conn = c.get_multiplexed_async_connection().await.ok()?;
+        let ready = until_ready(
+            Proc(child),
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            &self.dir,
+            || async {
+                let Ok(c) = redis::Client::open(url.as_str()) else {
+                    return false;
+                };
+                let Ok(mut conn) = c.get_multiplexed_async_connection().await else {
+                    return false;
+                };
                 redis::cmd("PING")
                     .query_async::<String>(&mut conn)
                     .await
-                    .ok()
-            };
-            if ping.await.is_some() {
-                self.proc = Some(proc);
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                panic!(
-                    "redis-server did not answer PING within 10 s; see {}",
-                    self.dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                    .is_ok()
+            },
+        )
+        .await;
+        let started = ready.is_some();
+        self.proc = ready;
+        started
     }
 
     pub fn url(&self) -> String {
@@ -293,29 +321,24 @@ impl ConsulAgent {
             .stderr(log_file(&self.dir, "consul.err"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start consul: {e}; {INSTALL_HINT}"));
-        let mut proc = Proc(child);
         let url = format!("{}/v1/status/leader", self.address());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(_)) = proc.0.try_wait() {
-                return false;
-            }
-            let ready = async {
-                let body = self.http.get(&url).send().await.ok()?.text().await.ok()?;
-                (body.len() > 2).then_some(())
-            };
-            if ready.await.is_some() {
-                self.proc = Some(proc);
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                panic!(
-                    "consul did not elect itself leader within 30 s; see {}",
-                    self.dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let http = self.http.clone();
+        let ready = until_ready(
+            Proc(child),
+            "consul to elect itself leader",
+            Duration::from_secs(30),
+            &self.dir,
+            || async {
+                let Ok(r) = http.get(&url).send().await else {
+                    return false;
+                };
+                r.text().await.is_ok_and(|body| body.len() > 2)
+            },
+        )
+        .await;
+        let started = ready.is_some();
+        self.proc = ready;
+        started
     }
 
     pub fn address(&self) -> String {
