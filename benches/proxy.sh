@@ -67,7 +67,7 @@ hport=$(free)
   for i in 0 1 2; do echo "  server b$i 127.0.0.1:${backends[$i]}"; done
 } >"$work/haproxy.cfg"
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
-pids+=($!)
+hpid=$!; pids+=($hpid)
 
 nport=$(free)
 mkdir -p "$work/nginx"
@@ -83,7 +83,7 @@ mkdir -p "$work/nginx"
   echo "}"
 } >"$work/nginx.conf"
 nginx -c "$work/nginx.conf" -g 'daemon off;' >"$work/nginx.out" 2>&1 &
-pids+=($!)
+npid=$!; pids+=($npid)
 
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$gport/hello" >/dev/null 2>&1 && curl -sf "http://127.0.0.1:$hport/hello" >/dev/null 2>&1 \
@@ -91,33 +91,46 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 
-measure() { # name url -> "name rps p50 p99"
-  local out; out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$2")
-  local rps p50 p99
+# CPU time (user + system, in clock ticks) of a process and its children (nginx's workers).
+ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+measure() { # name url pid -> "name rps p50 p99 cpu_us_per_request"
+  local before after out; before=$(ticks "$3")
+  out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$2")
+  after=$(ticks "$3")
+  local rps p50 p99 total
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  total=$(awk '/requests in/ {print $1}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  echo "$1 $rps $p50 $p99"
+  cpu=$(awk -v t=$((after - before)) -v n="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+  echo "$1 $rps $p50 $p99 $cpu"
 }
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms/,"",v); print v } else if (v ~ /s$/) { sub(/s/,"",v); print v*1000 } else print v }'; }
 
 results=()
-results+=("$(measure direct "http://127.0.0.1:${backends[0]}/hello")")
-results+=("$(measure gateway "http://127.0.0.1:$gport/hello")")
-results+=("$(measure haproxy "http://127.0.0.1:$hport/hello")")
-results+=("$(measure nginx "http://127.0.0.1:$nport/hello")")
+bpid=$(pgrep -f -- "--id b1 " | head -1)
+results+=("$(measure direct "http://127.0.0.1:${backends[0]}/hello" "$bpid")")
+results+=("$(measure gateway "http://127.0.0.1:$gport/hello" "$gpid")")
+results+=("$(measure haproxy "http://127.0.0.1:$hport/hello" "$hpid")")
+results+=("$(measure nginx "http://127.0.0.1:$nport/hello" "$npid")")
 
 echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency, GET /hello, three demo servers (release build), $(nproc) cores"
 echo
-echo "| target | requests/s | p50 | p99 | p99 added over direct | throughput vs HAProxy |"
-echo "|---|---|---|---|---|---|"
-read -r _ d_rps _ d_p99 <<<"${results[0]}"
-read -r _ h_rps _ _ <<<"${results[2]}"
+echo "| target | requests/s | p50 | p99 | p99 added over direct | throughput vs HAProxy | CPU per request (proxy or server) |"
+echo "|---|---|---|---|---|---|---|"
+read -r _ d_rps _ d_p99 _ <<<"${results[0]}"
+read -r _ h_rps _ _ _ <<<"${results[2]}"
 for r in "${results[@]}"; do
-  read -r name rps p50 p99 <<<"$r"
+  read -r name rps p50 p99 cpu <<<"$r"
   added=$(awk -v a="$(to_ms "$p99")" -v b="$(to_ms "$d_p99")" 'BEGIN { printf "%.2f ms", a-b }')
   ratio=$(awk -v a="$rps" -v b="$h_rps" 'BEGIN { printf "%.2f", a/b }')
-  echo "| $name | $rps | $p50 | $p99 | $added | $ratio |"
+  echo "| $name | $rps | $p50 | $p99 | $added | $ratio | $cpu µs |"
 done
 
 # Memory per idle WebSocket through the gateway.

@@ -197,8 +197,11 @@ async fn health(State(app): State<App>) -> Response {
 }
 
 /// Plain HTTP: who answered (for trying out a gateway).
-async fn hello(State(app): State<App>) -> Response {
-    axum::Json(serde_json::json!({ "server": &*app.id })).into_response()
+/// Names the server, and the client a proxy in front says it forwarded for.
+async fn hello(State(app): State<App>, headers: axum::http::HeaderMap) -> Response {
+    let forwarded_for = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    axum::Json(serde_json::json!({ "server": &*app.id, "forwarded_for": forwarded_for }))
+        .into_response()
 }
 
 /// Answers after `?ms=` milliseconds (at most 10 s): for trying timeouts and aborts.

@@ -242,6 +242,64 @@ async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_clients_are_closed_and_servers_learn_who_the_client_was() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _servers = fleet(&redis, &consul, 1).await;
+    let gw = GatewayProc::start_with(&redis, &consul, "idle_timeout = \"1s\"\n").await;
+    let hello = eventually("the gateway serving", WAIT, || async {
+        let r = reqwest::Client::new()
+            .get(gw.http_url("/hello"))
+            .header("x-forwarded-for", "203.0.113.9")
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(r)
+    })
+    .await;
+    let body: serde_json::Value = hello.json().await.unwrap();
+    assert_eq!(body["forwarded_for"], "203.0.113.9, 127.0.0.1", "{body}");
+
+    // One request on a raw keep-alive connection, then silence: closed after about 1 s.
+    let request = format!("GET /hello HTTP/1.1\r\nhost: 127.0.0.1:{}\r\n\r\n", gw.port);
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("the idle connection is closed within 10 s");
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "closed, not answered: {closed:?}"
+    );
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed too early: {after:?}"
+    );
+
+    // A connection that keeps asking stays open past the idle timeout.
+    let mut busy = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        busy.write_all(request.as_bytes()).await.unwrap();
+        let n = busy.read(&mut buf).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "a busy connection is served: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_responses_are_cached_and_served_without_the_backend() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     let _servers = fleet(&redis, &consul, 1).await;

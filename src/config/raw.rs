@@ -36,6 +36,8 @@ pub struct RawGateway {
     pub fall: i64,
     pub connect_timeout: String,
     pub request_timeout: String,
+    /// A client's keep-alive connection that sends no request for this long is closed.
+    pub idle_timeout: String,
     /// Consecutive failures that open a server's circuit breaker, and for how long.
     pub breaker_failures: i64,
     pub breaker_open: String,
@@ -71,6 +73,7 @@ impl Default for RawGateway {
             fall: 2,
             connect_timeout: "2s".into(),
             request_timeout: "30s".into(),
+            idle_timeout: "60s".into(),
             breaker_failures: 5,
             breaker_open: "10s".into(),
             retries: 2,

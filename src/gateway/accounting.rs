@@ -41,7 +41,9 @@ impl Accounting {
             client,
             redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout * 10))
-                .set_response_timeout(Some(timeout)),
+                // Longer than a request waits (`timeout`): a change that Redis made must be
+                // seen to have been made, or it could not be undone (see `acquire`).
+                .set_response_timeout(Some(timeout * 10)),
         )?;
         Ok(Accounting {
             conn,
@@ -65,19 +67,28 @@ impl Accounting {
     }
 
     /// Counts a request to `server`; the slot is released when the guard drops.
+    ///
+    /// The increment runs in a task of its own, so it is undone even when nobody waits for
+    /// it any more: the request gave up on Redis after `timeout`, or the client went away
+    /// while it was on its way. Otherwise such an increment would stay counted for good.
     pub async fn acquire(&self, server: &str) -> Option<Slot> {
-        let mut c = self.conn.clone();
-        let mut inv = self.acquire.key(&*self.key);
-        inv.arg(server);
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<f64>(&mut c)).await {
-            Ok(Ok(_)) => Some(Slot {
-                acc: self.clone(),
-                server: server.to_string(),
-            }),
-            _ => {
-                tracing::debug!(server, "shared accounting unavailable; request not counted");
-                None
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let acc = self.clone();
+        let server = server.to_string();
+        tokio::spawn(async move {
+            let mut c = acc.conn.clone();
+            let mut inv = acc.acquire.key(&*acc.key);
+            inv.arg(&server);
+            if let Err(e) = inv.invoke_async::<f64>(&mut c).await {
+                tracing::debug!(server, error = %e, "shared accounting unavailable; request not counted");
+                return;
             }
+            // When the receiver is gone, the slot comes back and dropping it releases it.
+            let _ = tx.send(Slot { acc, server });
+        });
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(slot)) => Some(slot),
+            _ => None,
         }
     }
 }
@@ -92,18 +103,27 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let acc = self.acc.clone();
         let server = std::mem::take(&mut self.server);
-        // Runs even when the request's own task was cancelled (a client abort).
+        // Runs even when the request's own task was cancelled (a client abort). Retried only
+        // when Redis refused the connection: after any other error the decrement may have
+        // been made, and making it twice would take another request's count.
         tokio::spawn(async move {
             let mut c = acc.conn.clone();
             let mut inv = acc.release.key(&*acc.key);
             inv.arg(&server);
             for _ in 0..3 {
-                match tokio::time::timeout(acc.timeout * 4, inv.invoke_async::<f64>(&mut c)).await {
-                    Ok(Ok(_)) => return,
-                    _ => tokio::time::sleep(acc.timeout).await,
+                match inv.invoke_async::<f64>(&mut c).await {
+                    Ok(_) => return,
+                    Err(e) if e.is_connection_refusal() => tokio::time::sleep(acc.timeout).await,
+                    Err(e) => {
+                        tracing::warn!(server, error = %e, "could not release a shared accounting slot");
+                        return;
+                    }
                 }
             }
-            tracing::warn!(server, "could not release a shared accounting slot");
+            tracing::warn!(
+                server,
+                "could not release a shared accounting slot: Redis refused"
+            );
         });
     }
 }

@@ -10,18 +10,28 @@ pub mod health;
 pub mod route;
 
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
+use http_body_util::Full;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::{counter, gauge, histogram};
-use tokio::sync::watch;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as TgCloseFrame;
@@ -58,25 +68,24 @@ struct Backend {
     active: Active,
     breaker: Breaker,
     reservations: VecDeque<Instant>,
+    /// `requests_total{backend, outcome="ok"}`, looked up once instead of per request.
+    ok: Option<metrics::Counter>,
 }
 
 /// A routable server as of one request.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Target {
     id: Arc<str>,
     host: String,
+    ok: metrics::Counter,
 }
 
 struct Shared {
     cfg: GatewayConfig,
     topology: watch::Receiver<Arc<Topology>>,
     backends: Mutex<HashMap<Arc<str>, Backend>>,
-    /// Pooled keep-alive connections to the servers; bodies stream through.
-    http: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Body,
-    >,
     cache: StaticCache,
+    http_duration: metrics::Histogram,
     requests: AtomicU64,
     retries: AtomicU64,
     accounting: Option<accounting::Accounting>,
@@ -118,21 +127,13 @@ impl Gateway {
         topology: watch::Receiver<Arc<Topology>>,
         accounting: Option<accounting::Accounting>,
     ) -> Gateway {
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_nodelay(true);
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(256)
-                .build(connector);
         let cache = StaticCache::new(cfg.cache_capacity, cfg.cache_ttl, cfg.cache_paths.clone());
         Gateway(Arc::new(Shared {
             cfg,
             topology,
             backends: Mutex::new(HashMap::new()),
-            http,
             cache,
+            http_duration: histogram!(REQUEST_DURATION, "kind" => "http"),
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             accounting,
@@ -208,9 +209,16 @@ impl Gateway {
         if kind == Kind::Session {
             b.reservations.push_back(now);
         }
+        let ok =
+            b.ok.get_or_insert_with(|| {
+                let id = metrics::SharedString::from_shared(s.id.clone());
+                counter!(REQUESTS, "backend" => id, "outcome" => "ok")
+            })
+            .clone();
         Some(Target {
             id: s.id.clone(),
             host: self.host_of(s),
+            ok,
         })
     }
 
@@ -316,13 +324,158 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+type Drive = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A kept HTTP/1 connection to one server.
+type Kept = (Arc<str>, SendRequest<Full<Bytes>>);
+
+/// The servers' side of one client connection: a keep-alive connection to each server its
+/// requests went to. Their connection futures are polled by the client connection's own task
+/// (handed over on `drive`), so a request and its answer never cross to another task: the
+/// cross-task wake-ups of a shared pool cost more than the proxying itself (BENCHMARKS.md).
+struct Upstreams {
+    peer: SocketAddr,
+    kept: Mutex<Vec<Kept>>,
+    drive: mpsc::UnboundedSender<Drive>,
+}
+
+/// Why forwarding to a server failed.
+enum SendFailure {
+    /// The request never reached the server: safe to send elsewhere.
+    NotSent(String),
+    /// It may have been sent: only an idempotent request may be sent again.
+    Sent(String),
+}
+
+impl Upstreams {
+    /// Sends `req` to `target` on a kept connection, or a new one when there is none or the
+    /// server closed it meanwhile; returns the response head, its body streaming behind.
+    async fn send(
+        &self,
+        g: &Gateway,
+        target: &Target,
+        mut req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, SendFailure> {
+        let kept = {
+            let mut kept = self.kept.lock().expect("not poisoned");
+            kept.iter()
+                .position(|(id, _)| *id == target.id)
+                .map(|i| kept.swap_remove(i).1)
+        };
+        if let Some(mut sender) = kept {
+            if sender.ready().await.is_ok() {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.keep(target, sender);
+                        return Ok(resp);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // The connection closed before the request went out: open a new one.
+                        Some(r) => req = r,
+                        None => return Err(SendFailure::Sent(e.into_error().to_string())),
+                    },
+                }
+            }
+        }
+        let connect = async {
+            let tcp = TcpStream::connect(target.host.as_str()).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(tcp)
+        };
+        let tcp = match tokio::time::timeout(g.0.cfg.connect_timeout, connect).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(SendFailure::NotSent(format!("connect: {e}"))),
+            Err(_) => {
+                return Err(SendFailure::NotSent(format!(
+                    "connect: no answer within {:?}",
+                    g.0.cfg.connect_timeout
+                )))
+            }
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| SendFailure::NotSent(format!("handshake: {e}")))?;
+        let id = target.id.clone();
+        let driven: Drive = Box::pin(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %id, error = %e, "server connection ended");
+            }
+        });
+        if self.drive.send(driven).is_err() {
+            return Err(SendFailure::NotSent(
+                "the client connection is closing".into(),
+            ));
+        }
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                self.keep(target, sender);
+                Ok(resp)
+            }
+            Err(e) => Err(SendFailure::Sent(e.to_string())),
+        }
+    }
+
+    fn keep(&self, target: &Target, sender: SendRequest<Full<Bytes>>) {
+        self.kept
+            .lock()
+            .expect("not poisoned")
+            .push((target.id.clone(), sender));
+    }
+}
+
+/// Serves one client connection until it closes, or until `stop` (then after the request in
+/// progress). Keep-alive connections that send nothing for `idle_timeout` are closed.
+async fn serve_connection(
+    g: Gateway,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let (drive, mut driven) = mpsc::unbounded_channel::<Drive>();
+    let up = Arc::new(Upstreams {
+        peer,
+        kept: Mutex::new(Vec::new()),
+        drive,
+    });
+    let idle = g.0.cfg.idle_timeout;
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let g = g.clone();
+        let up = up.clone();
+        async move { Ok::<_, Infallible>(handle(g, up, req.map(Body::new)).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(idle);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut upstream = FuturesUnordered::new();
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "client connection ended");
+                }
+                break;
+            }
+            Some(f) = driven.recv() => upstream.push(f),
+            Some(()) = upstream.next(), if !upstream.is_empty() => {}
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
 /// Every request: a WebSocket upgrade is relayed to a chosen server, anything else forwarded.
-pub async fn handle(State(g): State<Gateway>, req: Request) -> Response {
+async fn handle(g: Gateway, up: Arc<Upstreams>, req: Request) -> Response {
     g.0.requests.fetch_add(1, Ordering::Relaxed);
     if is_upgrade(req.headers()) {
         ws(g, req).await
     } else {
-        http(g, req).await
+        http(g, &up, req).await
     }
 }
 
@@ -442,6 +595,16 @@ async fn relay(client: WebSocket, backend: BackendStream, id: Arc<str>) {
     gauge!(WS_OPEN, "backend" => id.to_string()).decrement(1.0);
 }
 
+/// `X-Forwarded-For` as the server should see it: the client's list, then the client.
+fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> HeaderValue {
+    let ip = peer.ip().to_string();
+    let joined = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip,
+    };
+    HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 fn idempotent(m: &axum::http::Method) -> bool {
     matches!(
         m.as_str(),
@@ -449,18 +612,18 @@ fn idempotent(m: &axum::http::Method) -> bool {
     )
 }
 
-async fn http(g: Gateway, req: Request) -> Response {
+async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
     let path = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let cacheable = method == axum::http::Method::GET && g.0.cache.covers(parts.uri.path());
     if cacheable {
-        if let Some(hit) = g.0.cache.get(&path) {
+        if let Some(hit) = g.0.cache.get(path.as_str()) {
             counter!(CACHE, "result" => "hit").increment(1);
             let mut resp = Response::new(Body::from(hit.body.clone()));
             *resp.status_mut() = StatusCode::from_u16(hit.status).unwrap_or(StatusCode::OK);
@@ -503,20 +666,23 @@ async fn http(g: Gateway, req: Request) -> Response {
             Some(acc) => acc.acquire(&target.id).await,
             None => None,
         };
-        let mut builder = axum::http::Request::builder()
-            .method(method.clone())
-            .uri(format!("http://{}{}", target.host, path));
+        let mut upstream = http::Request::new(Full::new(body.clone()));
+        *upstream.method_mut() = method.clone();
+        *upstream.uri_mut() = http::Uri::from(path.clone());
+        let headers = upstream.headers_mut();
         for (k, v) in parts.headers.iter() {
-            if !HOP_BY_HOP.contains(&k.as_str()) {
-                builder = builder.header(k, v);
+            if !HOP_BY_HOP.contains(&k.as_str()) && k != "x-forwarded-for" {
+                headers.append(k, v.clone());
             }
         }
-        let Ok(upstream) = builder.body(Body::from(body.clone())) else {
-            return (StatusCode::BAD_REQUEST, "cannot forward this request\n").into_response();
-        };
-        let backend = metrics::SharedString::from_shared(target.id.clone());
+        if let Ok(host) = HeaderValue::from_str(&target.host) {
+            headers.insert(http::header::HOST, host);
+        }
+        headers.insert("x-forwarded-for", forwarded_for(&parts.headers, up.peer));
         let err =
-            match tokio::time::timeout(g.0.cfg.request_timeout, g.0.http.request(upstream)).await {
+            match tokio::time::timeout(g.0.cfg.request_timeout, up.send(&g, &target, upstream))
+                .await
+            {
                 Ok(Ok(r)) => {
                     let status = r.status();
                     g.outcome(
@@ -529,9 +695,8 @@ async fn http(g: Gateway, req: Request) -> Response {
                             rparts.headers.remove(*h);
                         }
                     }
-                    histogram!(REQUEST_DURATION, "kind" => "http")
-                        .record(started.elapsed().as_secs_f64());
-                    counter!(REQUESTS, "backend" => backend, "outcome" => "ok").increment(1);
+                    g.0.http_duration.record(started.elapsed().as_secs_f64());
+                    target.ok.increment(1);
                     if cacheable && status == StatusCode::OK {
                         // Only cached responses are read whole; the rest stream through.
                         let Ok(collected) = http_body_util::BodyExt::collect(incoming).await else {
@@ -551,7 +716,7 @@ async fn http(g: Gateway, req: Request) -> Response {
                             .collect();
                         if g.0
                             .cache
-                            .put(&path, status.as_u16(), headers, bytes.clone())
+                            .put(path.as_str(), status.as_u16(), headers, bytes.clone())
                         {
                             counter!(CACHE, "result" => "store").increment(1);
                         }
@@ -559,22 +724,19 @@ async fn http(g: Gateway, req: Request) -> Response {
                     }
                     return Response::from_parts(rparts, Body::new(incoming));
                 }
-                Ok(Err(e)) => {
-                    let connect = e.is_connect();
-                    (e.to_string(), connect, false)
-                }
+                Ok(Err(SendFailure::NotSent(m))) => (m, true),
+                Ok(Err(SendFailure::Sent(m))) => (m, false),
                 Err(_) => (
                     format!("no answer within {:?}", g.0.cfg.request_timeout),
                     false,
-                    true,
                 ),
             };
-        let (message, connect, timed_out) = err;
+        let (message, not_sent) = err;
         g.outcome(&target, false);
         tried.push(target.id.clone());
-        // Retried on another server: a request that never reached one (connect failure),
-        // or an idempotent one that timed out.
-        let retry = connect || (idempotent(&method) && timed_out);
+        // Retried on another server: a request that never reached one (connect failure), or
+        // an idempotent one that failed or timed out.
+        let retry = not_sent || idempotent(&method);
         if !retry || tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
             counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
                 .increment(1);
@@ -619,11 +781,39 @@ pub async fn run(
         .cache
         .spawn_collector(Duration::from_secs(5), shutdown.clone());
     tokio::spawn(gateway.clone().check_health(shutdown.clone()));
-    let router = axum::Router::new().fallback(handle).with_state(gateway);
     tracing::info!(%addr, service = %cfg.service, metrics = %gw_cfg.metrics_listen, "gateway up");
-    let stop = shutdown.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait instead of spinning.
+                    tracing::warn!(%addr, error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        connections.spawn(serve_connection(
+            gateway.clone(),
+            stream,
+            peer,
+            shutdown.clone(),
+        ));
+    }
+    // Requests in progress finish (each connection closes after its current one).
+    connections.close();
+    if tokio::time::timeout(gw_cfg.request_timeout, connections.wait())
         .await
-        .map_err(|source| GatewayError::Listen { addr, source })
+        .is_err()
+    {
+        tracing::warn!(
+            left = connections.len(),
+            "stopping with requests still in progress"
+        );
+    }
+    Ok(())
 }
