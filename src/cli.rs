@@ -161,13 +161,30 @@ async fn run_pipelines(cfgs: Vec<PipelineConfig>) -> ExitCode {
         tracing::warn!(file = %c.file.display(), listen = %c.metrics_listen, using = %listen,
             "metrics.listen differs from the first pipeline's; one endpoint serves all pipelines");
     }
-    if let Err(e) = crate::telemetry::install_exporter(listen) {
-        eprintln!("error: {e}");
-        return ExitCode::from(EX_UNAVAILABLE);
-    }
-    tracing::info!(%listen, "metrics on http://{listen}/metrics");
-
+    let metrics = match crate::telemetry::install_recorder(listen) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {listen} (metrics.listen): {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
     let shutdown = CancellationToken::new();
+    let feeds = crate::feed::Registry::default();
+    tokio::spawn(crate::feed::serve(
+        listener,
+        metrics,
+        feeds.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(%listen, "metrics on http://{listen}/metrics, topology on http://{listen}/v1/topology");
+
     let mut tasks = Vec::new();
     for cfg in cfgs {
         let redis = match redis::Client::open(cfg.redis.url.as_str()) {
@@ -196,6 +213,7 @@ async fn run_pipelines(cfgs: Vec<PipelineConfig>) -> ExitCode {
             cfg,
             actuator,
             shutdown.clone(),
+            Some(feeds.clone()),
         )));
     }
 

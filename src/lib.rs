@@ -8,6 +8,7 @@ pub mod config;
 pub mod consul;
 pub mod decide;
 pub mod demo_server;
+pub mod feed;
 pub mod fold;
 pub mod gateway;
 pub mod leader;

@@ -120,17 +120,26 @@ pub fn spawn_topology(
     Ok((rx, task))
 }
 
-/// Runs the controller for one pipeline until `shutdown`.
+/// Runs the controller for one pipeline until `shutdown`; its snapshots join `feeds` (the
+/// topology feed) when given.
 pub async fn run(
     cfg: PipelineConfig,
     actuator: Arc<dyn Actuator>,
     shutdown: CancellationToken,
+    feeds: Option<crate::feed::Registry>,
 ) -> Result<(), PipelineError> {
     let events = Events::new(&cfg.name);
     let mut decide_cfg = cfg.decide.clone();
     (decide_cfg.scale.can_start, decide_cfg.scale.can_reap) = actuator.can_scale();
 
     let (mut snapshots, fold_task) = spawn_topology(&cfg, events.clone(), shutdown.clone())?;
+    if let Some(feeds) = feeds {
+        feeds.add(crate::feed::Feed {
+            pipeline: cfg.name.clone(),
+            service: cfg.service.clone(),
+            snapshots: snapshots.clone(),
+        });
+    }
     let (epoch_tx, epoch_rx) = watch::channel(None);
     let leader_task = tokio::spawn(crate::leader::run(
         Consul::new(&cfg.consul.address, cfg.consul.token.clone()),

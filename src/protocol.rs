@@ -112,6 +112,46 @@ pub struct StateRecord {
     pub reason: String,
 }
 
+/// The controller's snapshot of one pipeline's fleet, as its topology feed serves it:
+/// the body of `GET /v1/topology` and each text message of the WebSocket
+/// `/v1/topology/watch` (see `docs/protocol.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopologyDoc {
+    pub v: u32,
+    pub pipeline: String,
+    pub service: String,
+    /// Increases with each change; starts over when the controller restarts.
+    pub version: u64,
+    /// Some source is disconnected or not yet synced (named in `missing_sources`).
+    pub stale: bool,
+    #[serde(default)]
+    pub missing_sources: Vec<String>,
+    /// Servers being provisioned by the controller's scaler.
+    #[serde(default)]
+    pub pending: u32,
+    pub servers: Vec<ServerDoc>,
+}
+
+/// One registered server in a [`TopologyDoc`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerDoc {
+    pub id: String,
+    pub address: String,
+    pub port: u16,
+    pub capacity: u32,
+    pub weight: f32,
+    /// Every Consul check of the instance passes.
+    pub passing: bool,
+    /// `active`, `cordoned`, or `unknown` (the KV record cannot be read).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cordoned_since_ms: Option<u64>,
+    /// The live session count; `null` while unknown (never read as zero).
+    pub sessions: Option<u64>,
+    #[serde(default)]
+    pub provisioning: bool,
+}
+
 /// Milliseconds since the Unix epoch, as carried in the contract's `*_ms` fields.
 pub fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::decide::{Action, Plan};
 use crate::source::SourceKind;
@@ -45,6 +45,7 @@ pub const GW_WS_OPEN: &str = "rebalancer_gateway_websockets_open";
 pub const GW_RETRIES: &str = "rebalancer_gateway_retries_total";
 pub const GW_CIRCUIT: &str = "rebalancer_gateway_circuit_state";
 pub const GW_BACKEND_UP: &str = "rebalancer_gateway_backend_up";
+pub const GW_FEED_CONNECTED: &str = "rebalancer_gateway_feed_connected";
 pub const GW_CACHE: &str = "rebalancer_gateway_cache_total";
 pub const PROVISION: &str = "rebalancer_provision_seconds";
 
@@ -198,6 +199,11 @@ pub const METRICS: &[(&str, Unit, &str)] = &[
         Unit::Count,
         "Static cache lookups and stores by result: hit, miss, store",
     ),
+    (
+        GW_FEED_CONNECTED,
+        Unit::Count,
+        "1 while the gateway follows the controller's topology feed, 0 while it is away",
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -210,21 +216,37 @@ pub enum TelemetryError {
     },
 }
 
-/// Starts the Prometheus endpoint (`/metrics` and any path) on `addr` and describes every
-/// metric. Call once per process, inside the runtime.
-pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
-    let buckets = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ];
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
-        .and_then(|b| b.install())
-        .map_err(|source| TelemetryError::Exporter { addr, source })?;
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn describe() {
     for (name, unit, help) in METRICS {
         metrics::describe_counter!(*name, *unit, *help);
     }
+}
+
+/// Starts the Prometheus endpoint (`/metrics` and any path) on `addr` and describes every
+/// metric. Call once per process, inside the runtime.
+pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+        .and_then(|b| b.install())
+        .map_err(|source| TelemetryError::Exporter { addr, source })?;
+    describe();
     Ok(())
+}
+
+/// Installs the Prometheus recorder without an endpoint of its own: the controller serves
+/// `/metrics` itself, beside its topology feed (`feed::serve`).
+pub fn install_recorder(addr: SocketAddr) -> Result<PrometheusHandle, TelemetryError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+        .and_then(|b| b.install_recorder())
+        .map_err(|source| TelemetryError::Exporter { addr, source })?;
+    describe();
+    Ok(handle)
 }
 
 /// Logs as text (default) or JSON, filtered by `RUST_LOG` (default `info`).

@@ -447,3 +447,101 @@ async fn two_gateways_keep_the_shared_in_flight_counts_exact_even_for_aborted_re
         .unwrap();
     assert_eq!(left, 0);
 }
+
+/// Which servers answered `n` plain requests through the gateway.
+async fn answered_by(gw: &GatewayProc, n: usize) -> std::collections::BTreeSet<String> {
+    let client = reqwest::Client::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let r = client.get(gw.http_url("/hello")).send().await.unwrap();
+        assert!(r.status().is_success(), "routed: {}", r.status());
+        let body: serde_json::Value = r.json().await.unwrap();
+        seen.insert(body["server"].as_str().unwrap().to_string());
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_follows_the_controllers_feed_and_routes_on_while_the_controller_restarts() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _servers = fleet(&redis, &consul, 2).await;
+    let port = free_port();
+    // The gateway's pipeline file names the same pipeline ("gw") as the controller's.
+    let toml = pipeline_toml("gw", &redis, &consul, port, "dry_run = true", "");
+    let dir = temp_dir("feed-ctl");
+    let ctl = Controller::start(&dir, &toml, port);
+    let doc = eventually(
+        "the controller's snapshot on /v1/topology",
+        WAIT,
+        || async {
+            let url = format!("http://127.0.0.1:{port}/v1/topology");
+            let doc: serde_json::Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+            (doc["servers"].as_array()?.len() == 2 && doc["stale"] == false).then_some(doc)
+        },
+    )
+    .await;
+    assert_eq!(doc["pipeline"], "gw");
+    assert_eq!(doc["servers"][0]["state"], "active", "{doc}");
+    let unknown = reqwest::get(format!("http://127.0.0.1:{port}/v1/topology?pipeline=nope"))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    let feed = format!("topology_feed = \"http://127.0.0.1:{port}\"\n");
+    let gw = GatewayProc::start_with(&redis, &consul, &feed).await;
+    eventually("the gateway following the feed", WAIT, || async {
+        (gw.metric("rebalancer_gateway_feed_connected", &[]).await == Some(1.0)).then_some(())
+    })
+    .await;
+    eventually(
+        "both servers answering through the gateway",
+        WAIT,
+        || async { (answered_by(&gw, 20).await.len() == 2).then_some(()) },
+    )
+    .await;
+
+    // A cordon reaches the gateway only through the controller's feed.
+    let cordoned = r#"{"state":"cordoned","since_ms":1,"reason":"test"}"#;
+    consul.kv_put("rebalancer/ws/servers/s1", cordoned).await;
+    eventually("the cordoned server getting nothing", WAIT, || async {
+        let seen = answered_by(&gw, 20).await;
+        (seen.len() == 1 && seen.contains("s2")).then_some(())
+    })
+    .await;
+
+    // The controller goes away: the gateway keeps routing on the last snapshot.
+    drop(ctl);
+    eventually("the gateway noticing the feed is gone", WAIT, || async {
+        (gw.metric("rebalancer_gateway_feed_connected", &[]).await == Some(0.0)).then_some(())
+    })
+    .await;
+    consul
+        .kv_put("rebalancer/ws/servers/s1", r#"{"state":"active"}"#)
+        .await;
+    let meanwhile = answered_by(&gw, 40).await;
+    assert_eq!(
+        meanwhile.into_iter().collect::<Vec<_>>(),
+        vec!["s2".to_string()],
+        "with the controller away, the gateway routes on its last snapshot"
+    );
+
+    // Back on the same address: the gateway reconnects and sees s1 active again.
+    let _ctl = Controller::start(&dir, &toml, port);
+    eventually(
+        "the gateway following the restarted controller",
+        WAIT,
+        || async {
+            (gw.metric("rebalancer_gateway_feed_connected", &[]).await == Some(1.0)).then_some(())
+        },
+    )
+    .await;
+    eventually("the uncordoned server routed to again", WAIT, || async {
+        (answered_by(&gw, 20).await.len() == 2).then_some(())
+    })
+    .await;
+    assert!(
+        gw.log()
+            .contains("topology feed lost; routing on the last snapshot"),
+        "the gateway says why it routes on an old snapshot"
+    );
+}

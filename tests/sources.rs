@@ -244,7 +244,12 @@ async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() 
     }
     let rec = Arc::new(Recording::default());
     let stop = CancellationToken::new();
-    let task = tokio::spawn(rebalancer::pipeline::run(c, rec.clone(), stop.clone()));
+    let task = tokio::spawn(rebalancer::pipeline::run(
+        c,
+        rec.clone(),
+        stop.clone(),
+        None,
+    ));
     let labels = [("pipeline", "gap")];
     eventually("a synced snapshot of 30 sessions", WAIT, || {
         let text = handle.render();

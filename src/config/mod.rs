@@ -105,6 +105,8 @@ pub struct GatewayConfig {
     pub target_port: Option<u16>,
     pub shared_accounting: bool,
     pub redis_timeout: Duration,
+    /// The watch URL of the controller's topology feed to route from, when set.
+    pub topology_feed: Option<String>,
 }
 
 /// Container scaling with Docker.
@@ -532,7 +534,7 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
     let max_per_round = ck.at_least("scale.max_per_round", s.max_per_round, 1);
 
     let docker = s.docker.as_ref().map(|d| compile_docker(d, &raw.name, ck));
-    let gateway = compile_gateway(&raw.gateway.clone().unwrap_or_default(), ck);
+    let gateway = compile_gateway(&raw.gateway.clone().unwrap_or_default(), &raw.name, ck);
 
     let halt = ck.range(
         "safety.halt_unhealthy_fraction",
@@ -617,7 +619,7 @@ fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
     }
 }
 
-fn compile_gateway(g: &raw::RawGateway, ck: &mut Checker) -> GatewayConfig {
+fn compile_gateway(g: &raw::RawGateway, pipeline: &str, ck: &mut Checker) -> GatewayConfig {
     let mut addr = |key: &str, v: &str| match v.parse::<SocketAddr>() {
         Ok(a) => a,
         Err(e) => {
@@ -655,6 +657,16 @@ fn compile_gateway(g: &raw::RawGateway, ck: &mut Checker) -> GatewayConfig {
             None
         }
     };
+    let topology_feed = match g.topology_feed.trim() {
+        "" => None,
+        url => match crate::feed::watch_url(url, pipeline) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                ck.err("gateway.topology_feed", e.to_string());
+                None
+            }
+        },
+    };
     GatewayConfig {
         listen,
         metrics_listen,
@@ -677,6 +689,7 @@ fn compile_gateway(g: &raw::RawGateway, ck: &mut Checker) -> GatewayConfig {
         target_port,
         shared_accounting: g.shared_accounting,
         redis_timeout: ck.duration("gateway.redis_timeout", &g.redis_timeout),
+        topology_feed,
     }
 }
 

@@ -60,6 +60,9 @@ pub struct RawGateway {
     pub shared_accounting: bool,
     /// Longest wait on Redis for the shared accounting.
     pub redis_timeout: String,
+    /// The controller's feed (`http://host:port`, its metrics.listen) to route from, instead
+    /// of watching Consul and Redis; empty: watch them.
+    pub topology_feed: String,
 }
 
 impl Default for RawGateway {
@@ -86,6 +89,7 @@ impl Default for RawGateway {
             target_port: 0,
             shared_accounting: false,
             redis_timeout: "50ms".into(),
+            topology_feed: String::new(),
         }
     }
 }

@@ -762,8 +762,12 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| GatewayError::Listen { addr, source })?;
-    let (topology, _fold) =
-        crate::pipeline::spawn_topology(&cfg, Events::new(&cfg.name), shutdown.clone())?;
+    // The fleet: from the controller's feed when one is set, else from the controller's own
+    // sources and snapshot code, run here.
+    let (topology, _fold) = match &gw_cfg.topology_feed {
+        Some(url) => crate::feed::follow(url.clone(), shutdown.clone()),
+        None => crate::pipeline::spawn_topology(&cfg, Events::new(&cfg.name), shutdown.clone())?,
+    };
     let accounting = if gw_cfg.shared_accounting {
         match accounting::Accounting::new(&cfg.redis.url, &cfg.service, gw_cfg.redis_timeout) {
             Ok(a) => Some(a),
