@@ -99,9 +99,9 @@ ticks() {
   done
   echo "$total"
 }
-measure() { # name url pid -> "name rps p50 p99 cpu_us_per_request"
+measure() { # name url pid [threads conns] -> "name rps p50 p99 cpu_us_per_request"
   local before after out; before=$(ticks "$3")
-  out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$2")
+  out=$(wrk -t"${4:-$THREADS}" -c"${5:-$CONNS}" -d"$DURATION" --latency "$2")
   after=$(ticks "$3")
   local rps p50 p99 total
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -131,6 +131,26 @@ for r in "${results[@]}"; do
   added=$(awk -v a="$(to_ms "$p99")" -v b="$(to_ms "$d_p99")" 'BEGIN { printf "%.2f ms", a-b }')
   ratio=$(awk -v a="$rps" -v b="$h_rps" 'BEGIN { printf "%.2f", a/b }')
   echo "| $name | $rps | $p50 | $p99 | $added | $ratio | $cpu µs |"
+done
+
+# Latency a proxy adds when it is not saturated: one connection, one request at a time, so
+# no request waits behind another for a CPU (under the load above, all of them do).
+echo
+echo "wrk -t1 -c1 -d$DURATION --latency: one request at a time"
+echo
+echo "| target | requests/s | p50 | p99 | p50 added | p99 added |"
+echo "|---|---|---|---|---|---|"
+serial=()
+serial+=("$(measure direct "http://127.0.0.1:${backends[0]}/hello" "$bpid" 1 1)")
+serial+=("$(measure gateway "http://127.0.0.1:$gport/hello" "$gpid" 1 1)")
+serial+=("$(measure haproxy "http://127.0.0.1:$hport/hello" "$hpid" 1 1)")
+serial+=("$(measure nginx "http://127.0.0.1:$nport/hello" "$npid" 1 1)")
+read -r _ _ d_p50 d_p99 _ <<<"${serial[0]}"
+for r in "${serial[@]}"; do
+  read -r name rps p50 p99 _ <<<"$r"
+  a50=$(awk -v a="$(to_ms "$p50")" -v b="$(to_ms "$d_p50")" 'BEGIN { printf "%.3f ms", a-b }')
+  a99=$(awk -v a="$(to_ms "$p99")" -v b="$(to_ms "$d_p99")" 'BEGIN { printf "%.3f ms", a-b }')
+  echo "| $name | $rps | $p50 | $p99 | $a50 | $a99 |"
 done
 
 # Memory per idle WebSocket through the gateway.
