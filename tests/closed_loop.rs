@@ -90,6 +90,7 @@ async fn a_piled_up_fleet_converges_moving_close_to_the_minimum_and_losing_no_cl
     })
     .await;
     sheds_settled(&ctl, &redis, 150).await;
+    load.until_connected(150).await;
     let summary = load.finish();
     let acks = redis.acks("ws").await;
     let moved = shed_in_acks(&acks);
@@ -161,6 +162,7 @@ async fn a_rolling_restart_moves_clients_away_and_the_fleet_rebalances_onto_the_
         c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
     })
     .await;
+    load.until_connected(150).await;
     let summary = load.finish();
     println!("rolling restart: during {during:?} after {after:?} loadgen {summary}");
     assert!(

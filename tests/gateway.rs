@@ -160,6 +160,7 @@ async fn closed_loop(reconnect: &str) -> (u64, usize) {
     })
     .await;
     sheds_settled(&ctl, &redis, 150).await;
+    load.until_connected(150).await;
     let summary = load.finish();
     let acks = redis.acks("ws").await;
     let moved: u64 = acks.iter().map(|a| a["shed"].parse::<u64>().unwrap()).sum();

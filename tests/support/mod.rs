@@ -754,6 +754,7 @@ impl Drop for DemoServer {
 pub struct Loadgen {
     child: Option<Child>,
     out: PathBuf,
+    progress: PathBuf,
 }
 
 impl Loadgen {
@@ -771,7 +772,24 @@ impl Loadgen {
         Loadgen {
             child: Some(child),
             out,
+            progress: dir.join("progress.log"),
         }
+    }
+
+    /// Waits until the load generator itself (its progress line, once a second) counts
+    /// `n` clients connected: the servers count a session a moment before its client
+    /// hears the upgrade answer.
+    pub async fn until_connected(&self, n: u64) {
+        let want = format!("connected {n:>5}/");
+        eventually(
+            &format!("the load generator to see {n} clients connected"),
+            WAIT,
+            || async {
+                let text = std::fs::read_to_string(&self.progress).unwrap_or_default();
+                text.lines().last()?.contains(&want).then_some(())
+            },
+        )
+        .await;
     }
 
     pub fn finish(&mut self) -> serde_json::Value {
