@@ -46,6 +46,7 @@ pub const GW_RETRIES: &str = "rebalancer_gateway_retries_total";
 pub const GW_CIRCUIT: &str = "rebalancer_gateway_circuit_state";
 pub const GW_BACKEND_UP: &str = "rebalancer_gateway_backend_up";
 pub const GW_FEED_CONNECTED: &str = "rebalancer_gateway_feed_connected";
+pub const GW_SERVER_CONNECTIONS: &str = "rebalancer_gateway_server_connections_total";
 pub const GW_CACHE: &str = "rebalancer_gateway_cache_total";
 pub const PROVISION: &str = "rebalancer_provision_seconds";
 
@@ -198,6 +199,11 @@ pub const METRICS: &[(&str, Unit, &str)] = &[
         GW_CACHE,
         Unit::Count,
         "Static cache lookups and stores by result: hit, miss, store",
+    ),
+    (
+        GW_SERVER_CONNECTIONS,
+        Unit::Count,
+        "Keep-alive connections to the servers a client connection took, by source: opened, pool",
     ),
     (
         GW_FEED_CONNECTED,

@@ -298,6 +298,41 @@ async fn idle_keep_alive_clients_are_closed_and_servers_learn_who_the_client_was
         );
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
+    drop(busy);
+
+    // Clients that open a connection per request still reuse the gateway's connections to
+    // the server: each ended client connection leaves its idle one in the shared pool.
+    let metric = |source: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(
+                "rebalancer_gateway_server_connections_total",
+                &[("source", source)],
+            )
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    let (opened, pooled) = (metric("opened").await, metric("pool").await);
+    let one_shot = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        let r = one_shot.get(gw.http_url("/hello")).send().await.unwrap();
+        assert!(r.status().is_success());
+        r.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (opened, pooled) = (
+        metric("opened").await - opened,
+        metric("pool").await - pooled,
+    );
+    println!("20 one-request clients: {opened} server connections opened, {pooled} from the pool");
+    assert!(
+        pooled >= 15.0 && opened <= 5.0,
+        "server connections reused across client connections: {opened} opened, {pooled} pooled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 pub mod accounting;
 pub mod cache;
 pub mod health;
+pub mod pool;
 pub mod route;
 
 use std::collections::{HashMap, VecDeque};
@@ -45,6 +46,7 @@ use cache::StaticCache;
 use health::{Active, Breaker};
 use route::{choose, ramp, Candidate, Kind};
 
+use crate::telemetry::GW_SERVER_CONNECTIONS as SERVER_CONNECTIONS;
 use crate::telemetry::{GW_BACKEND_UP as BACKEND_UP, GW_CACHE as CACHE, GW_CIRCUIT as CIRCUIT};
 use crate::telemetry::{GW_REQUESTS as REQUESTS, GW_REQUEST_DURATION as REQUEST_DURATION};
 use crate::telemetry::{GW_RETRIES as RETRIES, GW_WS_OPEN as WS_OPEN};
@@ -86,6 +88,11 @@ struct Shared {
     backends: Mutex<HashMap<Arc<str>, Backend>>,
     cache: StaticCache,
     http_duration: metrics::Histogram,
+    /// Idle server connections left by client connections that ended.
+    pool: pool::IdlePool<SendRequest<Full<Bytes>>>,
+    /// `server_connections_total{source="opened"}` and `{source="pool"}`.
+    opened: metrics::Counter,
+    pooled: metrics::Counter,
     requests: AtomicU64,
     retries: AtomicU64,
     accounting: Option<accounting::Accounting>,
@@ -134,6 +141,9 @@ impl Gateway {
             backends: Mutex::new(HashMap::new()),
             cache,
             http_duration: histogram!(REQUEST_DURATION, "kind" => "http"),
+            pool: pool::IdlePool::new(POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
+            opened: counter!(SERVER_CONNECTIONS, "source" => "opened"),
+            pooled: counter!(SERVER_CONNECTIONS, "source" => "pool"),
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             accounting,
@@ -325,6 +335,10 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 type Drive = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Idle server connections kept in the shared pool, per server, and for how long.
+const POOL_MAX_IDLE_PER_SERVER: usize = 256;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// A kept HTTP/1 connection to one server.
 type Kept = (Arc<str>, SendRequest<Full<Bytes>>);
 
@@ -361,6 +375,16 @@ impl Upstreams {
                 .position(|(id, _)| *id == target.id)
                 .map(|i| kept.swap_remove(i).1)
         };
+        // None of its own: one another client connection left idle, before a new one.
+        let kept = kept.or_else(|| {
+            let s =
+                g.0.pool
+                    .take(&target.id, Instant::now(), |s| !s.is_closed());
+            if s.is_some() {
+                g.0.pooled.increment(1);
+            }
+            s
+        });
         if let Some(mut sender) = kept {
             if sender.ready().await.is_ok() {
                 match sender.try_send_request(req).await {
@@ -394,6 +418,7 @@ impl Upstreams {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| SendFailure::NotSent(format!("handshake: {e}")))?;
+        g.0.opened.increment(1);
         let id = target.id.clone();
         let driven: Drive = Box::pin(async move {
             if let Err(e) = conn.await {
@@ -437,9 +462,10 @@ async fn serve_connection(
         drive,
     });
     let idle = g.0.cfg.idle_timeout;
+    let (gw, ups) = (g.clone(), up.clone());
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let g = g.clone();
-        let up = up.clone();
+        let g = gw.clone();
+        let up = ups.clone();
         async move { Ok::<_, Infallible>(handle(g, up, req.map(Body::new)).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -466,6 +492,21 @@ async fn serve_connection(
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+    // The idle server connections outlive this client: into the shared pool, driven from
+    // now on by a task of their own, which ends when the last of them closes.
+    let kept = std::mem::take(&mut *up.kept.lock().expect("not poisoned"));
+    let now = Instant::now();
+    for (id, sender) in kept {
+        if sender.is_ready() && !stopping {
+            let _ = g.0.pool.put(id, sender, now); // when full, dropping it closes it
+        }
+    }
+    while let Ok(f) = driven.try_recv() {
+        upstream.push(f);
+    }
+    if !upstream.is_empty() {
+        tokio::spawn(async move { while upstream.next().await.is_some() {} });
     }
 }
 
@@ -785,6 +826,18 @@ pub async fn run(
         .cache
         .spawn_collector(Duration::from_secs(5), shutdown.clone());
     tokio::spawn(gateway.clone().check_health(shutdown.clone()));
+    {
+        let (g, stop) = (gateway.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(POOL_IDLE_TIMEOUT / 4);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => { g.0.pool.prune(Instant::now()); }
+                }
+            }
+        });
+    }
     tracing::info!(%addr, service = %cfg.service, metrics = %gw_cfg.metrics_listen, "gateway up");
     let connections = tokio_util::task::TaskTracker::new();
     loop {
