@@ -334,18 +334,20 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// A server connection's future, to be polled by the task of the client connection it serves.
 type Drive = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A kept HTTP/1 connection to one server.
+type Kept = (Arc<str>, SendRequest<Full<Bytes>>);
 
 /// Idle server connections kept in the shared pool, per server, and for how long.
 const POOL_MAX_IDLE_PER_SERVER: usize = 256;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// A kept HTTP/1 connection to one server.
-type Kept = (Arc<str>, SendRequest<Full<Bytes>>);
 
 /// The servers' side of one client connection: a keep-alive connection to each server its
 /// requests went to. Their connection futures are polled by the client connection's own task
-/// (handed over on `drive`), so a request and its answer never cross to another task: the
-/// cross-task wake-ups of a shared pool cost more than the proxying itself (BENCHMARKS.md).
+/// (handed over on `drive`), so a request and its answer never cross to another task: with
+/// every connection in a pool task of its own, those wake-ups cost more than the proxying
+/// itself (BENCHMARKS.md). Only connections left by ended client connections are shared.
 struct Upstreams {
     peer: SocketAddr,
     kept: Mutex<Vec<Kept>>,
