@@ -91,5 +91,5 @@ loadgen=$!
 sleep 8
 "$bin" run --pipeline "$work/pipeline.toml" >"$work/controller.log" 2>&1 &
 pids+=($!)
-echo "demo: controller started (metrics http://127.0.0.1:$METRICS_PORT/metrics)"
+echo "demo: controller started (metrics http://127.0.0.1:$METRICS_PORT/metrics, topology http://127.0.0.1:$METRICS_PORT/v1/topology)"
 wait "$loadgen"
