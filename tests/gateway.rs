@@ -220,6 +220,13 @@ async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(answered[20..].iter().all(|s| s == "s1"), "{answered:?}");
+    eventually("the active check to mark s2 down", WAIT, || async {
+        (gw.metric("rebalancer_gateway_backend_up", &[("backend", "s2")])
+            .await
+            == Some(0.0))
+        .then_some(())
+    })
+    .await;
     servers[1].restart();
     eventually("s2 restored", LOOP_WAIT, || async {
         for _ in 0..20 {
@@ -234,11 +241,11 @@ async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
         None
     })
     .await;
-    assert!(
-        gw.metric("rebalancer_gateway_retries_total", &[])
-            .await
-            .unwrap_or(0.0)
-            >= 0.0
+    assert_eq!(
+        gw.metric("rebalancer_gateway_backend_up", &[("backend", "s2")])
+            .await,
+        Some(1.0),
+        "s2 answers again but the gateway does not report it up"
     );
 }
 

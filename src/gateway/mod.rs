@@ -297,7 +297,14 @@ impl Gateway {
                         0.0
                     });
                 }
-                backends.retain(|id, _| t.get(id).is_some());
+                // A server that left the fleet is not up: say so, not its last check.
+                backends.retain(|id, _| {
+                    let stays = t.get(id).is_some();
+                    if !stays {
+                        gauge!(BACKEND_UP, "backend" => id.to_string()).set(0.0);
+                    }
+                    stays
+                });
             }
             tokio::select! {
                 _ = stop.cancelled() => return,

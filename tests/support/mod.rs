@@ -779,14 +779,25 @@ impl Loadgen {
     /// Waits until the load generator itself (its progress line, once a second) counts
     /// `n` clients connected: the servers count a session a moment before its client
     /// hears the upgrade answer.
+    /// Waits for a progress line, written after this call began, that shows `n` clients
+    /// connected. Lines are written once a second, so the last one may predate a shed the
+    /// caller has already seen settle in Redis: it must not count.
     pub async fn until_connected(&self, n: u64) {
         let want = format!("connected {n:>5}/");
+        let lines = || {
+            std::fs::read_to_string(&self.progress)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let seen = lines().len();
         eventually(
             &format!("the load generator to see {n} clients connected"),
             WAIT,
             || async {
-                let text = std::fs::read_to_string(&self.progress).unwrap_or_default();
-                text.lines().last()?.contains(&want).then_some(())
+                let now = lines();
+                (now.len() > seen && now.last()?.contains(&want)).then_some(())
             },
         )
         .await;
