@@ -162,6 +162,7 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
         .route("/ws", get(upgrade))
         .route("/hello", get(hello))
         .route("/slow", get(slow))
+        .route("/echo", axum::routing::any(echo))
         .route("/static/{*file}", get(static_file))
         .with_state(app);
     let http_stop = CancellationToken::new();
@@ -212,6 +213,21 @@ async fn slow(
     let ms = q.get("ms").copied().unwrap_or(100).min(10_000);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     axum::Json(serde_json::json!({ "server": &*app.id, "slept_ms": ms })).into_response()
+}
+
+/// Sends back the method and the request body, in pieces of unknown total length (so
+/// `Transfer-Encoding: chunked`): for trying how a proxy relays bodies.
+async fn echo(
+    State(app): State<App>,
+    method: axum::http::Method,
+    body: axum::body::Bytes,
+) -> Response {
+    let pieces: Vec<Result<axum::body::Bytes, std::convert::Infallible>> = vec![
+        Ok(format!("{method} {} bytes from {}\n", body.len(), app.id).into()),
+        Ok(body),
+        Ok("\nend\n".into()),
+    ];
+    axum::body::Body::from_stream(futures::stream::iter(pieces)).into_response()
 }
 
 /// A cacheable "static" file that names the server it came from.
