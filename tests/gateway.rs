@@ -241,12 +241,14 @@ async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
         None
     })
     .await;
-    assert_eq!(
-        gw.metric("rebalancer_gateway_backend_up", &[("backend", "s2")])
-            .await,
-        Some(1.0),
-        "s2 answers again but the gateway does not report it up"
-    );
+    // The gauge follows at the next check.
+    eventually("the gateway to report s2 up again", WAIT, || async {
+        (gw.metric("rebalancer_gateway_backend_up", &[("backend", "s2")])
+            .await
+            == Some(1.0))
+        .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,4 +589,104 @@ async fn the_gateway_follows_the_controllers_feed_and_routes_on_while_the_contro
             .contains("topology feed lost; routing on the last snapshot"),
         "the gateway says why it routes on an old snapshot"
     );
+}
+
+/// Reads from `s` until the server closes (10 s at most).
+async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+        .await
+        .expect("the gateway closes the connection within 10 s")
+        .expect("reading from the gateway");
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_asked() {
+    use tokio::io::AsyncWriteExt;
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _servers = fleet(&redis, &consul, 1).await;
+    let gw = GatewayProc::start(&redis, &consul).await;
+    eventually("the gateway serving", WAIT, || async {
+        let r = reqwest::get(gw.http_url("/hello")).await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+
+    // Four requests in one write: answered in order, the chunked one relayed as chunks, the
+    // HEAD without a body, and the connection closed after the one that asks for it.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let pipelined = "GET /hello HTTP/1.1\r\nHost: gw\r\n\r\n\
+         POST /echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 11\r\n\r\nhello world\
+         HEAD /hello HTTP/1.1\r\nHost: gw\r\n\r\n\
+         GET /hello HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
+    s.write_all(pipelined.as_bytes()).await.unwrap();
+    let all = read_to_close(&mut s).await;
+    assert_eq!(all.matches("HTTP/1.1 200 OK\r\n").count(), 4, "{all}");
+    let echo = all.split("HTTP/1.1 200 OK\r\n").nth(2).unwrap();
+    assert!(
+        echo.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked\r\n"),
+        "{echo}"
+    );
+    assert!(echo.contains("POST 11 bytes from s1\n"), "{echo}");
+    assert!(
+        echo.contains("hello world") && echo.contains("\r\n0\r\n\r\n"),
+        "{echo}"
+    );
+    let head = all.split("HTTP/1.1 200 OK\r\n").nth(3).unwrap();
+    assert!(
+        head.ends_with("\r\n\r\n") && !head.contains('{'),
+        "a HEAD answer has no body: {head}"
+    );
+    let last = all.split("HTTP/1.1 200 OK\r\n").nth(4).unwrap();
+    assert!(
+        last.to_ascii_lowercase().contains("connection: close\r\n"),
+        "{last}"
+    );
+    assert!(last.contains("\"server\":\"s1\""), "{last}");
+
+    // A body larger than one read, both ways.
+    let big: String = (0..200_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let echoed = reqwest::Client::new()
+        .post(gw.http_url("/echo"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(echoed, format!("POST 200000 bytes from s1\n{big}\nend\n"));
+
+    // A plain request, then one this path leaves to hyper (a chunked request body), then a
+    // plain one again: one connection, three answers.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let mixed = "GET /hello HTTP/1.1\r\nHost: gw\r\n\r\n\
+         POST /echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nchunk\r\n0\r\n\r\n\
+         GET /hello HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
+    s.write_all(mixed.as_bytes()).await.unwrap();
+    let all = read_to_close(&mut s).await;
+    assert_eq!(all.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{all}");
+    assert!(
+        all.contains("POST 5 bytes from s1\n") && all.contains("\r\nchunk\r\n"),
+        "{all}"
+    );
+
+    // No live server: a clear 503 at once, on the plain path too.
+    drop(_servers);
+    eventually("a 503 once the server is gone", LOOP_WAIT, || async {
+        let r = reqwest::get(gw.http_url("/hello")).await.ok()?;
+        let status = r.status();
+        let text = r.text().await.ok()?;
+        (status == 503 && text.contains("no server can take this request")).then_some(())
+    })
+    .await;
 }

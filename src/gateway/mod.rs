@@ -6,6 +6,7 @@
 
 pub mod accounting;
 pub mod cache;
+mod forward;
 pub mod health;
 pub mod pool;
 pub mod route;
@@ -90,6 +91,8 @@ struct Shared {
     http_duration: metrics::Histogram,
     /// Idle server connections left by client connections that ended.
     pool: pool::IdlePool<SendRequest<Full<Bytes>>>,
+    /// The same for the plain forwarding path (`forward`), which keeps raw connections.
+    raw_pool: pool::IdlePool<std::net::TcpStream>,
     /// `server_connections_total{source="opened"}` and `{source="pool"}`.
     opened: metrics::Counter,
     pooled: metrics::Counter,
@@ -142,6 +145,7 @@ impl Gateway {
             cache,
             http_duration: histogram!(REQUEST_DURATION, "kind" => "http"),
             pool: pool::IdlePool::new(POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
+            raw_pool: pool::IdlePool::new(POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
             opened: counter!(SERVER_CONNECTIONS, "source" => "opened"),
             pooled: counter!(SERVER_CONNECTIONS, "source" => "pool"),
             requests: AtomicU64::new(0),
@@ -458,12 +462,10 @@ impl Upstreams {
 
 /// Serves one client connection until it closes, or until `stop` (then after the request in
 /// progress). Keep-alive connections that send nothing for `idle_timeout` are closed.
-async fn serve_connection(
-    g: Gateway,
-    stream: TcpStream,
-    peer: SocketAddr,
-    stop: CancellationToken,
-) {
+async fn serve_connection<S>(g: Gateway, stream: S, peer: SocketAddr, stop: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (drive, mut driven) = mpsc::unbounded_channel::<Drive>();
     let up = Arc::new(Upstreams {
         peer,
@@ -656,10 +658,11 @@ fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> HeaderValue {
 }
 
 fn idempotent(m: &axum::http::Method) -> bool {
-    matches!(
-        m.as_str(),
-        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-    )
+    idempotent_name(m.as_str())
+}
+
+fn idempotent_name(m: &str) -> bool {
+    matches!(m, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
 }
 
 async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
@@ -842,7 +845,10 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = every.tick() => { g.0.pool.prune(Instant::now()); }
+                    _ = every.tick() => {
+                        g.0.pool.prune(Instant::now());
+                        g.0.raw_pool.prune(Instant::now());
+                    }
                 }
             }
         });
@@ -863,12 +869,22 @@ pub async fn run(
             },
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(serve_connection(
-            gateway.clone(),
-            stream,
-            peer,
-            shutdown.clone(),
-        ));
+        if gateway.0.accounting.is_some() {
+            // Shared accounting holds a slot in Redis per request: hyper's path does that.
+            connections.spawn(serve_connection(
+                gateway.clone(),
+                stream,
+                peer,
+                shutdown.clone(),
+            ));
+        } else {
+            connections.spawn(forward::serve(
+                gateway.clone(),
+                stream,
+                peer,
+                shutdown.clone(),
+            ));
+        }
     }
     // Requests in progress finish (each connection closes after its current one).
     connections.close();

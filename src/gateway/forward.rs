@@ -1,0 +1,956 @@
+//! The HTTP/1 forwarding path for plain requests.
+//!
+//! Most of what a gateway forwards is small keep-alive requests. For those, hyper's server
+//! and client on either side cost the gateway about twice HAProxy's CPU per request
+//! (BENCHMARKS.md), almost all of it building and copying header maps that a proxy only
+//! passes on. Here a request's head is parsed in place with `httparse`, rewritten into one
+//! buffer (hop-by-hop headers out; `Host` and `X-Forwarded-For` set) and written to a
+//! keep-alive server connection; the response head is parsed the same way and relayed with
+//! its body, framed by `Content-Length`, `chunked` or the server closing.
+//!
+//! Everything else is hyper's: a request with an upgrade, a chunked or large body, an
+//! `Expect`, HTTP/1.0, a cached path, a head `httparse` refuses, or shared accounting. The
+//! connection, with the bytes already read, goes to `serve_connection` for the rest of its
+//! life, so the rules of HTTP that this path does not implement are never guessed at.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::route::Kind;
+use super::{counter, Gateway, Target, HOP_BY_HOP, REQUESTS};
+
+/// A request head larger than this goes to hyper (which answers 431 past its own limit).
+const MAX_HEAD: usize = 64 * 1024;
+/// A request body up to this size is read here (kept for a retry); a larger one goes to
+/// hyper.
+const MAX_BODY: usize = 1 << 20;
+/// Headers parsed in place; a request with more goes to hyper.
+const MAX_HEADERS: usize = 64;
+/// A response with more headers than this is answered 502.
+const MAX_RESPONSE_HEADERS: usize = 128;
+/// Read size for relayed bodies.
+const CHUNK: usize = 16 * 1024;
+
+/// What a parsed request asks of this path.
+#[derive(Debug, PartialEq)]
+pub(super) enum Parsed {
+    /// More bytes are needed for the head.
+    Partial,
+    /// Not for this path: hand the connection to hyper.
+    Fallback(&'static str),
+    Forward(Plan),
+}
+
+/// A request this path forwards: its head rewritten, less `Host` and the blank line (they
+/// depend on the server chosen), and what the response relay needs to know.
+#[derive(Debug, PartialEq)]
+pub(super) struct Plan {
+    pub head_len: usize,
+    pub body_len: usize,
+    pub head: Vec<u8>,
+    pub idempotent: bool,
+    pub method_head: bool,
+    pub client_close: bool,
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+fn listed_in(connection: &[&[u8]], name: &str) -> bool {
+    connection.iter().any(|v| has_token(v, name))
+}
+
+/// Parses the request head at the start of `buf` and plans its forwarding. Pure: the
+/// decision whether this path or hyper serves it, and the bytes to send.
+pub(super) fn plan(buf: &[u8], client_ip: &str, cached: impl Fn(&str) -> bool) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Parsed::Fallback("a large head")
+        }
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Fallback("a head httparse refuses"),
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Fallback("not HTTP/1.1");
+    };
+    if method == "CONNECT" || !path.starts_with('/') {
+        return Parsed::Fallback("not an origin-form request");
+    }
+    if method == "GET" && cached(path.split('?').next().unwrap_or(path)) {
+        return Parsed::Fallback("a cached path");
+    }
+    let connection: Vec<&[u8]> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| h.value)
+        .collect();
+    let mut body_len = None;
+    let mut prior_xff: Vec<&[u8]> = Vec::new();
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+        {
+            return Parsed::Fallback("an upgrade, a chunked body or an expectation");
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            match (n, body_len) {
+                (Some(n), None) if n <= MAX_BODY => body_len = Some(n),
+                _ => return Parsed::Fallback("a large, repeated or invalid Content-Length"),
+            }
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            prior_xff.push(h.value);
+        }
+    }
+    if listed_in(&connection, "upgrade") {
+        return Parsed::Fallback("an upgrade");
+    }
+    let mut head = Vec::with_capacity(head_len + 64);
+    head.extend_from_slice(method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in req.headers.iter() {
+        let name = h.name;
+        if HOP_BY_HOP.iter().any(|x| x.eq_ignore_ascii_case(name))
+            || name.eq_ignore_ascii_case("x-forwarded-for")
+            || listed_in(&connection, name)
+        {
+            continue;
+        }
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(h.value);
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = body_len {
+        head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"x-forwarded-for: ");
+    for prior in prior_xff.iter().filter(|v| !v.trim_ascii().is_empty()) {
+        head.extend_from_slice(prior.trim_ascii());
+        head.extend_from_slice(b", ");
+    }
+    head.extend_from_slice(client_ip.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    Parsed::Forward(Plan {
+        head_len,
+        body_len: body_len.unwrap_or(0),
+        head,
+        idempotent: super::idempotent_name(method),
+        method_head: method == "HEAD",
+        client_close: listed_in(&connection, "close"),
+    })
+}
+
+/// How a response's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Framing {
+    Length(u64),
+    Chunked,
+    /// Until the server closes: the client connection closes after it too.
+    Close,
+}
+
+/// A parsed response head: the head to send the client, and how to relay what follows.
+#[derive(Debug, PartialEq)]
+pub(super) struct ResponseHead {
+    pub head_len: usize,
+    pub status: u16,
+    pub head: Vec<u8>,
+    pub framing: Framing,
+    /// The server keeps the connection open after this response.
+    pub reusable: bool,
+}
+
+/// Parses the response head at the start of `buf` (`None`: more bytes needed) and rewrites
+/// it for the client. `close_client` adds `Connection: close`.
+pub(super) fn response_head(
+    buf: &[u8],
+    method_head: bool,
+    close_client: bool,
+) -> Result<Option<ResponseHead>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err("a response head over 64 KiB".into())
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("an invalid response head ({e})")),
+    };
+    let status = resp.code.unwrap_or(0);
+    let version = resp.version.unwrap_or(0);
+    let connection: Vec<&[u8]> = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| h.value)
+        .collect();
+    let mut length = None;
+    let mut chunked = false;
+    let mut encoded = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or("an invalid Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length headers".into());
+            }
+            length = Some(n);
+        }
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            encoded = true;
+            // Only the last coding says whether the message is chunked.
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    let framing = if method_head || status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::Length(0)
+    } else if encoded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        length.map_or(Framing::Close, Framing::Length)
+    };
+    let reusable = framing != Framing::Close
+        && !listed_in(&connection, "close")
+        && (version == 1 || listed_in(&connection, "keep-alive"));
+    let close_client = close_client || framing == Framing::Close;
+    let mut head = Vec::with_capacity(head_len + 32);
+    head.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
+    head.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let name = h.name;
+        let keep = name.eq_ignore_ascii_case("content-length")
+            || (name.eq_ignore_ascii_case("transfer-encoding") && chunked);
+        if !keep
+            && (HOP_BY_HOP.iter().any(|x| x.eq_ignore_ascii_case(name))
+                || listed_in(&connection, name))
+        {
+            continue;
+        }
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(h.value);
+        head.extend_from_slice(b"\r\n");
+    }
+    if close_client && !(100..200).contains(&status) {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    Ok(Some(ResponseHead {
+        head_len,
+        status,
+        head,
+        framing,
+        reusable,
+    }))
+}
+
+/// Where a chunked body is, byte by byte: enough to know where it ends, so that it can be
+/// relayed as it came.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Chunked {
+    /// In a chunk-size line (size so far, whether an extension started).
+    Size(u64, bool),
+    /// After the size line's CR.
+    SizeLf(u64),
+    /// In chunk data, bytes left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataCr,
+    DataLf,
+    /// In the trailer section: at the start of a line, or inside one.
+    TrailerStart,
+    TrailerLine,
+    TrailerLf(bool),
+    Done,
+}
+
+impl Chunked {
+    pub fn new() -> Chunked {
+        Chunked::Size(0, false)
+    }
+
+    /// Consumes from `data` up to the end of the body; returns how many bytes belong to it.
+    /// The body is complete when the state is `Done`.
+    pub fn advance(&mut self, data: &[u8]) -> Result<usize, &'static str> {
+        let mut i = 0;
+        while i < data.len() && *self != Chunked::Done {
+            let b = data[i];
+            *self = match *self {
+                Chunked::Size(n, ext) => match b {
+                    b'\r' => Chunked::SizeLf(n),
+                    _ if ext => Chunked::Size(n, true),
+                    b';' | b' ' | b'\t' => Chunked::Size(n, true),
+                    _ => {
+                        let d = (b as char).to_digit(16).ok_or("an invalid chunk size")?;
+                        let n = n
+                            .checked_mul(16)
+                            .and_then(|n| n.checked_add(u64::from(d)))
+                            .ok_or("a chunk size overflows")?;
+                        Chunked::Size(n, false)
+                    }
+                },
+                Chunked::SizeLf(n) => match (b, n) {
+                    (b'\n', 0) => Chunked::TrailerStart,
+                    (b'\n', n) => Chunked::Data(n),
+                    _ => return Err("a chunk size line without LF"),
+                },
+                Chunked::Data(n) => {
+                    let take = (data.len() - i).min(usize::try_from(n).unwrap_or(usize::MAX));
+                    i += take;
+                    let left = n - take as u64;
+                    *self = if left == 0 {
+                        Chunked::DataCr
+                    } else {
+                        Chunked::Data(left)
+                    };
+                    continue;
+                }
+                Chunked::DataCr if b == b'\r' => Chunked::DataLf,
+                Chunked::DataLf if b == b'\n' => Chunked::Size(0, false),
+                Chunked::DataCr | Chunked::DataLf => return Err("chunk data without CRLF"),
+                Chunked::TrailerStart => match b {
+                    b'\r' => Chunked::TrailerLf(true),
+                    _ => Chunked::TrailerLine,
+                },
+                Chunked::TrailerLine => match b {
+                    b'\r' => Chunked::TrailerLf(false),
+                    _ => Chunked::TrailerLine,
+                },
+                Chunked::TrailerLf(last) => match (b, last) {
+                    (b'\n', true) => Chunked::Done,
+                    (b'\n', false) => Chunked::TrailerStart,
+                    _ => return Err("a trailer line without LF"),
+                },
+                Chunked::Done => Chunked::Done,
+            };
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+/// A keep-alive connection to one server, with what it sent past the last response.
+struct ServerConn {
+    id: Arc<str>,
+    stream: TcpStream,
+    buf: BytesMut,
+    /// Reused from before: a failure before the first response byte may mean the server
+    /// closed it while idle.
+    reused: bool,
+}
+
+impl ServerConn {
+    /// False when the server closed the idle connection (or sent something unasked).
+    fn still_open(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Why one attempt at a server failed.
+enum Failure {
+    /// The request never reached the server: safe to send elsewhere.
+    NotSent(String),
+    /// It may have been sent.
+    Sent(String),
+}
+
+/// What became of a request after its response head.
+enum Relayed {
+    /// The response went out whole; the client connection stays open.
+    KeepAlive,
+    /// The response went out, or broke after it started; close the client connection.
+    Close,
+}
+
+/// Serves one client connection until it closes, `stop`, or a request this path leaves to
+/// hyper (then hyper serves the rest).
+pub(super) async fn serve(
+    g: Gateway,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let ip = peer.ip().to_string();
+    let mut cbuf = BytesMut::with_capacity(4096);
+    let mut servers: Vec<ServerConn> = Vec::new();
+    let mut wire: Vec<u8> = Vec::with_capacity(4096);
+    let idle = g.0.cfg.idle_timeout;
+    loop {
+        // The next request's head, within the idle timeout.
+        let deadline = Instant::now() + idle;
+        let plan = loop {
+            match plan(&cbuf, &ip, |p| g.0.cache.covers(p)) {
+                Parsed::Forward(p) => break p,
+                Parsed::Fallback(why) => {
+                    tracing::trace!(%peer, why, "to hyper");
+                    park(&g, servers);
+                    let rest = Rewind {
+                        prefix: cbuf,
+                        inner: client,
+                    };
+                    super::serve_connection(g, rest, peer, stop).await;
+                    return;
+                }
+                Parsed::Partial => {}
+            }
+            let read = tokio::select! {
+                _ = stop.cancelled() => None,
+                r = tokio::time::timeout_at(deadline, client.read_buf(&mut cbuf)) => match r {
+                    Ok(Ok(n)) if n > 0 => Some(()),
+                    _ => None,
+                },
+            };
+            if read.is_none() {
+                park(&g, servers);
+                return;
+            }
+        };
+        cbuf.advance(plan.head_len);
+        while cbuf.len() < plan.body_len {
+            let r = tokio::time::timeout(g.0.cfg.request_timeout, client.read_buf(&mut cbuf)).await;
+            if !matches!(r, Ok(Ok(n)) if n > 0) {
+                park(&g, servers);
+                return;
+            }
+        }
+        let body = cbuf.split_to(plan.body_len);
+        g.0.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match forward(&g, &mut client, &mut servers, &mut wire, &plan, &body).await {
+            Relayed::KeepAlive if !plan.client_close => {}
+            _ => {
+                let _ = client.shutdown().await;
+                park(&g, servers);
+                return;
+            }
+        }
+    }
+}
+
+/// Sends one request (retrying as the hyper path does) and relays its response.
+async fn forward(
+    g: &Gateway,
+    client: &mut TcpStream,
+    servers: &mut Vec<ServerConn>,
+    wire: &mut Vec<u8>,
+    plan: &Plan,
+    body: &[u8],
+) -> Relayed {
+    let started = Instant::now();
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    loop {
+        let Some(target) = g.pick_with(&tried, Kind::Request, None) else {
+            counter!(REQUESTS, "backend" => "none", "outcome" => "no_backend").increment(1);
+            let why = if tried.is_empty() {
+                "no live server"
+            } else {
+                "every server tried failed"
+            };
+            let text = format!("no server can take this request: {why}\n");
+            return answer(client, 503, "Service Unavailable", &text, plan.client_close).await;
+        };
+        wire.clear();
+        wire.extend_from_slice(&plan.head);
+        wire.extend_from_slice(b"host: ");
+        wire.extend_from_slice(target.host.as_bytes());
+        wire.extend_from_slice(b"\r\n\r\n");
+        wire.extend_from_slice(body);
+        let attempt = tokio::time::timeout(
+            g.0.cfg.request_timeout,
+            exchange(
+                g,
+                &target,
+                servers,
+                wire,
+                plan.method_head,
+                plan.client_close,
+            ),
+        )
+        .await;
+        let failure = match attempt {
+            Ok(Ok((mut conn, head))) => {
+                let ok = head.status < 500 || head.status == 503;
+                g.outcome(&target, ok);
+                g.0.http_duration.record(started.elapsed().as_secs_f64());
+                target.ok.increment(1);
+                let relayed = relay(g, client, &mut conn, &head).await;
+                if head.reusable && conn.buf.is_empty() && matches!(relayed, Ok(())) {
+                    conn.reused = true;
+                    servers.push(conn);
+                }
+                return match relayed {
+                    Ok(()) if head.framing != Framing::Close => Relayed::KeepAlive,
+                    _ => Relayed::Close,
+                };
+            }
+            Ok(Err(f)) => f,
+            Err(_) => Failure::Sent(format!("no answer within {:?}", g.0.cfg.request_timeout)),
+        };
+        let (message, not_sent) = match failure {
+            Failure::NotSent(m) => (m, true),
+            Failure::Sent(m) => (m, false),
+        };
+        g.outcome(&target, false);
+        tried.push(target.id.clone());
+        let retry = not_sent || plan.idempotent;
+        if !retry || tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
+            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
+                .increment(1);
+            let text = format!("{} failed: {message}\n", target.id);
+            return answer(client, 502, "Bad Gateway", &text, plan.client_close).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
+    }
+}
+
+/// Writes `wire` to a connection to `target` and reads the response head. Interim (1xx)
+/// responses are not expected (requests with `Expect` go to hyper) and are dropped.
+async fn exchange(
+    g: &Gateway,
+    target: &Target,
+    servers: &mut Vec<ServerConn>,
+    wire: &[u8],
+    method_head: bool,
+    client_close: bool,
+) -> Result<(ServerConn, ResponseHead), Failure> {
+    let mut conn = take(g, target, servers).await?;
+    if let Err(e) = conn.stream.write_all(wire).await {
+        let m = format!("write: {e}");
+        return Err(if conn.reused {
+            Failure::NotSent(m)
+        } else {
+            Failure::Sent(m)
+        });
+    }
+    loop {
+        match response_head(&conn.buf, method_head, client_close) {
+            Ok(Some(head)) if (100..200).contains(&head.status) => {
+                conn.buf.advance(head.head_len);
+            }
+            Ok(Some(head)) => {
+                conn.buf.advance(head.head_len);
+                return Ok((conn, head));
+            }
+            Ok(None) => {}
+            Err(m) => return Err(Failure::Sent(m)),
+        }
+        match conn.stream.read_buf(&mut conn.buf).await {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Err(Failure::Sent("the server closed the connection".into())),
+            Err(e) => return Err(Failure::Sent(format!("read: {e}"))),
+        }
+    }
+}
+
+/// A connection to `target`: this client's own, one from the shared pool, or a new one.
+async fn take(
+    g: &Gateway,
+    target: &Target,
+    servers: &mut Vec<ServerConn>,
+) -> Result<ServerConn, Failure> {
+    while let Some(i) = servers.iter().position(|c| c.id == target.id) {
+        let conn = servers.swap_remove(i);
+        if conn.still_open() {
+            return Ok(conn);
+        }
+    }
+    let now = Instant::now();
+    // Closed by the server while pooled: a peek says so (an open, idle one would block).
+    let open = |s: &std::net::TcpStream| matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    while let Some(std) = g.0.raw_pool.take(&target.id, now, open) {
+        if let Ok(stream) = TcpStream::from_std(std) {
+            g.0.pooled.increment(1);
+            return Ok(ServerConn {
+                id: target.id.clone(),
+                stream,
+                buf: BytesMut::with_capacity(4096),
+                reused: true,
+            });
+        }
+    }
+    let connect = async {
+        let tcp = TcpStream::connect(target.host.as_str()).await?;
+        tcp.set_nodelay(true)?;
+        Ok::<_, io::Error>(tcp)
+    };
+    let stream = match tokio::time::timeout(g.0.cfg.connect_timeout, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(Failure::NotSent(format!("connect: {e}"))),
+        Err(_) => {
+            return Err(Failure::NotSent(format!(
+                "connect: no answer within {:?}",
+                g.0.cfg.connect_timeout
+            )))
+        }
+    };
+    g.0.opened.increment(1);
+    Ok(ServerConn {
+        id: target.id.clone(),
+        stream,
+        buf: BytesMut::with_capacity(4096),
+        reused: false,
+    })
+}
+
+/// Relays the response head and body to the client.
+async fn relay(
+    g: &Gateway,
+    client: &mut TcpStream,
+    conn: &mut ServerConn,
+    head: &ResponseHead,
+) -> io::Result<()> {
+    let timeout = g.0.cfg.request_timeout;
+    async fn read_more(
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+        timeout: Duration,
+    ) -> Result<io::Result<usize>, tokio::time::error::Elapsed> {
+        buf.reserve(CHUNK);
+        tokio::time::timeout(timeout, stream.read_buf(buf)).await
+    }
+    let mut out = Vec::with_capacity(head.head.len() + conn.buf.len().min(CHUNK));
+    out.extend_from_slice(&head.head);
+    match head.framing {
+        Framing::Length(mut left) => loop {
+            let n = conn
+                .buf
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            out.extend_from_slice(&conn.buf[..n]);
+            conn.buf.advance(n);
+            left -= n as u64;
+            send(client, &out, timeout).await?;
+            out.clear();
+            if left == 0 {
+                return Ok(());
+            }
+            match read_more(&mut conn.stream, &mut conn.buf, timeout).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Err(io::Error::other("the server stopped mid-body")),
+            }
+        },
+        Framing::Chunked => {
+            let mut state = Chunked::new();
+            loop {
+                let n = state
+                    .advance(&conn.buf)
+                    .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))?;
+                out.extend_from_slice(&conn.buf[..n]);
+                conn.buf.advance(n);
+                send(client, &out, timeout).await?;
+                out.clear();
+                if state == Chunked::Done {
+                    return Ok(());
+                }
+                match read_more(&mut conn.stream, &mut conn.buf, timeout).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return Err(io::Error::other("the server stopped mid-body")),
+                }
+            }
+        }
+        Framing::Close => loop {
+            out.extend_from_slice(&conn.buf);
+            conn.buf.clear();
+            send(client, &out, timeout).await?;
+            out.clear();
+            match read_more(&mut conn.stream, &mut conn.buf, timeout).await {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(_)) => {}
+                _ => return Err(io::Error::other("the server stopped mid-body")),
+            }
+        },
+    }
+}
+
+/// Writes `bytes` to the client; a client that takes nothing for `timeout` is given up.
+async fn send(client: &mut TcpStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+    match tokio::time::timeout(timeout, client.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing for the request timeout",
+        )),
+    }
+}
+
+/// A response of the gateway's own (503, 502).
+async fn answer(
+    client: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    text: &str,
+    close: bool,
+) -> Relayed {
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n",
+        text.len(),
+        if close { "connection: close\r\n" } else { "" }
+    );
+    let mut out = head.into_bytes();
+    out.extend_from_slice(text.as_bytes());
+    match client.write_all(&out).await {
+        Ok(()) if !close => Relayed::KeepAlive,
+        _ => Relayed::Close,
+    }
+}
+
+/// The idle server connections of an ended client connection, into the shared pool.
+fn park(g: &Gateway, servers: Vec<ServerConn>) {
+    let now = Instant::now();
+    for conn in servers {
+        if !conn.buf.is_empty() {
+            continue;
+        }
+        if let Ok(std) = conn.stream.into_std() {
+            let _ = g.0.raw_pool.put(conn.id, std, now); // when full, dropping it closes it
+        }
+    }
+}
+
+/// A stream that first yields bytes already read from it.
+pub(super) struct Rewind<S> {
+    prefix: BytesMut,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(raw: &str) -> Plan {
+        match plan(raw.as_bytes(), "10.1.2.3", |p| p.starts_with("/static/")) {
+            Parsed::Forward(p) => p,
+            other => panic!("not forwarded: {other:?}"),
+        }
+    }
+
+    fn head_text(p: &Plan) -> String {
+        String::from_utf8(p.head.clone()).unwrap()
+    }
+
+    #[test]
+    fn a_plain_request_loses_its_hop_by_hop_headers_and_gains_x_forwarded_for() {
+        let raw = "GET /hello?x=1 HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nAccept: */*\r\nX-Forwarded-For: 203.0.113.9\r\n\r\nNEXT";
+        let p = forward(raw);
+        assert_eq!(p.head_len, raw.len() - 4);
+        assert_eq!(
+            head_text(&p),
+            "GET /hello?x=1 HTTP/1.1\r\nAccept: */*\r\nx-forwarded-for: 203.0.113.9, 10.1.2.3\r\n"
+        );
+        assert!(p.idempotent && !p.method_head && !p.client_close);
+        assert_eq!(p.body_len, 0);
+    }
+
+    #[test]
+    fn a_body_is_counted_and_close_is_noticed() {
+        let p = forward("POST /a HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+        assert_eq!(p.body_len, 5);
+        assert!(!p.idempotent && p.client_close);
+        assert!(head_text(&p).contains("content-length: 5\r\n"));
+    }
+
+    #[test]
+    fn anything_unusual_goes_to_hyper() {
+        let cases = [
+            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST /a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+            "GET /a HTTP/1.0\r\n\r\n",
+            "GET http://example/a HTTP/1.1\r\n\r\n",
+            "CONNECT example:443 HTTP/1.1\r\n\r\n",
+            "GET /static/app.js HTTP/1.1\r\n\r\n",
+            "POST /a HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST /a HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            "GET /a HTTP/1.1\r\nBad Header\r\n\r\n",
+        ];
+        for raw in cases {
+            assert!(
+                matches!(
+                    plan(raw.as_bytes(), "1.1.1.1", |p| p.starts_with("/static/")),
+                    Parsed::Fallback(_)
+                ),
+                "{raw:?}"
+            );
+        }
+        assert_eq!(
+            plan(b"GET /a HTTP/1.1\r\nHost:", "1.1.1.1", |_| false),
+            Parsed::Partial
+        );
+        // A cached path is only the cache's for GET.
+        forward("POST /static/x HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    }
+
+    #[test]
+    fn response_framing_follows_the_rules_of_http_1_1() {
+        let h =
+            |raw: &str, head: bool| response_head(raw.as_bytes(), head, false).unwrap().unwrap();
+        assert_eq!(
+            h("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false).framing,
+            Framing::Length(3)
+        );
+        assert_eq!(
+            h("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).framing,
+            Framing::Length(0)
+        );
+        assert_eq!(
+            h("HTTP/1.1 204 No Content\r\n\r\n", false).framing,
+            Framing::Length(0)
+        );
+        let chunked = h(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(chunked.framing, Framing::Chunked);
+        assert!(String::from_utf8(chunked.head)
+            .unwrap()
+            .contains("Transfer-Encoding: gzip, chunked\r\n"));
+        let until_close = h("HTTP/1.1 200 OK\r\n\r\nabc", false);
+        assert_eq!(until_close.framing, Framing::Close);
+        assert!(!until_close.reusable);
+        assert!(String::from_utf8(until_close.head)
+            .unwrap()
+            .ends_with("connection: close\r\n\r\n"));
+        let closing = h("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close, x-a\r\nX-A: 1\r\nKeep-Alive: 1\r\n\r\n", false);
+        assert!(!closing.reusable);
+        assert_eq!(
+            String::from_utf8(closing.head).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        );
+        assert!(!h("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false).reusable);
+        assert!(
+            h(
+                "HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n",
+                false
+            )
+            .reusable
+        );
+        assert!(response_head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            false,
+            false
+        )
+        .is_err());
+        assert!(response_head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            false,
+            false
+        )
+        .is_err());
+        assert_eq!(
+            response_head(b"HTTP/1.1 200 OK\r\nContent", false, false).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_end() {
+        let body = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
+        let whole = body.len() - 4;
+        // Whole, and fed one byte at a time: the same end.
+        let mut c = Chunked::new();
+        assert_eq!(c.advance(body).unwrap(), whole);
+        assert_eq!(c, Chunked::Done);
+        let mut c = Chunked::new();
+        let mut used = 0;
+        for b in body.iter() {
+            if c == Chunked::Done {
+                break;
+            }
+            used += c.advance(std::slice::from_ref(b)).unwrap();
+        }
+        assert_eq!(used, whole);
+        let mut c = Chunked::new();
+        assert_eq!(c.advance(b"0\r\n\r\n").unwrap(), 5);
+        assert_eq!(c, Chunked::Done);
+        assert!(Chunked::new().advance(b"zz\r\n").is_err());
+        assert!(Chunked::new().advance(b"2\r\nabX").is_err());
+        assert!(Chunked::new().advance(b"fffffffffffffffff\r\n").is_err());
+    }
+}
