@@ -414,7 +414,7 @@ pub(super) async fn serve(
     let ip = peer.ip().to_string();
     let mut cbuf = BytesMut::with_capacity(4096);
     let mut servers: Vec<ServerConn> = Vec::new();
-    let mut wire: Vec<u8> = Vec::with_capacity(4096);
+    let mut wire: Vec<u8> = Vec::new();
     let idle = g.0.cfg.idle_timeout;
     loop {
         // The next request's head, within the idle timeout.
@@ -425,6 +425,8 @@ pub(super) async fn serve(
                 Parsed::Fallback(why) => {
                     tracing::trace!(%peer, why, "to hyper");
                     park(&g, servers);
+                    // A WebSocket relayed by hyper lives long: keep nothing of this path.
+                    drop((wire, ip));
                     let rest = Rewind {
                         prefix: cbuf,
                         inner: client,
@@ -764,6 +766,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = BytesMut::new(); // frees the buffer
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
