@@ -8,6 +8,11 @@
 //! keep-alive server connection; the response head is parsed the same way and relayed with
 //! its body, framed by `Content-Length`, `chunked` or the server closing.
 //!
+//! Server connections belong to no client connection: a request takes an idle one from the
+//! shared pool (or opens one) and puts it back after its response, as HAProxy's `http-reuse`
+//! does. So the gateway holds about as many as there are requests in flight, not one per
+//! client connection and server, and each server sees few, busy connections.
+//!
 //! Everything else is hyper's: a request with an upgrade, a chunked or large body, an
 //! `Expect`, HTTP/1.0, a cached path, a head `httparse` refuses, or shared accounting. The
 //! connection, with the bytes already read, goes to `serve_connection` for the rest of its
@@ -366,22 +371,27 @@ impl Chunked {
     }
 }
 
-/// A keep-alive connection to one server, with what it sent past the last response.
+/// A connection to one server, in use for one request.
 struct ServerConn {
     id: Arc<str>,
     stream: TcpStream,
     buf: BytesMut,
-    /// Reused from before: a failure before the first response byte may mean the server
+    /// Reused from the pool: a failure before the first response byte may mean the server
     /// closed it while idle.
     reused: bool,
 }
 
-impl ServerConn {
-    /// False when the server closed the idle connection (or sent something unasked).
+/// An idle keep-alive connection to a server, in the shared pool between requests (with its
+/// read buffer, empty, to keep the allocation).
+pub(super) struct Idle {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Idle {
+    /// False when the server closed the idle connection (or sent something unasked). Costs
+    /// a system call only when the connection became readable since it was last read.
     fn still_open(&self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
@@ -413,7 +423,6 @@ pub(super) async fn serve(
 ) {
     let ip = peer.ip().to_string();
     let mut cbuf = BytesMut::with_capacity(4096);
-    let mut servers: Vec<ServerConn> = Vec::new();
     let mut wire: Vec<u8> = Vec::new();
     let idle = g.0.cfg.idle_timeout;
     loop {
@@ -424,7 +433,6 @@ pub(super) async fn serve(
                 Parsed::Forward(p) => break p,
                 Parsed::Fallback(why) => {
                     tracing::trace!(%peer, why, "to hyper");
-                    park(&g, servers);
                     // A WebSocket relayed by hyper lives long: keep nothing of this path.
                     drop((wire, ip));
                     let rest = Rewind {
@@ -444,7 +452,6 @@ pub(super) async fn serve(
                 },
             };
             if read.is_none() {
-                park(&g, servers);
                 return;
             }
         };
@@ -452,18 +459,16 @@ pub(super) async fn serve(
         while cbuf.len() < plan.body_len {
             let r = tokio::time::timeout(g.0.cfg.request_timeout, client.read_buf(&mut cbuf)).await;
             if !matches!(r, Ok(Ok(n)) if n > 0) {
-                park(&g, servers);
                 return;
             }
         }
         let body = cbuf.split_to(plan.body_len);
         g.0.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match forward(&g, &mut client, &mut servers, &mut wire, &plan, &body).await {
+        match forward(&g, &mut client, &mut wire, &plan, &body).await {
             Relayed::KeepAlive if !plan.client_close => {}
             _ => {
                 let _ = client.shutdown().await;
-                park(&g, servers);
                 return;
             }
         }
@@ -474,7 +479,6 @@ pub(super) async fn serve(
 async fn forward(
     g: &Gateway,
     client: &mut TcpStream,
-    servers: &mut Vec<ServerConn>,
     wire: &mut Vec<u8>,
     plan: &Plan,
     body: &[u8],
@@ -500,14 +504,7 @@ async fn forward(
         wire.extend_from_slice(body);
         let attempt = tokio::time::timeout(
             g.0.cfg.request_timeout,
-            exchange(
-                g,
-                &target,
-                servers,
-                wire,
-                plan.method_head,
-                plan.client_close,
-            ),
+            exchange(g, &target, wire, plan.method_head, plan.client_close),
         )
         .await;
         let failure = match attempt {
@@ -517,9 +514,13 @@ async fn forward(
                 g.0.http_duration.record(started.elapsed().as_secs_f64());
                 target.ok.increment(1);
                 let relayed = relay(g, client, &mut conn, &head).await;
-                if head.reusable && conn.buf.is_empty() && matches!(relayed, Ok(())) {
-                    conn.reused = true;
-                    servers.push(conn);
+                if head.reusable && conn.buf.is_empty() && relayed.is_ok() {
+                    let idle = Idle {
+                        stream: conn.stream,
+                        buf: conn.buf,
+                    };
+                    // When the pool is full, dropping it closes it.
+                    let _ = g.0.raw_pool.put(conn.id, idle, Instant::now());
                 }
                 return match relayed {
                     Ok(()) if head.framing != Framing::Close => Relayed::KeepAlive,
@@ -551,12 +552,11 @@ async fn forward(
 async fn exchange(
     g: &Gateway,
     target: &Target,
-    servers: &mut Vec<ServerConn>,
     wire: &[u8],
     method_head: bool,
     client_close: bool,
 ) -> Result<(ServerConn, ResponseHead), Failure> {
-    let mut conn = take(g, target, servers).await?;
+    let mut conn = take(g, target).await?;
     if let Err(e) = conn.stream.write_all(wire).await {
         let m = format!("write: {e}");
         return Err(if conn.reused {
@@ -585,31 +585,20 @@ async fn exchange(
     }
 }
 
-/// A connection to `target`: this client's own, one from the shared pool, or a new one.
-async fn take(
-    g: &Gateway,
-    target: &Target,
-    servers: &mut Vec<ServerConn>,
-) -> Result<ServerConn, Failure> {
-    while let Some(i) = servers.iter().position(|c| c.id == target.id) {
-        let conn = servers.swap_remove(i);
-        if conn.still_open() {
-            return Ok(conn);
-        }
-    }
-    let now = Instant::now();
-    // Closed by the server while pooled: a peek says so (an open, idle one would block).
-    let open = |s: &std::net::TcpStream| matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-    while let Some(std) = g.0.raw_pool.take(&target.id, now, open) {
-        if let Ok(stream) = TcpStream::from_std(std) {
-            g.0.pooled.increment(1);
-            return Ok(ServerConn {
-                id: target.id.clone(),
-                stream,
-                buf: BytesMut::with_capacity(4096),
-                reused: true,
-            });
-        }
+/// A connection to `target`: an idle one from the shared pool (the most recently used), or a
+/// new one.
+async fn take(g: &Gateway, target: &Target) -> Result<ServerConn, Failure> {
+    if let Some(idle) =
+        g.0.raw_pool
+            .take(&target.id, Instant::now(), Idle::still_open)
+    {
+        g.0.pooled.increment(1);
+        return Ok(ServerConn {
+            id: target.id.clone(),
+            stream: idle.stream,
+            buf: idle.buf,
+            reused: true,
+        });
     }
     let connect = async {
         let tcp = TcpStream::connect(target.host.as_str()).await?;
@@ -734,19 +723,6 @@ async fn answer(
     match client.write_all(&out).await {
         Ok(()) if !close => Relayed::KeepAlive,
         _ => Relayed::Close,
-    }
-}
-
-/// The idle server connections of an ended client connection, into the shared pool.
-fn park(g: &Gateway, servers: Vec<ServerConn>) {
-    let now = Instant::now();
-    for conn in servers {
-        if !conn.buf.is_empty() {
-            continue;
-        }
-        if let Ok(std) = conn.stream.into_std() {
-            let _ = g.0.raw_pool.put(conn.id, std, now); // when full, dropping it closes it
-        }
     }
 }
 

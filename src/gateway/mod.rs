@@ -91,8 +91,9 @@ struct Shared {
     http_duration: metrics::Histogram,
     /// Idle server connections left by client connections that ended.
     pool: pool::IdlePool<SendRequest<Full<Bytes>>>,
-    /// The same for the plain forwarding path (`forward`), which keeps raw connections.
-    raw_pool: pool::IdlePool<std::net::TcpStream>,
+    /// Idle server connections of the plain forwarding path (`forward`), taken by a
+    /// request and put back after its response, whichever client connection it came on.
+    raw_pool: pool::IdlePool<forward::Idle>,
     /// `server_connections_total{source="opened"}` and `{source="pool"}`.
     opened: metrics::Counter,
     pooled: metrics::Counter,
@@ -145,7 +146,7 @@ impl Gateway {
             cache,
             http_duration: histogram!(REQUEST_DURATION, "kind" => "http"),
             pool: pool::IdlePool::new(POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
-            raw_pool: pool::IdlePool::new(POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
+            raw_pool: pool::IdlePool::new(RAW_POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
             opened: counter!(SERVER_CONNECTIONS, "source" => "opened"),
             pooled: counter!(SERVER_CONNECTIONS, "source" => "pool"),
             requests: AtomicU64::new(0),
@@ -353,6 +354,9 @@ type Kept = (Arc<str>, SendRequest<Full<Bytes>>);
 /// Idle server connections kept in the shared pool, per server, and for how long.
 const POOL_MAX_IDLE_PER_SERVER: usize = 256;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The plain path puts every connection back after each response, so its pool holds as many
+/// as were in use at the busiest moment: more room before connections churn.
+const RAW_POOL_MAX_IDLE_PER_SERVER: usize = 1024;
 
 /// The servers' side of one client connection: a keep-alive connection to each server its
 /// requests went to. Their connection futures are polled by the client connection's own task
