@@ -81,9 +81,10 @@ fn listed_in(connection: &[&[u8]], name: &str) -> bool {
 /// Parses the request head at the start of `buf` and plans its forwarding. Pure: the
 /// decision whether this path or hyper serves it, and the bytes to send.
 pub(super) fn plan(buf: &[u8], client_ip: &str, cached: impl Fn(&str) -> bool) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
+    // Uninitialized: zeroing 64 headers per request showed in the profile.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Parsed::Fallback("a large head")
@@ -197,9 +198,14 @@ pub(super) fn response_head(
     method_head: bool,
     close_client: bool,
 ) -> Result<Option<ResponseHead>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    );
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err("a response head over 64 KiB".into())
@@ -254,8 +260,18 @@ pub(super) fn response_head(
         && !listed_in(&connection, "close")
         && (version == 1 || listed_in(&connection, "keep-alive"));
     let close_client = close_client || framing == Framing::Close;
-    let mut head = Vec::with_capacity(head_len + 32);
-    head.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
+    // Room for the body bytes that came with the head too: the relay sends both at once.
+    let mut head = Vec::with_capacity(buf.len().min(head_len + CHUNK) + 32);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    if !(100..1000).contains(&status) {
+        return Err(format!("an invalid status code {status}"));
+    }
+    head.extend_from_slice(&[
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
     head.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
@@ -508,12 +524,12 @@ async fn forward(
         )
         .await;
         let failure = match attempt {
-            Ok(Ok((mut conn, head))) => {
+            Ok(Ok((mut conn, mut head))) => {
                 let ok = head.status < 500 || head.status == 503;
                 g.outcome(&target, ok);
                 g.0.http_duration.record(started.elapsed().as_secs_f64());
                 target.ok.increment(1);
-                let relayed = relay(g, client, &mut conn, &head).await;
+                let relayed = relay(g, client, &mut conn, &mut head).await;
                 if head.reusable && conn.buf.is_empty() && relayed.is_ok() {
                     let idle = Idle {
                         stream: conn.stream,
@@ -601,7 +617,7 @@ async fn take(g: &Gateway, target: &Target) -> Result<ServerConn, Failure> {
         });
     }
     let connect = async {
-        let tcp = TcpStream::connect(target.host.as_str()).await?;
+        let tcp = TcpStream::connect(&*target.host).await?;
         tcp.set_nodelay(true)?;
         Ok::<_, io::Error>(tcp)
     };
@@ -629,7 +645,7 @@ async fn relay(
     g: &Gateway,
     client: &mut TcpStream,
     conn: &mut ServerConn,
-    head: &ResponseHead,
+    head: &mut ResponseHead,
 ) -> io::Result<()> {
     let timeout = g.0.cfg.request_timeout;
     async fn read_more(
@@ -640,8 +656,7 @@ async fn relay(
         buf.reserve(CHUNK);
         tokio::time::timeout(timeout, stream.read_buf(buf)).await
     }
-    let mut out = Vec::with_capacity(head.head.len() + conn.buf.len().min(CHUNK));
-    out.extend_from_slice(&head.head);
+    let mut out = std::mem::take(&mut head.head);
     match head.framing {
         Framing::Length(mut left) => loop {
             let n = conn

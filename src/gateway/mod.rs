@@ -73,14 +73,28 @@ struct Backend {
     reservations: VecDeque<Instant>,
     /// `requests_total{backend, outcome="ok"}`, looked up once instead of per request.
     ok: Option<metrics::Counter>,
+    /// `address:port` as last formatted, with the address and port it came from.
+    host: Option<(Arc<str>, u16, Arc<str>)>,
+    /// Plain requests this gateway has in flight there.
+    inflight: Arc<AtomicU64>,
+}
+
+/// One plain request in flight at a server, counted until dropped (whatever way the request
+/// ends: answered, failed, or its client gone).
+struct InFlight(Arc<AtomicU64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A routable server as of one request.
-#[derive(Clone)]
 struct Target {
     id: Arc<str>,
-    host: String,
+    host: Arc<str>,
     ok: metrics::Counter,
+    _inflight: Option<InFlight>,
 }
 
 struct Shared {
@@ -207,6 +221,11 @@ impl Gateway {
             cands.push(Candidate {
                 sessions,
                 reserved: b.reservations.len() as u64,
+                // With shared accounting, `sessions` are every gateway's requests already.
+                inflight: match inflight {
+                    Some(_) => 0,
+                    None => b.inflight.load(Ordering::Relaxed),
+                },
                 capacity: s.capacity,
                 weight: s.weight,
                 ramp: ramp(
@@ -230,10 +249,24 @@ impl Gateway {
                 counter!(REQUESTS, "backend" => id, "outcome" => "ok")
             })
             .clone();
+        let port = self.0.cfg.target_port.unwrap_or(s.port);
+        let host = match &b.host {
+            Some((a, p, h)) if *a == s.address && *p == port => h.clone(),
+            _ => {
+                let h: Arc<str> = self.host_of(s).into();
+                b.host = Some((s.address.clone(), port, h.clone()));
+                h
+            }
+        };
+        let inflight = (kind == Kind::Request).then(|| {
+            b.inflight.fetch_add(1, Ordering::Relaxed);
+            InFlight(b.inflight.clone())
+        });
         Some(Target {
             id: s.id.clone(),
-            host: self.host_of(s),
+            host,
             ok,
+            _inflight: inflight,
         })
     }
 
@@ -418,7 +451,7 @@ impl Upstreams {
             }
         }
         let connect = async {
-            let tcp = TcpStream::connect(target.host.as_str()).await?;
+            let tcp = TcpStream::connect(&*target.host).await?;
             tcp.set_nodelay(true)?;
             Ok::<_, std::io::Error>(tcp)
         };

@@ -1,6 +1,7 @@
 //! Choosing a server for a new connection: weighted least-connections on utilization,
-//! `(sessions + reservations) / (capacity × weight × ramp)`, by power of two choices among
-//! the servers that may take it, so a burst does not all land on the single emptiest one.
+//! `(sessions + reservations + requests in flight) / (capacity × weight × ramp)`, by power
+//! of two choices among the servers that may take it, so a burst does not all land on the
+//! single emptiest one.
 //! Pure: the candidates and the random draws come in.
 
 use rand::Rng;
@@ -11,6 +12,9 @@ pub struct Candidate {
     pub sessions: u64,
     /// Connections routed here that the server's own count does not show yet.
     pub reserved: u64,
+    /// Plain requests this gateway has in flight there: connections too, for as long as
+    /// they last, but never sessions (they take no slot of the capacity).
+    pub inflight: u64,
     pub capacity: u32,
     pub weight: f32,
     /// Slow start: from a small share up to 1 over the ramp after a server joins.
@@ -21,7 +25,7 @@ impl Candidate {
     pub fn load(&self) -> f64 {
         let effective =
             f64::from(self.capacity) * f64::from(self.weight) * self.ramp.clamp(0.05, 1.0);
-        (self.sessions + self.reserved) as f64 / effective.max(1e-9)
+        (self.sessions + self.reserved + self.inflight) as f64 / effective.max(1e-9)
     }
 
     /// Full: no room left even counting the reservations.
@@ -86,6 +90,7 @@ mod tests {
         Candidate {
             sessions,
             reserved: 0,
+            inflight: 0,
             capacity,
             weight: 1.0,
             ramp: 1.0,
@@ -99,6 +104,27 @@ mod tests {
             out[choose(cands, &[], Kind::Session, &mut rng).unwrap()] += 1;
         }
         out
+    }
+
+    #[test]
+    fn requests_in_flight_count_as_connections_but_take_no_capacity() {
+        let busy = Candidate {
+            inflight: 5,
+            ..c(10, 100)
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..50 {
+            let i = choose(&[busy.clone(), c(10, 100)], &[], Kind::Request, &mut rng);
+            assert_eq!(i, Some(1), "the server with fewer requests in flight wins");
+        }
+        let full_of_requests = Candidate {
+            inflight: 500,
+            ..c(10, 100)
+        };
+        assert!(
+            !full_of_requests.full(),
+            "requests never fill a server's sessions"
+        );
     }
 
     #[test]
