@@ -220,13 +220,7 @@ async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(answered[20..].iter().all(|s| s == "s1"), "{answered:?}");
-    eventually("the active check to mark s2 down", WAIT, || async {
-        (gw.metric("rebalancer_gateway_backend_up", &[("backend", "s2")])
-            .await
-            == Some(0.0))
-        .then_some(())
-    })
-    .await;
+    until_reported_up(&gw, "s2", false).await;
     servers[1].restart();
     eventually("s2 restored", LOOP_WAIT, || async {
         for _ in 0..20 {
@@ -242,12 +236,22 @@ async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
     })
     .await;
     // The gauge follows at the next check.
-    eventually("the gateway to report s2 up again", WAIT, || async {
-        (gw.metric("rebalancer_gateway_backend_up", &[("backend", "s2")])
-            .await
-            == Some(1.0))
-        .then_some(())
-    })
+    until_reported_up(&gw, "s2", true).await;
+}
+
+/// Waits for the gateway's `backend_up` gauge of `backend` to say `up`.
+async fn until_reported_up(gw: &GatewayProc, backend: &str, up: bool) {
+    let want = if up { 1.0 } else { 0.0 };
+    eventually(
+        &format!("the gateway to report {backend} up={up}"),
+        WAIT,
+        || async {
+            (gw.metric("rebalancer_gateway_backend_up", &[("backend", backend)])
+                .await
+                == Some(want))
+            .then_some(())
+        },
+    )
     .await;
 }
 

@@ -74,6 +74,15 @@ fn has_token(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// The values of every `Connection` header (no allocation when there is none).
+fn connection_values<'b>(headers: &[httparse::Header<'b>]) -> Vec<&'b [u8]> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| h.value)
+        .collect()
+}
+
 fn listed_in(connection: &[&[u8]], name: &str) -> bool {
     connection.iter().any(|v| has_token(v, name))
 }
@@ -101,12 +110,7 @@ pub(super) fn plan(buf: &[u8], client_ip: &str, cached: impl Fn(&str) -> bool) -
     if method == "GET" && cached(path.split('?').next().unwrap_or(path)) {
         return Parsed::Fallback("a cached path");
     }
-    let connection: Vec<&[u8]> = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .map(|h| h.value)
-        .collect();
+    let connection = connection_values(req.headers);
     let mut body_len = None;
     let mut prior_xff: Vec<&[u8]> = Vec::new();
     for h in req.headers.iter() {
@@ -215,12 +219,7 @@ pub(super) fn response_head(
     };
     let status = resp.code.unwrap_or(0);
     let version = resp.version.unwrap_or(0);
-    let connection: Vec<&[u8]> = resp
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .map(|h| h.value)
-        .collect();
+    let connection = connection_values(resp.headers);
     let mut length = None;
     let mut chunked = false;
     let mut encoded = false;
@@ -616,22 +615,7 @@ async fn take(g: &Gateway, target: &Target) -> Result<ServerConn, Failure> {
             reused: true,
         });
     }
-    let connect = async {
-        let tcp = TcpStream::connect(&*target.host).await?;
-        tcp.set_nodelay(true)?;
-        Ok::<_, io::Error>(tcp)
-    };
-    let stream = match tokio::time::timeout(g.0.cfg.connect_timeout, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Failure::NotSent(format!("connect: {e}"))),
-        Err(_) => {
-            return Err(Failure::NotSent(format!(
-                "connect: no answer within {:?}",
-                g.0.cfg.connect_timeout
-            )))
-        }
-    };
-    g.0.opened.increment(1);
+    let stream = super::connect(g, target).await.map_err(Failure::NotSent)?;
     Ok(ServerConn {
         id: target.id.clone(),
         stream,

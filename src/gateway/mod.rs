@@ -450,25 +450,10 @@ impl Upstreams {
                 }
             }
         }
-        let connect = async {
-            let tcp = TcpStream::connect(&*target.host).await?;
-            tcp.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(tcp)
-        };
-        let tcp = match tokio::time::timeout(g.0.cfg.connect_timeout, connect).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(SendFailure::NotSent(format!("connect: {e}"))),
-            Err(_) => {
-                return Err(SendFailure::NotSent(format!(
-                    "connect: no answer within {:?}",
-                    g.0.cfg.connect_timeout
-                )))
-            }
-        };
+        let tcp = connect(g, target).await.map_err(SendFailure::NotSent)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| SendFailure::NotSent(format!("handshake: {e}")))?;
-        g.0.opened.increment(1);
         let id = target.id.clone();
         let driven: Drive = Box::pin(async move {
             if let Err(e) = conn.await {
@@ -494,6 +479,26 @@ impl Upstreams {
             .lock()
             .expect("not poisoned")
             .push((target.id.clone(), sender));
+    }
+}
+
+/// A new connection to `target`, within the connect timeout; counted as opened.
+async fn connect(g: &Gateway, target: &Target) -> Result<TcpStream, String> {
+    let connect = async {
+        let tcp = TcpStream::connect(&*target.host).await?;
+        tcp.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(tcp)
+    };
+    match tokio::time::timeout(g.0.cfg.connect_timeout, connect).await {
+        Ok(Ok(tcp)) => {
+            g.0.opened.increment(1);
+            Ok(tcp)
+        }
+        Ok(Err(e)) => Err(format!("connect: {e}")),
+        Err(_) => Err(format!(
+            "connect: no answer within {:?}",
+            g.0.cfg.connect_timeout
+        )),
     }
 }
 
