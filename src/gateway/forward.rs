@@ -785,7 +785,7 @@ mod tests {
     use super::*;
 
     fn forward(raw: &str) -> Plan {
-        match plan(raw.as_bytes(), "10.1.2.3", |p| p.starts_with("/static/")) {
+        match plan(raw.as_bytes(), "127.0.0.9", |p| p.starts_with("/static/")) {
             Parsed::Forward(p) => p,
             other => panic!("not forwarded: {other:?}"),
         }
@@ -802,7 +802,7 @@ mod tests {
         assert_eq!(p.head_len, raw.len() - 4);
         assert_eq!(
             head_text(&p),
-            "GET /hello?x=1 HTTP/1.1\r\nAccept: */*\r\nx-forwarded-for: 203.0.113.9, 10.1.2.3\r\n"
+            "GET /hello?x=1 HTTP/1.1\r\nAccept: */*\r\nx-forwarded-for: 203.0.113.9, 127.0.0.9\r\n"
         );
         assert!(p.idempotent && !p.method_head && !p.client_close);
         assert_eq!(p.body_len, 0);
