@@ -7,16 +7,16 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rebalancer::decide::{decide, DecideConfig, History};
-use rebalancer::fold::Fold;
-use rebalancer::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
+use rebalancer::controller::decide::{decide, DecideConfig, History};
+use rebalancer::fleet::fold::Fold;
+use rebalancer::fleet::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
+use rebalancer::fleet::topology::Topology;
 use rebalancer::telemetry::Events;
-use rebalancer::topology::Topology;
 use tokio::time::Instant;
 
 const SIZES: [usize; 3] = [1_000, 10_000, 100_000];
 
-type Counts = Vec<(rebalancer::topology::ServerId, Result<u64, String>)>;
+type Counts = Vec<(rebalancer::fleet::topology::ServerId, Result<u64, String>)>;
 
 /// A fleet with mixed capacities, a tenth of it fresh and empty, as after a scale-out.
 fn inputs(n: usize) -> (HealthList, Counts) {
@@ -24,7 +24,7 @@ fn inputs(n: usize) -> (HealthList, Counts) {
     let mut instances = Vec::with_capacity(n);
     let mut counts = Vec::with_capacity(n);
     for i in 0..n {
-        let id: rebalancer::topology::ServerId = format!("server-{i:06}").into();
+        let id: rebalancer::fleet::topology::ServerId = format!("server-{i:06}").into();
         let capacity = [500u32, 1000, 2000][i % 3];
         let sessions = if i % 10 == 0 {
             0

@@ -3,8 +3,8 @@
 //!
 //! Run: `cargo bench --bench memory`. Results: BENCHMARKS.md.
 
-use rebalancer::fold::Fold;
-use rebalancer::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
+use rebalancer::fleet::fold::Fold;
+use rebalancer::fleet::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
 use rebalancer::telemetry::Events;
 use tokio::time::Instant;
 
@@ -56,7 +56,7 @@ fn main() {
         ])
         .expect("a snapshot");
     let after_all = rss_bytes();
-    let server = std::mem::size_of::<rebalancer::topology::Server>();
+    let server = std::mem::size_of::<rebalancer::fleet::topology::Server>();
     // The snapshot's own share: the Server records plus their id strings (shared with the
     // fold's maps, which are counted in the total below).
     let own = N * server + N * (16 + "server-000000".len());

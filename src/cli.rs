@@ -2,22 +2,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::act::LiveActuator;
 use crate::config::{self, PipelineConfig};
-use crate::consul::Consul;
+use crate::controller::app::AppError;
 
 /// Exit code for bad configuration (sysexits' EX_CONFIG).
 pub const EX_CONFIG: u8 = 64;
 /// Exit code when a needed local resource cannot be had (sysexits' EX_UNAVAILABLE).
 pub const EX_UNAVAILABLE: u8 = 69;
-/// How long in-flight work may take to finish after a shutdown signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,9 +42,9 @@ pub enum Command {
         files: Vec<PathBuf>,
     },
     /// A WebSocket echo server that embeds the agent (registers, reports, obeys commands).
-    DemoServer(crate::demo_server::DemoServerArgs),
+    DemoServer(crate::demo::server::DemoServerArgs),
     /// Open and hold N WebSocket clients, reconnecting with backoff; JSON summary at the end.
-    Loadgen(crate::loadgen::LoadgenArgs),
+    Loadgen(crate::demo::loadgen::LoadgenArgs),
     /// Run the controller's decisions over a simulated fleet, beside the baselines.
     Simulate(crate::simulate::SimulateArgs),
     /// The least-connections HTTP/WebSocket gateway in front of the fleet.
@@ -107,20 +102,35 @@ pub fn run(files: &[PathBuf]) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match runtime() {
-        Ok(rt) => rt.block_on(run_pipelines(cfgs)),
-        Err(code) => code,
-    }
-}
-
-pub fn demo_server(args: crate::demo_server::DemoServerArgs) -> ExitCode {
-    use crate::demo_server::DemoError;
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     rt.block_on(async move {
-        match crate::demo_server::run(args, on_signal()).await {
+        match crate::controller::app::run(cfgs, on_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                match e {
+                    e if e.is_config() => ExitCode::from(EX_CONFIG),
+                    AppError::Metrics(_) | AppError::Listen { .. } => {
+                        ExitCode::from(EX_UNAVAILABLE)
+                    }
+                    _ => ExitCode::FAILURE,
+                }
+            }
+        }
+    })
+}
+
+pub fn demo_server(args: crate::demo::server::DemoServerArgs) -> ExitCode {
+    use crate::demo::server::DemoError;
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        match crate::demo::server::run(args, on_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -134,13 +144,13 @@ pub fn demo_server(args: crate::demo_server::DemoServerArgs) -> ExitCode {
     })
 }
 
-pub fn loadgen(args: crate::loadgen::LoadgenArgs) -> ExitCode {
+pub fn loadgen(args: crate::demo::loadgen::LoadgenArgs) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     rt.block_on(async move {
-        match crate::loadgen::run(args, on_signal()).await {
+        match crate::demo::loadgen::run(args, on_signal()).await {
             Ok(summary) => {
                 println!("{summary}");
                 ExitCode::SUCCESS
@@ -151,99 +161,6 @@ pub fn loadgen(args: crate::loadgen::LoadgenArgs) -> ExitCode {
             }
         }
     })
-}
-
-async fn run_pipelines(cfgs: Vec<PipelineConfig>) -> ExitCode {
-    // One exporter per process: the first pipeline's address serves every pipeline's metrics,
-    // each labelled with its pipeline name.
-    let listen = cfgs[0].metrics_listen;
-    for c in cfgs.iter().skip(1).filter(|c| c.metrics_listen != listen) {
-        tracing::warn!(file = %c.file.display(), listen = %c.metrics_listen, using = %listen,
-            "metrics.listen differs from the first pipeline's; one endpoint serves all pipelines");
-    }
-    let metrics = match crate::telemetry::install_recorder(listen) {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EX_UNAVAILABLE);
-        }
-    };
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: cannot listen on {listen} (metrics.listen): {e}");
-            return ExitCode::from(EX_UNAVAILABLE);
-        }
-    };
-    let shutdown = CancellationToken::new();
-    let feeds = crate::feed::Registry::default();
-    tokio::spawn(crate::feed::serve(
-        listener,
-        metrics,
-        feeds.clone(),
-        shutdown.clone(),
-    ));
-    tracing::info!(%listen, "metrics on http://{listen}/metrics, topology on http://{listen}/v1/topology");
-
-    let mut tasks = Vec::new();
-    for cfg in cfgs {
-        let redis = match redis::Client::open(cfg.redis.url.as_str()) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {}: redis.url: {e}", cfg.file.display());
-                return ExitCode::from(EX_CONFIG);
-            }
-        };
-        let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
-        let scaler = cfg.docker.clone().map(|d| {
-            Arc::new(crate::act::docker::DockerScaler::new(
-                d,
-                &cfg.name,
-                &cfg.service,
-            )) as Arc<dyn crate::act::Scaler>
-        });
-        let actuator = Arc::new(LiveActuator::new(
-            &cfg.service,
-            cfg.command_ttl,
-            redis,
-            consul,
-            scaler,
-        ));
-        tasks.push(tokio::spawn(crate::pipeline::run(
-            cfg,
-            actuator,
-            shutdown.clone(),
-            Some(feeds.clone()),
-        )));
-    }
-
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    shutdown.cancel();
-    let all = futures::future::join_all(tasks);
-    match tokio::time::timeout(SHUTDOWN_GRACE, all).await {
-        Ok(results) => {
-            let mut code = ExitCode::SUCCESS;
-            for r in results {
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        eprintln!("error: {e}");
-                        code = ExitCode::FAILURE;
-                    }
-                    Err(e) => {
-                        eprintln!("error: a pipeline task failed: {e}");
-                        code = ExitCode::FAILURE;
-                    }
-                }
-            }
-            code
-        }
-        Err(_) => {
-            eprintln!("error: pipelines did not stop within {SHUTDOWN_GRACE:?}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 async fn wait_for_signal() {

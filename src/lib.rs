@@ -1,22 +1,18 @@
 //! rebalancer: keeps fleets of long-lived-connection servers balanced and right-sized.
+//!
+//! The crate is laid out in wings (see `docs/architecture.md`): `contract` is what every part
+//! speaks; `stages` the stream plumbing; `fleet` the topology view that the controller and
+//! the gateway both read; `controller`, `gateway`, `agent`, `simulate` and `demo` the roles.
 #![forbid(unsafe_code)]
 
-pub mod act;
 pub mod agent;
 pub mod cli;
 pub mod config;
-pub mod consul;
-pub mod decide;
-pub mod demo_server;
-pub mod feed;
-pub mod fold;
+pub mod contract;
+pub mod controller;
+pub mod demo;
+pub mod fleet;
 pub mod gateway;
-pub mod leader;
-pub mod loadgen;
-pub mod pipeline;
-pub mod protocol;
 pub mod simulate;
-pub mod source;
 pub mod stages;
 pub mod telemetry;
-pub mod topology;

@@ -11,9 +11,8 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::decide::{Action, Plan};
-use crate::source::SourceKind;
-use crate::topology::Topology;
+use crate::fleet::source::SourceKind;
+use crate::fleet::topology::Topology;
 
 pub const SOURCE_EVENTS: &str = "rebalancer_source_events_total";
 pub const SOURCE_ERRORS: &str = "rebalancer_source_errors_total";
@@ -274,7 +273,7 @@ pub fn init_tracing(json: bool) {
 /// The named events of one pipeline.
 #[derive(Clone, Debug)]
 pub struct Events {
-    pipeline: Arc<str>,
+    pub(crate) pipeline: Arc<str>,
 }
 
 impl Events {
@@ -284,7 +283,7 @@ impl Events {
         }
     }
 
-    fn p(&self) -> String {
+    pub(crate) fn p(&self) -> String {
         self.pipeline.to_string()
     }
 
@@ -342,69 +341,19 @@ impl Events {
             sessions = totals.sessions, capacity = totals.capacity, stale = t.is_stale(), "snapshot");
     }
 
-    pub fn decision(&self, plan: &Plan, took: Duration, version: u64, changed: bool) {
-        let outcome = if plan.halted.is_some() {
-            "halted"
-        } else if plan.is_empty() {
-            "idle"
-        } else {
-            "act"
-        };
-        counter!(DECISIONS, "pipeline" => self.p(), "outcome" => outcome).increment(1);
-        histogram!(DECISION_DURATION, "pipeline" => self.p()).record(took.as_secs_f64());
-        gauge!(SHORTFALL, "pipeline" => self.p()).set(f64::from(plan.shortfall));
-        if changed {
-            if let Some(h) = &plan.halted {
-                tracing::warn!(pipeline = %self.pipeline, version, reason = %h, "halted");
-            }
-            for w in &plan.withheld {
-                tracing::info!(pipeline = %self.pipeline, version, reason = %w, "withheld");
-            }
-        }
-    }
-
-    pub fn action(
-        &self,
-        a: &Action,
-        result: &'static str,
-        took: Duration,
-        version: u64,
-        error: Option<&str>,
-    ) {
-        let kind = a.kind.label();
-        counter!(ACTIONS, "pipeline" => self.p(), "kind" => kind, "result" => result).increment(1);
-        histogram!(ACTION_DURATION, "pipeline" => self.p(), "kind" => kind)
-            .record(took.as_secs_f64());
-        if result == "ok" {
-            if let crate::decide::ActionKind::Shed { count, .. }
-            | crate::decide::ActionKind::Drain { count, .. } = a.kind
-            {
-                counter!(SHED_REQUESTED, "pipeline" => self.p(), "kind" => kind).increment(count);
-            }
-        }
-        match error {
-            Some(e) => {
-                tracing::warn!(pipeline = %self.pipeline, version, action = %a, error = e, "action failed")
-            }
-            None => {
-                tracing::info!(pipeline = %self.pipeline, version, result, action = %a, "action")
-            }
-        }
-    }
-
     pub fn containers(&self, t: &Topology) {
         let running = t
             .containers
             .iter()
             .filter(|c| {
-                c.state == crate::topology::ContainerState::Running
+                c.state == crate::fleet::topology::ContainerState::Running
                     && t.get(&c.server).is_some_and(|s| s.passing)
             })
             .count();
         let stopped = t
             .containers
             .iter()
-            .filter(|c| c.state == crate::topology::ContainerState::Stopped)
+            .filter(|c| c.state == crate::fleet::topology::ContainerState::Stopped)
             .count();
         gauge!(CONTAINERS, "pipeline" => self.p(), "state" => "pending").set(f64::from(t.pending));
         gauge!(CONTAINERS, "pipeline" => self.p(), "state" => "running").set(running as f64);
@@ -414,18 +363,5 @@ impl Events {
     pub fn provisioned(&self, server: &str, took: Duration) {
         histogram!(PROVISION, "pipeline" => self.p()).record(took.as_secs_f64());
         tracing::info!(pipeline = %self.pipeline, server, seconds = took.as_secs(), "container's server passing");
-    }
-
-    pub fn event_to_action(&self, latency: Duration) {
-        histogram!(EVENT_TO_ACTION, "pipeline" => self.p()).record(latency.as_secs_f64());
-    }
-
-    pub fn leadership(&self, epoch: Option<u64>) {
-        gauge!(LEADER, "pipeline" => self.p()).set(if epoch.is_some() { 1.0 } else { 0.0 });
-        gauge!(EPOCH, "pipeline" => self.p()).set(epoch.unwrap_or(0) as f64);
-        match epoch {
-            Some(e) => tracing::info!(pipeline = %self.pipeline, epoch = e, "leader lock held"),
-            None => tracing::info!(pipeline = %self.pipeline, "not the leader"),
-        }
     }
 }

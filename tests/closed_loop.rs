@@ -290,7 +290,7 @@ async fn a_server_made_of_raw_redis_and_consul_calls_is_treated_like_an_agent_ba
         .await
         .expect("a command")
         .unwrap();
-    let cmd: rebalancer::protocol::Command =
+    let cmd: rebalancer::contract::protocol::Command =
         serde_json::from_str(&m.get_payload::<String>().unwrap()).unwrap();
     assert_eq!((cmd.server.as_str(), cmd.count), ("raw-1", 40));
     // The raw server obeys: fewer sessions, and an ack on the stream.

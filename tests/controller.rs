@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
-use rebalancer::protocol::{Command as Cmd, CommandKind};
+use rebalancer::contract::protocol::{Command as Cmd, CommandKind};
 use support::*;
 use tokio::sync::mpsc;
 

@@ -7,11 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rebalancer::act::Recording;
 use rebalancer::config::{self, PipelineConfig};
-use rebalancer::decide::ActionKind;
+use rebalancer::controller::act::Recording;
+use rebalancer::controller::decide::ActionKind;
+use rebalancer::fleet::topology::{Admin, Count, Topology};
 use rebalancer::telemetry::Events;
-use rebalancer::topology::{Admin, Count, Topology};
 use serde_json::json;
 use support::*;
 use tokio::sync::watch;
@@ -42,7 +42,7 @@ impl Drop for Running {
 fn topology(c: &PipelineConfig) -> Running {
     let stop = CancellationToken::new();
     let (rx, _task) =
-        rebalancer::pipeline::spawn_topology(c, Events::new(&c.name), stop.clone()).unwrap();
+        rebalancer::fleet::view::spawn(c, Events::new(&c.name), stop.clone()).unwrap();
     Running { rx, stop }
 }
 
@@ -244,12 +244,8 @@ async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() 
     }
     let rec = Arc::new(Recording::default());
     let stop = CancellationToken::new();
-    let task = tokio::spawn(rebalancer::pipeline::run(
-        c,
-        rec.clone(),
-        stop.clone(),
-        None,
-    ));
+    let task =
+        rebalancer::controller::app::spawn_pipeline(c, rec.clone(), None, stop.clone()).unwrap();
     let labels = [("pipeline", "gap")];
     eventually("a synced snapshot of 30 sessions", WAIT, || {
         let text = handle.render();
@@ -290,5 +286,5 @@ async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() 
     );
     assert!(done[0].1.epoch >= 1, "acted under a held lock");
     stop.cancel();
-    task.await.unwrap().unwrap();
+    task.await.unwrap();
 }

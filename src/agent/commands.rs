@@ -3,7 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use crate::protocol::{Command, PROTOCOL_VERSION};
+use crate::contract::protocol::{Command, PROTOCOL_VERSION};
 
 /// What the filter says of a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ impl CommandFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::CommandKind;
+    use crate::contract::protocol::CommandKind;
 
     fn cmd(id: &str, server: &str, epoch: u64, expires: u64) -> Command {
         Command {

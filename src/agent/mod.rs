@@ -22,13 +22,13 @@ use tokio_util::sync::CancellationToken;
 pub use commands::{CommandFilter, Verdict};
 pub use sessions::{CloseReason, SessionGuard, SessionRegistry, Sessions, VictimPolicy};
 
-use crate::consul::Consul;
-use crate::protocol::{
+use crate::contract::consul::Consul;
+use crate::contract::consul_watch::{consul_fetch, watch};
+use crate::contract::protocol::{
     acks_stream, commands_channel, sessions_key, state_key, unix_ms, Command, CommandKind,
 };
-use crate::source::consul_watch::{consul_fetch, watch};
+use crate::contract::states::Admin;
 use crate::stages::{BackoffPolicy, StreamStages};
-use crate::topology::Admin;
 
 /// Entries kept in the acks stream (approximately: `XADD MAXLEN ~`).
 pub const ACKS_MAXLEN: usize = 10_000;
@@ -303,7 +303,7 @@ impl Agent {
         let states = watch(
             consul_fetch(consul, path, Duration::from_secs(30)),
             move |f| {
-                let list = crate::source::consul_kv::parse(&svc, &p2, f)?;
+                let list = crate::contract::states::parse(&svc, &p2, f)?;
                 Ok(list
                     .states
                     .into_iter()

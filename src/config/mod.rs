@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::decide::{DecideConfig, RebalanceConfig, SafetyConfig, ScaleConfig};
+use crate::controller::decide::{DecideConfig, RebalanceConfig, SafetyConfig, ScaleConfig};
 use raw::RawPipeline;
 
 /// Prefix of the environment variables that override pipeline keys.
@@ -659,7 +659,7 @@ fn compile_gateway(g: &raw::RawGateway, pipeline: &str, ck: &mut Checker) -> Gat
     };
     let topology_feed = match g.topology_feed.trim() {
         "" => None,
-        url => match crate::feed::watch_url(url, pipeline) {
+        url => match crate::contract::urls::watch_url(url, pipeline) {
             Ok(u) => Some(u),
             Err(e) => {
                 ck.err("gateway.topology_feed", e.to_string());

@@ -41,8 +41,8 @@ use tokio_tungstenite::tungstenite::Message as TgMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{GatewayConfig, PipelineConfig};
+use crate::fleet::topology::{Admin, Topology};
 use crate::telemetry::Events;
-use crate::topology::{Admin, Topology};
 use cache::StaticCache;
 use health::{Active, Breaker};
 use route::{choose, ramp, Candidate, Kind};
@@ -128,7 +128,7 @@ pub enum GatewayError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Pipeline(#[from] crate::pipeline::PipelineError),
+    View(#[from] crate::fleet::view::ViewError),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),
 }
@@ -169,7 +169,7 @@ impl Gateway {
         }))
     }
 
-    fn host_of(&self, s: &crate::topology::Server) -> String {
+    fn host_of(&self, s: &crate::fleet::topology::Server) -> String {
         format!("{}:{}", s.address, self.0.cfg.target_port.unwrap_or(s.port))
     }
 
@@ -860,8 +860,8 @@ pub async fn run(
     // The fleet: from the controller's feed when one is set, else from the controller's own
     // sources and snapshot code, run here.
     let (topology, _fold) = match &gw_cfg.topology_feed {
-        Some(url) => crate::feed::follow(url.clone(), shutdown.clone()),
-        None => crate::pipeline::spawn_topology(&cfg, Events::new(&cfg.name), shutdown.clone())?,
+        Some(url) => crate::fleet::follow::follow(url.clone(), shutdown.clone()),
+        None => crate::fleet::view::spawn(&cfg, Events::new(&cfg.name), shutdown.clone())?,
     };
     let accounting = if gw_cfg.shared_accounting {
         match accounting::Accounting::new(&cfg.redis.url, &cfg.service, gw_cfg.redis_timeout) {

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use super::baselines::{clb_round, naive_round};
 use super::scenario::{EventKind, Routing, Scenario};
-use crate::decide::{decide, ActionKind, DecideConfig, History};
-use crate::topology::{
+use crate::controller::decide::{decide, ActionKind, DecideConfig, History};
+use crate::fleet::topology::{
     Admin, ContainerState, Count, OwnedContainer, Server, ServerId, SourcesSynced, Topology,
 };
 

@@ -17,9 +17,8 @@ use rand::Rng;
 
 use super::scaler::{ScaleError, Scaler};
 use crate::config::DockerConfig;
-use crate::source::docker::{
-    connect, list_owned, LABEL_PIPELINE, LABEL_PORT, LABEL_SERVER, LABEL_SERVICE,
-};
+use crate::contract::labels::{LABEL_PIPELINE, LABEL_PORT, LABEL_SERVER, LABEL_SERVICE};
+use crate::fleet::source::docker::{connect, list_owned};
 
 pub struct DockerScaler {
     cfg: DockerConfig,

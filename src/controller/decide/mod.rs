@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 pub use history::History;
 
-use crate::topology::{ServerId, Topology};
+use crate::fleet::topology::{ServerId, Topology};
 
 /// All knobs of the decision stages.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@
 use tokio::time::Instant;
 
 use super::{Action, ActionKind, History, Plan, Reason, ScaleConfig};
-use crate::topology::{Server, Topology, Totals};
+use crate::fleet::topology::{Server, Topology, Totals};
 
 pub fn plan(
     t: &Topology,
@@ -264,7 +264,7 @@ fn discard(
     }
     for c in &t.containers {
         let passing = t.get(&c.server).is_some_and(|s| s.passing);
-        let reason = if c.state == crate::topology::ContainerState::Stopped && !passing {
+        let reason = if c.state == crate::fleet::topology::ContainerState::Stopped && !passing {
             Reason::Provision {
                 what: "container stopped",
                 for_s: 0,
@@ -296,9 +296,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::decide::{decide, DecideConfig};
-    use crate::topology::fixtures::{fleet, server};
-    use crate::topology::{Admin, ContainerState, OwnedContainer, Topology};
+    use crate::controller::decide::{decide, DecideConfig};
+    use crate::fleet::topology::fixtures::{fleet, server};
+    use crate::fleet::topology::{Admin, ContainerState, OwnedContainer, Topology};
 
     fn cfg() -> DecideConfig {
         let mut c = DecideConfig::default();
@@ -316,7 +316,7 @@ mod tests {
             .collect()
     }
 
-    fn cordoned(id: &str, cap: u32, sessions: u64) -> crate::topology::Server {
+    fn cordoned(id: &str, cap: u32, sessions: u64) -> crate::fleet::topology::Server {
         let mut s = server(id, cap, sessions);
         s.admin = Admin::Cordoned { since_ms: 0 };
         s

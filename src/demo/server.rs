@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{
     Admission, Agent, AgentConfig, SessionGuard, SessionRegistry, Sessions, VictimPolicy,
 };
+use crate::contract::urls::with_scheme;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoServerArgs {
@@ -103,15 +104,6 @@ impl DemoServerArgs {
         cfg.shed_window = self.shed_window;
         cfg.report_interval = self.report_interval;
         Ok(cfg)
-    }
-}
-
-/// Accepts Consul addresses with or without a scheme, as `CONSUL_HTTP_ADDR` does.
-pub fn with_scheme(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
     }
 }
 

@@ -11,15 +11,9 @@ use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuild
 use bollard::Docker;
 use futures::{FutureExt, Stream, StreamExt};
 
-use crate::topology::{ContainerState, OwnedContainer};
+use crate::fleet::topology::{ContainerState, OwnedContainer};
 
-/// Label naming the pipeline that owns a container.
-pub const LABEL_PIPELINE: &str = "rebalancer.pipeline";
-/// Label naming the server (Consul service ID) a container runs.
-pub const LABEL_SERVER: &str = "rebalancer.server";
-/// Label holding the port handed to the container's server.
-pub const LABEL_PORT: &str = "rebalancer.port";
-pub const LABEL_SERVICE: &str = "rebalancer.service";
+use crate::contract::labels::{LABEL_PIPELINE, LABEL_SERVER};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {

@@ -12,7 +12,7 @@
 use tokio::time::Instant;
 
 use super::{Action, ActionKind, History, Plan, Reason, RebalanceConfig};
-use crate::topology::{Server, Topology, Totals};
+use crate::fleet::topology::{Server, Topology, Totals};
 
 /// `ceil(capacity × S / C)` in exact integer arithmetic.
 pub fn threshold(capacity: u32, totals: &Totals) -> u64 {
@@ -177,9 +177,9 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::decide::{decide, DecideConfig};
-    use crate::topology::fixtures::{fleet, server};
-    use crate::topology::{Admin, Count};
+    use crate::controller::decide::{decide, DecideConfig};
+    use crate::fleet::topology::fixtures::{fleet, server};
+    use crate::fleet::topology::{Admin, Count};
 
     fn cfg() -> DecideConfig {
         let mut c = DecideConfig::default();

@@ -7,10 +7,10 @@ use std::time::Duration;
 use futures::Stream;
 use serde::Deserialize;
 
-use super::consul_watch::{consul_fetch, watch};
-use crate::consul::{Consul, ConsulError, Fetched};
-use crate::protocol::{META_MAX_SESSIONS, META_WEIGHT};
-use crate::topology::ServerId;
+use crate::contract::consul::{Consul, ConsulError, Fetched};
+use crate::contract::consul_watch::{consul_fetch, watch};
+use crate::contract::protocol::{META_MAX_SESSIONS, META_WEIGHT};
+use crate::fleet::topology::ServerId;
 
 /// A registered instance with valid meta.
 #[derive(Debug, Clone, PartialEq)]

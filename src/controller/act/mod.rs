@@ -3,6 +3,7 @@
 //! [`Scaler`]. Behind one small trait so a recording actuator can stand in for tests.
 
 pub mod docker;
+pub mod execute;
 pub mod scaler;
 
 use std::sync::{Arc, Mutex};
@@ -15,12 +16,12 @@ use tokio::sync::OnceCell;
 
 pub use scaler::{ScaleError, Scaler};
 
-use crate::consul::{Consul, ConsulError};
-use crate::decide::{Action, ActionKind};
-use crate::protocol::{
+use crate::contract::consul::{Consul, ConsulError};
+use crate::contract::protocol::{
     commands_channel, state_key, unix_ms, AdminState, Command, CommandKind, StateRecord,
     PROTOCOL_VERSION,
 };
+use crate::controller::decide::{Action, ActionKind};
 
 /// What an action is done under: the leader's epoch and the snapshot that caused it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,10 +249,19 @@ impl Actuator for LiveActuator {
     }
 }
 
-/// Records what it is asked to do, for tests that want to see the plan acted on.
+/// Records what it is asked to do, for tests that want to see the plan acted on. Each
+/// action takes `delay` (on the tokio clock, so paused time measures it exactly).
 #[derive(Default)]
 pub struct Recording {
     pub done: Mutex<Vec<(Action, ActContext)>>,
+    pub delay: Duration,
+}
+
+impl Recording {
+    /// What was done so far.
+    pub fn actions(&self) -> Vec<(Action, ActContext)> {
+        self.done.lock().expect("not poisoned").clone()
+    }
 }
 
 impl Actuator for Recording {
@@ -260,11 +270,16 @@ impl Actuator for Recording {
         action: &'a Action,
         ctx: ActContext,
     ) -> BoxFuture<'a, Result<(), ActError>> {
-        self.done
-            .lock()
-            .expect("not poisoned")
-            .push((action.clone(), ctx));
-        Box::pin(async { Ok(()) })
+        Box::pin(async move {
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
+            self.done
+                .lock()
+                .expect("not poisoned")
+                .push((action.clone(), ctx));
+            Ok(())
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::Stream;
 
-use crate::consul::{Consul, ConsulError, Fetched};
+use crate::contract::consul::{Consul, ConsulError, Fetched};
 use crate::stages::rate::TokenBucket;
 
 /// The index to send with the next request, given the previous one and the one returned.

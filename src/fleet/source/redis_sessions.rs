@@ -12,8 +12,8 @@ use futures::{FutureExt, Stream, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, AsyncTypedCommands, Client, RedisError};
 
-use crate::protocol::sessions_key_prefix;
-use crate::topology::ServerId;
+use crate::contract::protocol::sessions_key_prefix;
+use crate::fleet::topology::ServerId;
 
 /// The notification classes needed: keyspace events (`K`) for string commands (`$`),
 /// generic ones such as DEL and EXPIRE (`g`), expiries (`x`) and evictions (`e`).

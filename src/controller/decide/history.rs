@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{ActionKind, DecideConfig, Plan};
-use crate::topology::{ServerId, Topology};
+use crate::fleet::topology::{ServerId, Topology};
 
 /// Window of the disruption budget.
 pub const BUDGET_WINDOW: Duration = Duration::from_secs(60);
@@ -60,7 +60,7 @@ impl History {
                 if self.pending_since.contains_key(&c.server) {
                     self.failures = 0; // a container came up: provisioning works again
                 }
-            } else if c.state != crate::topology::ContainerState::Stopped {
+            } else if c.state != crate::fleet::topology::ContainerState::Stopped {
                 pending.insert(
                     c.server.clone(),
                     self.pending_since.get(&c.server).copied().unwrap_or(now),

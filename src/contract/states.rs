@@ -1,15 +1,25 @@
-//! Consul KV prefix `rebalancer/<svc>/servers/`: the administrative state of each server.
-
-use std::time::Duration;
+//! Server state records in Consul KV (`rebalancer/<svc>/servers/<id>`): how they read, for
+//! the controller's source and for every role that watches its own or the fleet's state.
 
 use base64::Engine;
-use futures::Stream;
 use serde::Deserialize;
 
-use super::consul_watch::{consul_fetch, watch};
-use crate::consul::{Consul, ConsulError, Fetched};
-use crate::protocol::{state_prefix, AdminState, StateRecord};
-use crate::topology::{Admin, ServerId};
+use super::consul::{Consul, ConsulError, Fetched};
+use super::protocol::{state_prefix, AdminState, StateRecord};
+
+/// A server's id: its Consul service ID.
+pub type ServerId = std::sync::Arc<str>;
+
+/// A server's administrative state as read from its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admin {
+    Active,
+    Cordoned {
+        since_ms: u64,
+    },
+    /// The KV record exists but cannot be read: treated like an unknown count.
+    Unknown,
+}
 
 /// Every state record under the prefix. Unreadable ones are `Admin::Unknown` and listed.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -78,20 +88,6 @@ pub fn parse(service: &str, path: &str, f: &Fetched) -> Result<StateList, Consul
     }
     out.states.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
-}
-
-/// Streams the state records of `service` each time they change.
-pub fn stream(
-    consul: Consul,
-    service: &str,
-    wait: Duration,
-) -> impl Stream<Item = Result<StateList, ConsulError>> {
-    let path = format!("/v1/kv/{}?recurse=true", state_prefix(service));
-    let p2 = path.clone();
-    let svc = service.to_string();
-    watch(consul_fetch(consul, path, wait), move |f| {
-        parse(&svc, &p2, f)
-    })
 }
 
 #[cfg(test)]

@@ -18,10 +18,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::consul::Consul;
-use crate::protocol::state_prefix;
-use crate::source::{consul_health, consul_kv};
-use crate::topology::Admin;
+use crate::contract::consul::Consul;
+use crate::contract::protocol::state_prefix;
+use crate::contract::states;
+use crate::contract::states::Admin;
+use crate::fleet::source::consul_health;
 
 pub const MAX_CONNECTIONS: u32 = 100_000;
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
@@ -154,14 +155,14 @@ impl Targets {
 async fn discover(
     consul: &Consul,
     service: &str,
-) -> Result<Vec<String>, crate::consul::ConsulError> {
+) -> Result<Vec<String>, crate::contract::consul::ConsulError> {
     let hpath = format!("/v1/health/service/{service}?passing=true");
     let health = consul_health::parse(
         &hpath,
         &consul.blocking_get(&hpath, 0, Duration::ZERO).await?,
     )?;
     let kpath = format!("/v1/kv/{}?recurse=true", state_prefix(service));
-    let states = consul_kv::parse(
+    let states = states::parse(
         service,
         &kpath,
         &consul.blocking_get(&kpath, 0, Duration::ZERO).await?,
@@ -210,7 +211,7 @@ pub async fn run(
         });
     }
     if let Some(addr) = &args.consul {
-        let consul = Consul::new(&crate::demo_server::with_scheme(addr), None);
+        let consul = Consul::new(&crate::contract::urls::with_scheme(addr), None);
         let (targets, done, service) = (targets.clone(), done.clone(), args.service.clone());
         let first = discover(&consul, &service).await.unwrap_or_default();
         *targets.discovered.write().expect("not poisoned") = first;

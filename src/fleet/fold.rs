@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::source::{
+use crate::fleet::source::{
     Change, HealthList, Instance, Reading, SessionsUpdate, SourceKind, Stamped, StateList,
 };
-use crate::telemetry::Events;
-use crate::topology::{
+use crate::fleet::topology::{
     Admin, ContainerState, Count, OwnedContainer, Server, ServerId, SourcesSynced, Topology,
 };
+use crate::telemetry::Events;
 
 pub struct Fold {
     events: Events,
@@ -184,7 +184,7 @@ impl Fold {
 
     /// Records how long each owned container took to pass, once.
     fn note_provisioned(&mut self, t: &Topology) {
-        let now_s = crate::protocol::unix_ms(std::time::SystemTime::now()) / 1000;
+        let now_s = crate::contract::protocol::unix_ms(std::time::SystemTime::now()) / 1000;
         for c in &t.containers {
             if !self.provisioned.contains(&c.server) && t.get(&c.server).is_some_and(|s| s.passing)
             {

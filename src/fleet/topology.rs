@@ -4,8 +4,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-/// A server's Consul service ID.
-pub type ServerId = Arc<str>;
+pub use crate::contract::states::{Admin, ServerId};
 
 /// A live session count as the snapshot knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,17 +21,6 @@ impl Count {
             Count::Unknown => None,
         }
     }
-}
-
-/// A server's administrative state as the snapshot knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admin {
-    Active,
-    Cordoned {
-        since_ms: u64,
-    },
-    /// The KV record exists but cannot be read: treated like an unknown count.
-    Unknown,
 }
 
 /// State of a container this pipeline owns, as far as decisions care.

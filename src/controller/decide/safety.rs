@@ -1,7 +1,7 @@
 //! The safety stage: when to halt everything, and when to withhold destructive actions.
 
 use super::SafetyConfig;
-use crate::topology::{Topology, Totals};
+use crate::fleet::topology::{Topology, Totals};
 
 /// `Some(reason)` when too much of the fleet is failing health to act on anything.
 pub fn halt(totals: &Totals, cfg: &SafetyConfig) -> Option<String> {

@@ -3,7 +3,6 @@
 
 pub mod consul_health;
 pub mod consul_kv;
-pub mod consul_watch;
 pub mod docker;
 pub mod redis_sessions;
 
@@ -42,7 +41,7 @@ pub enum Change {
     States(StateList),
     Sessions(SessionsUpdate),
     /// Every container this pipeline owns.
-    Containers(Vec<crate::topology::OwnedContainer>),
+    Containers(Vec<crate::fleet::topology::OwnedContainer>),
     /// The source lost its connection: the snapshot is stale until it resyncs.
     Down(SourceKind),
 }

@@ -9,8 +9,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::consul::{Consul, ConsulError};
-use crate::protocol::leader_key;
+use crate::contract::consul::{Consul, ConsulError};
+use crate::contract::protocol::leader_key;
 use crate::telemetry::Events;
 
 #[derive(Deserialize)]

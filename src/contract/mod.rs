@@ -1,0 +1,11 @@
+//! The contract every part speaks (protocol v1) and the clients of the shared services:
+//! names and shapes of keys, channels and records, the Consul client and its blocking
+//! watch, state records, the containers' ownership labels and URL helpers. Nothing here
+//! imports a wing.
+
+pub mod consul;
+pub mod consul_watch;
+pub mod labels;
+pub mod protocol;
+pub mod states;
+pub mod urls;

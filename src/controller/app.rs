@@ -1,0 +1,156 @@
+//! The controller's composition root: from validated pipeline configs to running pipelines.
+//! It builds the clients (Redis, Consul, the Docker scaler), the actuator, the metrics and
+//! feed server, and for each pipeline its topology view, its leader election and its
+//! decision loop; then it waits for `shutdown` and gives in-flight work a grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PipelineConfig;
+use crate::contract::consul::Consul;
+use crate::controller::act::{docker::DockerScaler, Actuator, LiveActuator, Scaler};
+use crate::controller::{feed, leader, pipeline};
+use crate::fleet::view::{self, ViewError};
+use crate::telemetry::{Events, TelemetryError};
+
+/// How long in-flight work may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Metrics(#[from] TelemetryError),
+    #[error("cannot listen on {addr} (metrics.listen): {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: redis.url: {source}")]
+    RedisUrl {
+        file: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error(transparent)]
+    View(#[from] ViewError),
+    #[error("a pipeline task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("pipelines did not stop within {0:?}")]
+    StopTimeout(Duration),
+}
+
+impl AppError {
+    /// A configuration the services refuse, as opposed to a resource that cannot be had.
+    pub fn is_config(&self) -> bool {
+        matches!(self, AppError::RedisUrl { .. } | AppError::View(_))
+    }
+}
+
+/// The real actuator of one pipeline: Redis for commands, Consul for states, Docker when
+/// the pipeline scales with it.
+fn actuator(cfg: &PipelineConfig) -> Result<Arc<dyn Actuator>, AppError> {
+    let redis =
+        redis::Client::open(cfg.redis.url.as_str()).map_err(|source| AppError::RedisUrl {
+            file: cfg.file.display().to_string(),
+            source,
+        })?;
+    let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
+    let scaler = cfg
+        .docker
+        .clone()
+        .map(|d| Arc::new(DockerScaler::new(d, &cfg.name, &cfg.service)) as Arc<dyn Scaler>);
+    Ok(Arc::new(LiveActuator::new(
+        &cfg.service,
+        cfg.command_ttl,
+        redis,
+        consul,
+        scaler,
+    )))
+}
+
+/// Starts one pipeline with `actuator`: its topology view (registered on `feeds` when
+/// given), its leader election and its decision loop, all stopping on `shutdown`. The task
+/// ends once all three have.
+pub fn spawn_pipeline(
+    cfg: PipelineConfig,
+    actuator: Arc<dyn Actuator>,
+    feeds: Option<&feed::Registry>,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, ViewError> {
+    let events = Events::new(&cfg.name);
+    let (snapshots, fold) = view::spawn(&cfg, events.clone(), shutdown.clone())?;
+    if let Some(feeds) = feeds {
+        feeds.add(feed::Feed {
+            pipeline: cfg.name.clone(),
+            service: cfg.service.clone(),
+            snapshots: snapshots.clone(),
+        });
+    }
+    let (epoch_tx, leadership) = tokio::sync::watch::channel(None);
+    let election = tokio::spawn(leader::run(
+        Consul::new(&cfg.consul.address, cfg.consul.token.clone()),
+        cfg.name.clone(),
+        cfg.leader_session_ttl,
+        events.clone(),
+        epoch_tx,
+        shutdown.clone(),
+    ));
+    let inputs = pipeline::Inputs {
+        snapshots,
+        leadership,
+        actuator,
+    };
+    let decisions = pipeline::run(cfg, inputs, events, shutdown);
+    Ok(tokio::spawn(async move {
+        decisions.await;
+        let _ = fold.await;
+        let _ = election.await;
+    }))
+}
+
+/// Runs every pipeline in `cfgs` until `shutdown`, serving metrics and the topology feed on
+/// the first pipeline's `metrics.listen`.
+pub async fn run(cfgs: Vec<PipelineConfig>, shutdown: CancellationToken) -> Result<(), AppError> {
+    // One exporter per process: the first pipeline's address serves every pipeline's metrics,
+    // each labelled with its pipeline name.
+    let listen = cfgs[0].metrics_listen;
+    for c in cfgs.iter().skip(1).filter(|c| c.metrics_listen != listen) {
+        tracing::warn!(file = %c.file.display(), listen = %c.metrics_listen, using = %listen,
+            "metrics.listen differs from the first pipeline's; one endpoint serves all pipelines");
+    }
+    let metrics = crate::telemetry::install_recorder(listen)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: listen,
+            source,
+        })?;
+    // Pipelines stop on `stop`; the feed server stays up until they have.
+    let stop = CancellationToken::new();
+    let feeds = feed::Registry::default();
+    tokio::spawn(feed::serve(listener, metrics, feeds.clone(), stop.clone()));
+    tracing::info!(%listen, "metrics on http://{listen}/metrics, topology on http://{listen}/v1/topology");
+
+    let mut tasks = Vec::new();
+    for cfg in cfgs {
+        let actuator = actuator(&cfg)?;
+        tasks.push(spawn_pipeline(cfg, actuator, Some(&feeds), stop.clone())?);
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    stop.cancel();
+    let all = futures::future::join_all(tasks);
+    let results = tokio::time::timeout(SHUTDOWN_GRACE, all)
+        .await
+        .map_err(|_| AppError::StopTimeout(SHUTDOWN_GRACE))?;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}

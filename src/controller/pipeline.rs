@@ -1,0 +1,274 @@
+//! One controller pipeline's decision loop: each new snapshot (and a steady tick) is judged
+//! by the pure decisions, and the plan is carried out while this controller leads. Its
+//! inputs, the snapshot view, the leadership and the actuator, are handed in by the
+//! composer ([`crate::controller::app`]), so a test can drive it with paused time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PipelineConfig;
+use crate::controller::act::execute::{execute, Mode};
+use crate::controller::act::Actuator;
+use crate::controller::decide::{decide, ActionKind, History};
+use crate::fleet::topology::Topology;
+use crate::telemetry::Events;
+
+/// How often decisions are re-made without a new snapshot: conditions that must hold for a
+/// while (scale-in, reap, round intervals) are judged on time as well as on change.
+pub const DECISION_TICK: Duration = Duration::from_secs(1);
+
+/// What a pipeline reads and writes through.
+pub struct Inputs {
+    /// The fleet's snapshots; version 0 until the first fold.
+    pub snapshots: watch::Receiver<Arc<Topology>>,
+    /// The leader lock's epoch while this controller holds it.
+    pub leadership: watch::Receiver<Option<u64>>,
+    pub actuator: Arc<dyn Actuator>,
+}
+
+/// Runs the decision loop of one pipeline until `shutdown` or until its snapshots end.
+pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: CancellationToken) {
+    let Inputs {
+        mut snapshots,
+        leadership,
+        actuator,
+    } = inputs;
+    let mut decide_cfg = cfg.decide.clone();
+    (decide_cfg.scale.can_start, decide_cfg.scale.can_reap) = actuator.can_scale();
+    tracing::info!(pipeline = %cfg.name, service = %cfg.service, dry_run = cfg.dry_run, file = %cfg.file.display(), "pipeline started");
+
+    let mut history = History::default();
+    let mut tick = tokio::time::interval(DECISION_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_report: Option<(Option<String>, Vec<String>)> = None;
+    let mut measured_version = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = snapshots.changed() => if changed.is_err() { break },
+            _ = tick.tick() => {}
+        }
+        let t = snapshots.borrow_and_update().clone();
+        if t.version == 0 {
+            continue; // nothing folded yet
+        }
+        let now = Instant::now();
+        history.observe(&t, &decide_cfg, now);
+        let started = std::time::Instant::now();
+        let plan = decide(&t, &decide_cfg, now, &history);
+        let report = (plan.halted.clone(), plan.withheld.clone());
+        let changed = last_report.as_ref() != Some(&report);
+        events.decision(&plan, started.elapsed(), t.version, changed);
+        last_report = Some(report);
+        if plan.is_empty() {
+            continue;
+        }
+        let mode = if cfg.dry_run {
+            Mode::DryRun
+        } else {
+            Mode::Live {
+                epoch: *leadership.borrow(),
+            }
+        };
+        // Remember the plan before acting: a slow or failed action must not be repeated
+        // before its round interval or cooldown anyway. A dry run decides as if it had acted,
+        // so its log reads true; a follower remembers nothing it did not do.
+        if mode != (Mode::Live { epoch: None }) {
+            history.record(&plan, now);
+        }
+        let done = execute(&plan, mode, actuator.as_ref(), t.version, &events).await;
+        if done.failed(&plan, |a| matches!(a.kind, ActionKind::Start { .. })) {
+            history.failed(Instant::now()); // the engine refused: back off, do not wait on it
+        }
+        if let (Some(changed_at), Some(acted)) = (t.changed_at, done.first_done) {
+            if t.version != measured_version {
+                measured_version = t.version;
+                events.event_to_action(acted.saturating_duration_since(changed_at));
+            }
+        }
+    }
+    tracing::info!(pipeline = %cfg.name, "pipeline stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    //! A whole pipeline driven with paused time: snapshots sent by hand, leadership as a
+    //! channel, and a recording actuator.
+    use std::path::Path;
+
+    use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+    use super::*;
+    use crate::controller::act::Recording;
+    use crate::fleet::topology::fixtures::{fleet, server};
+
+    struct Harness {
+        snapshots: watch::Sender<Arc<Topology>>,
+        leadership: watch::Sender<Option<u64>>,
+        actuator: Arc<Recording>,
+        metrics: PrometheusHandle,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn recorder() -> PrometheusRecorder {
+        PrometheusBuilder::new().build_recorder()
+    }
+
+    /// Starts a pipeline named `name` from a file of `toml`; the caller keeps `recorder` as
+    /// the thread's default (the paused runtime runs every task on this thread).
+    fn start(name: &str, toml: &str, delay: Duration, recorder: &PrometheusRecorder) -> Harness {
+        let text = format!("name = \"{name}\"\n{toml}");
+        let cfg = crate::config::parse(Path::new("p.toml"), &text, &|_| None).expect("valid");
+        let (snapshots, snapshots_rx) = watch::channel(Arc::new(Topology::default()));
+        let (leadership, leadership_rx) = watch::channel(None);
+        let actuator = Arc::new(Recording {
+            delay,
+            ..Recording::default()
+        });
+        let stop = CancellationToken::new();
+        let inputs = Inputs {
+            snapshots: snapshots_rx,
+            leadership: leadership_rx,
+            actuator: actuator.clone(),
+        };
+        let task = tokio::spawn(run(cfg, inputs, Events::new(name), stop.clone()));
+        Harness {
+            snapshots,
+            leadership,
+            actuator,
+            metrics: recorder.handle(),
+            stop,
+            task,
+        }
+    }
+
+    impl Harness {
+        fn send(&self, mut t: Topology, version: u64) {
+            t.version = version;
+            t.changed_at = Some(Instant::now());
+            self.snapshots.send_replace(Arc::new(t));
+        }
+
+        /// The value of `name` with `labels` in the exporter's text, if present.
+        fn sample(&self, name: &str, labels: &str) -> Option<f64> {
+            let text = self.metrics.render();
+            let want = format!("{name}{{{labels}}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(want.as_str()))
+                .map(|v| v.trim().parse().expect("a number"))
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.expect("the pipeline ends cleanly");
+        }
+    }
+
+    /// 90 and 10 sessions on two servers of 100: the first is over `U + tolerance`.
+    fn unbalanced() -> Topology {
+        fleet(vec![server("a", 100, 90), server("b", 100, 10)])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_snapshot_is_acted_on_and_the_time_from_change_to_action_is_measured() {
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start("e2a", "", Duration::from_millis(250), &rec);
+        h.leadership.send_replace(Some(3));
+        h.send(unbalanced(), 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let done = h.actuator.actions();
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(
+            done[0].0.kind,
+            ActionKind::Shed {
+                server: "a".into(),
+                count: 40
+            }
+        );
+        assert_eq!((done[0].1.epoch, done[0].1.version), (3, 1));
+        let labels = "pipeline=\"e2a\"";
+        assert_eq!(
+            h.sample("rebalancer_event_to_action_seconds_sum", labels),
+            Some(0.25),
+            "from the change to the action's completion, on the paused clock"
+        );
+        assert_eq!(
+            h.sample(
+                "rebalancer_actions_total",
+                "pipeline=\"e2a\",kind=\"shed\",result=\"ok\""
+            ),
+            Some(1.0)
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_decides_but_acts_only_once_it_holds_the_lock() {
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start("follower", "", Duration::ZERO, &rec);
+        h.send(unbalanced(), 1);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(h.actuator.actions().is_empty(), "acted without the lock");
+        let not_leader = h.sample(
+            "rebalancer_actions_total",
+            "pipeline=\"follower\",kind=\"shed\",result=\"not_leader\"",
+        );
+        assert!(not_leader >= Some(5.0), "one per tick: {not_leader:?}");
+
+        // No new snapshot: the decision tick brings the plan back once the lock is held.
+        h.leadership.send_replace(Some(9));
+        tokio::time::sleep(DECISION_TICK + Duration::from_millis(10)).await;
+        let done = h.actuator.actions();
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(done[0].1.epoch, 9);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dry_run_decides_and_reports_but_never_acts() {
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start("dry", "dry_run = true\n", Duration::ZERO, &rec);
+        h.leadership.send_replace(Some(1));
+        h.send(unbalanced(), 1);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(h.actuator.actions().is_empty(), "a dry run acted");
+        // It remembers what it would have done: one shed per round interval (15 s).
+        assert_eq!(
+            h.sample(
+                "rebalancer_actions_total",
+                "pipeline=\"dry\",kind=\"shed\",result=\"dry_run\""
+            ),
+            Some(2.0)
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tick_cordons_a_cold_fleet_once_scale_in_after_has_passed_with_no_new_snapshot() {
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start("cold", "", Duration::ZERO, &rec);
+        h.leadership.send_replace(Some(1));
+        // U = 0.2, below scale_in_at (0.40), held for the default scale_in_after (60 s).
+        h.send(fleet(vec![server("a", 100, 20), server("b", 100, 20)]), 1);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(h.actuator.actions().is_empty(), "cordoned before 60 s");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let done = h.actuator.actions();
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(
+            matches!(done[0].0.kind, ActionKind::Cordon { .. }),
+            "{done:?}"
+        );
+        h.stop().await;
+    }
+}
