@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rebalancer::controller::decide::{decide, DecideConfig, History};
+use rebalancer::controller::decide::{decide, Capabilities, DecideConfig, History};
 use rebalancer::fleet::fold::Fold;
 use rebalancer::fleet::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
 use rebalancer::fleet::topology::Topology;
@@ -83,7 +83,15 @@ fn bench_decide(c: &mut Criterion) {
         let now = Instant::now();
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &t, |b, t| {
-            b.iter(|| black_box(decide(black_box(t), &cfg, now, &history)))
+            b.iter(|| {
+                black_box(decide(
+                    black_box(t),
+                    &cfg,
+                    Capabilities::default(),
+                    now,
+                    &history,
+                ))
+            })
         });
     }
     g.finish();

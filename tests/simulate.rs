@@ -137,3 +137,24 @@ fn the_cli_prints_one_json_object_per_algorithm() {
         "lists the built-in names"
     );
 }
+
+#[test]
+fn the_simulator_scores_balance_with_the_configured_tolerance() {
+    let sc = Scenario::load("server-joins").unwrap();
+    let (default, _) = fleet::run(&sc, Algorithm::Naive, 1);
+    assert!(
+        default.converge_s.is_some_and(|c| c > 0),
+        "an empty server joining three full ones is out of balance at first: {default:?}"
+    );
+    // Within 0.99 of U, every fleet is balanced: converged from the start, nothing shed.
+    let mut cfg = rebalancer::controller::decide::DecideConfig::default();
+    cfg.rebalance.tolerance = 0.99;
+    let (wide, _) = fleet::run_with(&sc, Algorithm::Ours, 1, cfg.clone());
+    assert_eq!(wide.converge_s, Some(0), "{wide:?}");
+    assert_eq!(wide.moved, 0, "{wide:?}");
+    let (naive, _) = fleet::run_with(&sc, Algorithm::Naive, 1, cfg);
+    assert_eq!(
+        naive.moved, 0,
+        "the naive baseline sheds at the same tolerance: {naive:?}"
+    );
+}

@@ -1,8 +1,21 @@
-//! The pipeline file as written: serde structs with the documented defaults.
+//! The pipeline file as written: serde structs. Their defaults are the typed configs'
+//! `Default`s written back as text, so every default is defined once.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::{
+    ConsulConfig, DebounceConfig, DockerConfig, GatewayConfig, RedisConfig, DEFAULT_COMMAND_TTL,
+    DEFAULT_LEADER_SESSION_TTL, DEFAULT_METRICS_LISTEN, DEFAULT_NAME,
+};
+use crate::controller::decide::{RebalanceConfig, SafetyConfig, ScaleConfig};
+
+/// A duration as a pipeline file writes it (`"15s"`, `"200ms"`, `"5m"`).
+fn text(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -67,29 +80,30 @@ pub struct RawGateway {
 
 impl Default for RawGateway {
     fn default() -> Self {
+        let d = GatewayConfig::default();
         RawGateway {
-            listen: "127.0.0.1:8080".into(),
-            metrics_listen: "127.0.0.1:9466".into(),
-            health_path: "/health".into(),
-            health_interval: "1s".into(),
-            rise: 2,
-            fall: 2,
-            connect_timeout: "2s".into(),
-            request_timeout: "30s".into(),
-            idle_timeout: "60s".into(),
-            breaker_failures: 5,
-            breaker_open: "10s".into(),
-            retries: 2,
-            retry_budget: 0.2,
-            slow_start: "10s".into(),
-            reservation_ttl: "2s".into(),
-            cache_paths: vec!["/static/".into()],
-            cache_ttl: "60s".into(),
-            cache_capacity: 1000,
-            target_port: 0,
-            shared_accounting: false,
-            redis_timeout: "50ms".into(),
-            topology_feed: String::new(),
+            listen: d.listen.to_string(),
+            metrics_listen: d.metrics_listen.to_string(),
+            health_path: d.health_path,
+            health_interval: text(d.health_interval),
+            rise: d.rise.into(),
+            fall: d.fall.into(),
+            connect_timeout: text(d.connect_timeout),
+            request_timeout: text(d.request_timeout),
+            idle_timeout: text(d.idle_timeout),
+            breaker_failures: d.breaker_failures.into(),
+            breaker_open: text(d.breaker_open),
+            retries: d.retries.into(),
+            retry_budget: d.retry_budget,
+            slow_start: text(d.slow_start),
+            reservation_ttl: text(d.reservation_ttl),
+            cache_paths: d.cache_paths,
+            cache_ttl: text(d.cache_ttl),
+            cache_capacity: d.cache_capacity as i64,
+            target_port: d.target_port.map_or(0, i64::from),
+            shared_accounting: d.shared_accounting,
+            redis_timeout: text(d.redis_timeout),
+            topology_feed: d.topology_feed.unwrap_or_default(),
         }
     }
 }
@@ -97,8 +111,8 @@ impl Default for RawGateway {
 impl Default for RawPipeline {
     fn default() -> Self {
         RawPipeline {
-            name: "ws".into(),
-            service: "ws".into(),
+            name: DEFAULT_NAME.into(),
+            service: DEFAULT_NAME.into(),
             dry_run: false,
             consul: RawConsul::default(),
             redis: RawRedis::default(),
@@ -125,10 +139,11 @@ pub struct RawConsul {
 
 impl Default for RawConsul {
     fn default() -> Self {
+        let d = ConsulConfig::default();
         RawConsul {
-            address: "http://127.0.0.1:8500".into(),
-            token: String::new(),
-            wait: "5m".into(),
+            address: d.address,
+            token: d.token.unwrap_or_default(),
+            wait: text(d.wait),
         }
     }
 }
@@ -143,9 +158,10 @@ pub struct RawRedis {
 
 impl Default for RawRedis {
     fn default() -> Self {
+        let d = RedisConfig::default();
         RawRedis {
-            url: "redis://127.0.0.1:6379/0".into(),
-            reconcile: "30s".into(),
+            url: d.url,
+            reconcile: text(d.reconcile),
         }
     }
 }
@@ -159,9 +175,10 @@ pub struct RawDebounce {
 
 impl Default for RawDebounce {
     fn default() -> Self {
+        let d = DebounceConfig::default();
         RawDebounce {
-            quiet: "200ms".into(),
-            max_delay: "1s".into(),
+            quiet: text(d.quiet),
+            max_delay: text(d.max_delay),
         }
     }
 }
@@ -185,16 +202,17 @@ pub struct RawRebalance {
 
 impl Default for RawRebalance {
     fn default() -> Self {
+        let d = RebalanceConfig::default();
         RawRebalance {
-            enabled: true,
-            tolerance: 0.10,
-            shed_fraction: 1.0,
-            min_shed: 1,
-            max_shed: 1000,
-            round_interval: "15s".into(),
-            drain_rate: 100,
-            disruption_budget: 0.5,
-            command_ttl: "10s".into(),
+            enabled: d.enabled,
+            tolerance: d.tolerance,
+            shed_fraction: d.shed_fraction,
+            min_shed: d.min_shed as i64,
+            max_shed: d.max_shed as i64,
+            round_interval: text(d.round_interval),
+            drain_rate: d.drain_rate as i64,
+            disruption_budget: d.disruption_budget,
+            command_ttl: text(DEFAULT_COMMAND_TTL),
         }
     }
 }
@@ -246,35 +264,37 @@ pub struct RawDocker {
 
 impl Default for RawDocker {
     fn default() -> Self {
+        let d = DockerConfig::default();
         RawDocker {
-            host: "unix:///var/run/docker.sock".into(),
-            image: String::new(),
-            command: Vec::new(),
-            env: BTreeMap::new(),
-            network_mode: "host".into(),
-            port_range: "20000-20999".into(),
-            labels: BTreeMap::new(),
-            name_prefix: String::new(),
-            provision_timeout: "60s".into(),
-            stop_grace: "10s".into(),
-            max_per_round: 2,
+            host: format!("unix://{}", d.socket),
+            image: d.image,
+            command: d.command,
+            env: d.env,
+            network_mode: d.network_mode,
+            port_range: format!("{}-{}", d.ports.start(), d.ports.end()),
+            labels: d.labels,
+            name_prefix: d.name_prefix,
+            provision_timeout: text(d.provision_timeout),
+            stop_grace: text(d.stop_grace),
+            max_per_round: d.max_per_round.into(),
         }
     }
 }
 
 impl Default for RawScale {
     fn default() -> Self {
+        let d = ScaleConfig::default();
         RawScale {
-            enabled: true,
-            scale_out_at: 0.70,
-            scale_in_at: 0.40,
-            target_utilization: 0.55,
-            min_servers: 1,
-            max_servers: 100,
-            scale_in_after: "60s".into(),
-            cooldown: "30s".into(),
-            reap_after: "10s".into(),
-            max_per_round: 5,
+            enabled: d.enabled,
+            scale_out_at: d.scale_out_at,
+            scale_in_at: d.scale_in_at,
+            target_utilization: d.target_utilization,
+            min_servers: d.min_servers.into(),
+            max_servers: d.max_servers.into(),
+            scale_in_after: text(d.scale_in_after),
+            cooldown: text(d.cooldown),
+            reap_after: text(d.reap_after),
+            max_per_round: d.max_per_round.into(),
             docker: None,
         }
     }
@@ -290,7 +310,7 @@ pub struct RawSafety {
 impl Default for RawSafety {
     fn default() -> Self {
         RawSafety {
-            halt_unhealthy_fraction: 0.45,
+            halt_unhealthy_fraction: SafetyConfig::default().halt_unhealthy_fraction,
         }
     }
 }
@@ -305,7 +325,7 @@ pub struct RawLeader {
 impl Default for RawLeader {
     fn default() -> Self {
         RawLeader {
-            session_ttl: "15s".into(),
+            session_ttl: text(DEFAULT_LEADER_SESSION_TTL),
         }
     }
 }
@@ -319,7 +339,7 @@ pub struct RawMetrics {
 impl Default for RawMetrics {
     fn default() -> Self {
         RawMetrics {
-            listen: "127.0.0.1:9464".into(),
+            listen: DEFAULT_METRICS_LISTEN.to_string(),
         }
     }
 }

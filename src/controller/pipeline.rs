@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PipelineConfig;
 use crate::controller::act::execute::{execute, Mode};
 use crate::controller::act::Actuator;
-use crate::controller::decide::{decide, ActionKind, History};
+use crate::controller::decide::{decide, ActionKind, Halt, History, Withheld};
 use crate::fleet::topology::Topology;
 use crate::telemetry::Events;
 
@@ -37,14 +37,13 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
         leadership,
         actuator,
     } = inputs;
-    let mut decide_cfg = cfg.decide.clone();
-    (decide_cfg.scale.can_start, decide_cfg.scale.can_reap) = actuator.can_scale();
+    let can = actuator.capabilities();
     tracing::info!(pipeline = %cfg.name, service = %cfg.service, dry_run = cfg.dry_run, file = %cfg.file.display(), "pipeline started");
 
     let mut history = History::default();
     let mut tick = tokio::time::interval(DECISION_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_report: Option<(Option<String>, Vec<String>)> = None;
+    let mut last_report: Option<(Option<Halt>, Vec<Withheld>)> = None;
     let mut measured_version = 0;
     loop {
         tokio::select! {
@@ -57,9 +56,9 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
             continue; // nothing folded yet
         }
         let now = Instant::now();
-        history.observe(&t, &decide_cfg, now);
+        history.observe(&t, &cfg.decide, now);
         let started = std::time::Instant::now();
-        let plan = decide(&t, &decide_cfg, now, &history);
+        let plan = decide(&t, &cfg.decide, can, now, &history);
         let report = (plan.halted.clone(), plan.withheld.clone());
         let changed = last_report.as_ref() != Some(&report);
         events.decision(&plan, started.elapsed(), t.version, changed);

@@ -20,9 +20,9 @@ pub fn clb_round(counts: &[u64]) -> Option<(usize, u64)> {
     (shed >= 10).then_some((i, shed))
 }
 
-/// The naive round: every server with `u > U + 0.10` sheds its whole excess,
+/// The naive round: every server with `u > U + tolerance` sheds its whole excess,
 /// `sessions − ceil(capacity × U)`, every round. `servers` are `(capacity, sessions)`.
-pub fn naive_round(servers: &[(u32, u64)]) -> Vec<(usize, u64)> {
+pub fn naive_round(servers: &[(u32, u64)], tolerance: f64) -> Vec<(usize, u64)> {
     let sessions: u64 = servers.iter().map(|s| s.1).sum();
     let capacity: u64 = servers.iter().map(|s| u64::from(s.0)).sum();
     if capacity == 0 {
@@ -32,7 +32,7 @@ pub fn naive_round(servers: &[(u32, u64)]) -> Vec<(usize, u64)> {
     servers
         .iter()
         .enumerate()
-        .filter(|(_, (c, s))| *s as f64 / f64::from(*c) > u + 0.10)
+        .filter(|(_, (c, s))| *s as f64 / f64::from(*c) > u + tolerance)
         .map(|(i, (c, s))| {
             (
                 i,
@@ -63,9 +63,9 @@ mod tests {
     fn naive_sheds_every_over_utilized_server_to_its_threshold_at_once() {
         // U = 0.5; 90 and 70 are over 0.6; threshold 50.
         assert_eq!(
-            naive_round(&[(100, 90), (100, 70), (100, 40), (100, 0)]),
+            naive_round(&[(100, 90), (100, 70), (100, 40), (100, 0)], 0.10),
             vec![(0, 40), (1, 20)]
         );
-        assert!(naive_round(&[(100, 55), (100, 45)]).is_empty());
+        assert!(naive_round(&[(100, 55), (100, 45)], 0.10).is_empty());
     }
 }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::baselines::{clb_round, naive_round};
 use super::scenario::{EventKind, Routing, Scenario};
-use crate::controller::decide::{decide, ActionKind, DecideConfig, History};
+use crate::controller::decide::{decide, ActionKind, Capabilities, DecideConfig, History};
 use crate::fleet::topology::{
     Admin, ContainerState, Count, OwnedContainer, Server, ServerId, SourcesSynced, Topology,
 };
@@ -31,12 +31,6 @@ pub enum Algorithm {
     Naive,
 }
 
-/// Within this of U, a server counts as balanced (the default `tolerance`).
-pub const TOLERANCE: f64 = 0.10;
-/// Oscillation is counted per window of this many seconds (the default `round_interval`).
-pub const ROUND_S: u64 = 15;
-/// A scale action undone within this many seconds is a flap (the default `cooldown`).
-pub const COOLDOWN_S: u64 = 30;
 /// A shedding server refuses new sessions this long (the agent's window + 2 s).
 pub const HOLD_S: u64 = 4;
 
@@ -141,12 +135,21 @@ struct Sim<'a> {
     sample_every: u64,
 }
 
-/// Runs one scenario with one algorithm.
+/// Runs one scenario with one algorithm and the default decision settings.
 pub fn run(sc: &Scenario, algorithm: Algorithm, seed: u64) -> (Figures, Series) {
-    let mut cfg = DecideConfig::default();
-    cfg.scale.enabled = sc.autoscale;
-    cfg.scale.can_start = sc.autoscale;
-    cfg.scale.can_reap = sc.autoscale;
+    run_with(sc, algorithm, seed, DecideConfig::default())
+}
+
+/// Runs one scenario with one algorithm; `cfg` drives the controller's decisions and the
+/// scoring alike (a server within `tolerance` of U counts as balanced, oscillation is counted
+/// per `round_interval`, a scale action undone within `cooldown` is a flap).
+pub fn run_with(
+    sc: &Scenario,
+    algorithm: Algorithm,
+    seed: u64,
+    mut cfg: DecideConfig,
+) -> (Figures, Series) {
+    cfg.scale.enabled &= sc.autoscale;
     let horizon = sc.duration_s as usize + 64;
     let mut sim = Sim {
         sc,
@@ -459,7 +462,12 @@ impl Sim<'_> {
                 let topo = self.snapshot(t);
                 let now = self.base + Duration::from_secs(t);
                 self.history.observe(&topo, &self.cfg, now);
-                let plan = decide(&topo, &self.cfg, now, &self.history);
+                let can = if self.sc.autoscale {
+                    Capabilities::SCALER
+                } else {
+                    Capabilities::default()
+                };
+                let plan = decide(&topo, &self.cfg, can, now, &self.history);
                 self.history.record(&plan, now);
                 for a in plan.actions {
                     let idx = a.kind.server().and_then(|id| self.index.get(id).copied());
@@ -517,7 +525,7 @@ impl Sim<'_> {
                     .iter()
                     .map(|&i| (self.servers[i].capacity, self.servers[i].sessions))
                     .collect();
-                for (k, n) in naive_round(&view) {
+                for (k, n) in naive_round(&view, self.cfg.rebalance.tolerance) {
                     self.shed(t, live[k], n);
                 }
             }
@@ -535,12 +543,15 @@ impl Sim<'_> {
         let (lo, hi) = live
             .iter()
             .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-        self.converged
-            .push(live.iter().all(|x| (x - u).abs() <= TOLERANCE));
+        self.converged.push(
+            live.iter()
+                .all(|x| (x - u).abs() <= self.cfg.rebalance.tolerance),
+        );
         if t >= self.disturbances.get(1).copied().unwrap_or(0) && !live.is_empty() {
             self.worst = self.worst.max(hi - lo);
         }
-        if t % ROUND_S == ROUND_S - 1 {
+        let round_s = self.cfg.rebalance.round_interval.as_secs().max(1);
+        if t % round_s == round_s - 1 {
             self.oscillations += self.shed_in_round.intersection(&self.got_in_round).count() as u64;
             self.shed_in_round.clear();
             self.got_in_round.clear();
@@ -597,11 +608,13 @@ impl Sim<'_> {
                 _ => None,
             };
         }
+        // A scale action undone within the configured cooldown is a flap.
+        let cooldown_s = self.cfg.scale.cooldown.as_secs();
         let mut flaps = 0;
         for (i, (t, out)) in self.scale_events.iter().enumerate() {
             if self.scale_events[..i]
                 .iter()
-                .any(|(t0, o0)| o0 != out && t - t0 < COOLDOWN_S)
+                .any(|(t0, o0)| o0 != out && t - t0 < cooldown_s)
             {
                 flaps += 1;
             }

@@ -33,6 +33,10 @@ pub struct SimulateArgs {
     /// Write a PNG of per-server utilization over time (one per algorithm: FILE-<algorithm>.png).
     #[arg(long)]
     pub chart: Option<PathBuf>,
+    /// Decide (and score) with this pipeline file's `[rebalance]`, `[scale]` and `[safety]`
+    /// settings instead of the defaults.
+    #[arg(long)]
+    pub pipeline: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,8 @@ pub enum SimulateError {
     Algorithm(String),
     #[error(transparent)]
     Chart(#[from] chart::ChartError),
+    #[error("{0}")]
+    Pipeline(#[from] crate::config::ConfigErrors),
 }
 
 pub fn algorithms(name: &str) -> Result<Vec<Algorithm>, SimulateError> {
@@ -70,10 +76,18 @@ pub fn run(args: &SimulateArgs) -> Result<Vec<Figures>, SimulateError> {
         sc.routing = r;
     }
     let algos = algorithms(&args.algorithm)?;
+    let decide = match &args.pipeline {
+        Some(p) => {
+            let mut cfgs =
+                crate::config::load_all(std::slice::from_ref(p), &crate::config::process_env)?;
+            cfgs.remove(0).decide
+        }
+        None => crate::controller::decide::DecideConfig::default(),
+    };
     let mut out = Vec::new();
     for a in &algos {
         let started = std::time::Instant::now();
-        let (figures, series) = fleet::run(&sc, *a, args.seed);
+        let (figures, series) = fleet::run_with(&sc, *a, args.seed, decide.clone());
         let wall = started.elapsed().as_millis();
         if args.json {
             println!("{}", json(&figures, wall));

@@ -21,7 +21,7 @@ use crate::contract::protocol::{
     commands_channel, state_key, unix_ms, AdminState, Command, CommandKind, StateRecord,
     PROTOCOL_VERSION,
 };
-use crate::controller::decide::{Action, ActionKind};
+use crate::controller::decide::{Action, ActionKind, Capabilities};
 
 /// What an action is done under: the leader's epoch and the snapshot that caused it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +63,9 @@ pub trait Actuator: Send + Sync {
         ctx: ActContext,
     ) -> BoxFuture<'a, Result<(), ActError>>;
 
-    /// A scaler is available for `Start` and `Reap`.
-    fn can_scale(&self) -> (bool, bool) {
-        (false, false)
+    /// What it can do besides commands and state writes (a scaler for `Start` and `Reap`).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
     }
 }
 
@@ -244,8 +244,12 @@ impl Actuator for LiveActuator {
         })
     }
 
-    fn can_scale(&self) -> (bool, bool) {
-        (self.scaler.is_some(), self.scaler.is_some())
+    fn capabilities(&self) -> Capabilities {
+        if self.scaler.is_some() {
+            Capabilities::SCALER
+        } else {
+            Capabilities::default()
+        }
     }
 }
 

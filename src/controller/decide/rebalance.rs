@@ -11,7 +11,7 @@
 
 use tokio::time::Instant;
 
-use super::{Action, ActionKind, History, Plan, Reason, RebalanceConfig};
+use super::{Action, ActionKind, History, Plan, Reason, RebalanceConfig, Withheld};
 use crate::fleet::topology::{Server, Topology, Totals};
 
 /// `ceil(capacity × S / C)` in exact integer arithmetic.
@@ -154,19 +154,17 @@ pub fn plan(
         });
     }
     if recent > 0 {
-        plan.withheld.push(format!(
-            "shed: {recent} server(s) already shed within round_interval"
-        ));
+        plan.withheld
+            .push(Withheld::ShedRecently { servers: recent });
     }
     if no_budget > 0 {
-        plan.withheld.push(format!(
-            "shed/drain: {no_budget} server(s) held back, the disruption budget ({allowed} per minute) is spent"
-        ));
+        plan.withheld.push(Withheld::NoBudget {
+            servers: no_budget,
+            per_minute: allowed,
+        });
     }
     if no_room > 0 {
-        plan.withheld.push(format!(
-            "shed/drain: {no_room} server(s) held back, the under-utilized servers cannot absorb more"
-        ));
+        plan.withheld.push(Withheld::NoRoom { servers: no_room });
     }
 }
 
@@ -177,7 +175,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::controller::decide::{decide, DecideConfig};
+    use crate::controller::decide::{decide, Capabilities, DecideConfig};
     use crate::fleet::topology::fixtures::{fleet, server};
     use crate::fleet::topology::{Admin, Count};
 
@@ -208,12 +206,13 @@ mod tests {
 
     #[test]
     fn the_seed_example_sheds_forty_from_the_busiest_server() {
+        let can = Capabilities::default();
         let t = fleet(vec![
             server("a", 100, 90),
             server("b", 100, 50),
             server("c", 100, 10),
         ]);
-        let p = decide(&t, &cfg(), now(), &History::default());
+        let p = decide(&t, &cfg(), can, now(), &History::default());
         assert_eq!(sheds(&p), vec![("shed".into(), "a".into(), 40)]);
         let why = p.actions[0].reason.to_string();
         assert!(why.contains("threshold 50, offload 40"), "{why}");
@@ -221,19 +220,21 @@ mod tests {
 
     #[test]
     fn an_empty_server_joining_three_full_ones_takes_exactly_the_minimum() {
+        let can = Capabilities::default();
         let t = fleet(vec![
             server("a", 100, 100),
             server("b", 100, 100),
             server("c", 100, 100),
             server("d", 100, 0),
         ]);
-        let p = decide(&t, &cfg(), now(), &History::default());
+        let p = decide(&t, &cfg(), can, now(), &History::default());
         assert_eq!(p.shed_total(), 75);
         assert_eq!(sheds(&p).len(), 3);
     }
 
     #[test]
     fn shed_fraction_paces_and_max_shed_clamps() {
+        let can = Capabilities::default();
         let t = fleet(vec![
             server("a", 100, 90),
             server("b", 100, 50),
@@ -241,13 +242,20 @@ mod tests {
         ]);
         let mut c = cfg();
         c.rebalance.shed_fraction = 0.5;
-        assert_eq!(decide(&t, &c, now(), &History::default()).shed_total(), 20);
+        assert_eq!(
+            decide(&t, &c, can, now(), &History::default()).shed_total(),
+            20
+        );
         c.rebalance.max_shed = 7;
-        assert_eq!(decide(&t, &c, now(), &History::default()).shed_total(), 7);
+        assert_eq!(
+            decide(&t, &c, can, now(), &History::default()).shed_total(),
+            7
+        );
     }
 
     #[test]
     fn sheds_below_min_shed_fall_in_the_dead_band() {
+        let can = Capabilities::default();
         let t = fleet(vec![
             server("a", 100, 90),
             server("b", 100, 50),
@@ -255,11 +263,12 @@ mod tests {
         ]);
         let mut c = cfg();
         c.rebalance.min_shed = 41;
-        assert!(decide(&t, &c, now(), &History::default()).is_empty());
+        assert!(decide(&t, &c, can, now(), &History::default()).is_empty());
     }
 
     #[test]
     fn an_empty_server_in_a_large_fleet_pulls_from_every_server_above_its_threshold() {
+        let can = Capabilities::default();
         // Ten servers of 1000 at 6000 sessions: the nine others hold 667 each, U = 0.6;
         // none is above U + 0.10, but the empty one is 0.6 below.
         let mut servers: Vec<_> = (0..9)
@@ -267,7 +276,7 @@ mod tests {
             .collect();
         servers.push(server("new", 1000, 0));
         let t = fleet(servers);
-        let p = decide(&t, &cfg(), now(), &History::default());
+        let p = decide(&t, &cfg(), can, now(), &History::default());
         assert_eq!(sheds(&p).len(), 9);
         // threshold = ceil(1000 × 6003/10000) = 601: 66 each, 594 in all (the minimum).
         assert_eq!(p.shed_total(), 594);
@@ -275,13 +284,15 @@ mod tests {
 
     #[test]
     fn servers_within_tolerance_are_left_alone() {
+        let can = Capabilities::default();
         // U = 0.5; a is at 0.59 < 0.5 + 0.10.
         let t = fleet(vec![server("a", 100, 59), server("b", 100, 41)]);
-        assert!(decide(&t, &cfg(), now(), &History::default()).is_empty());
+        assert!(decide(&t, &cfg(), can, now(), &History::default()).is_empty());
     }
 
     #[test]
     fn a_server_is_not_shed_from_twice_within_round_interval() {
+        let can = Capabilities::default();
         let t = fleet(vec![
             server("a", 100, 90),
             server("b", 100, 50),
@@ -290,21 +301,25 @@ mod tests {
         let c = cfg();
         let t0 = now();
         let mut h = History::default();
-        let p = decide(&t, &c, t0, &h);
+        let p = decide(&t, &c, can, t0, &h);
         h.record(&p, t0);
-        let again = decide(&t, &c, t0 + Duration::from_secs(14), &h);
+        let again = decide(&t, &c, can, t0 + Duration::from_secs(14), &h);
         assert!(again.is_empty(), "{again:?}");
-        assert!(again.withheld.iter().any(|w| w.contains("round_interval")));
+        assert!(again
+            .withheld
+            .iter()
+            .any(|w| w.to_string().contains("round_interval")));
         // After the round interval it sheds again, within what is left of the minute's
         // disruption budget (75 of 150 sessions, 40 already spent).
-        let later = decide(&t, &c, t0 + Duration::from_secs(15), &h);
+        let later = decide(&t, &c, can, t0 + Duration::from_secs(15), &h);
         assert_eq!(later.shed_total(), 35);
-        let much_later = decide(&t, &c, t0 + Duration::from_secs(60), &h);
+        let much_later = decide(&t, &c, can, t0 + Duration::from_secs(60), &h);
         assert_eq!(much_later.shed_total(), 40);
     }
 
     #[test]
     fn the_disruption_budget_caps_sheds_per_minute() {
+        let can = Capabilities::default();
         let t = fleet(vec![
             server("a", 100, 90),
             server("b", 100, 50),
@@ -312,30 +327,32 @@ mod tests {
         ]);
         let mut c = cfg();
         c.rebalance.disruption_budget = 0.1; // 15 of 150 sessions per minute
-        let p = decide(&t, &c, now(), &History::default());
+        let p = decide(&t, &c, can, now(), &History::default());
         assert_eq!(p.shed_total(), 15);
     }
 
     #[test]
     fn cordoned_servers_are_drained_at_drain_rate_into_the_headroom() {
+        let can = Capabilities::default();
         let mut cordoned = server("z", 100, 60);
         cordoned.admin = Admin::Cordoned { since_ms: 1 };
         let t = fleet(vec![server("a", 100, 30), server("b", 100, 30), cordoned]);
         let mut c = cfg();
         c.rebalance.drain_rate = 25;
-        let p = decide(&t, &c, now(), &History::default());
+        let p = decide(&t, &c, can, now(), &History::default());
         assert_eq!(sheds(&p), vec![("drain".into(), "z".into(), 25)]);
     }
 
     #[test]
     fn nothing_is_shed_while_a_count_is_unknown_or_a_source_is_down() {
+        let can = Capabilities::default();
         let mut unknown = server("c", 100, 0);
         unknown.sessions = Count::Unknown;
         let t = fleet(vec![server("a", 100, 90), server("b", 100, 50), unknown]);
-        let p = decide(&t, &cfg(), now(), &History::default());
+        let p = decide(&t, &cfg(), can, now(), &History::default());
         assert!(p.is_empty());
         assert!(
-            p.withheld.iter().any(|w| w.contains("unknown")),
+            p.withheld.iter().any(|w| w.to_string().contains("unknown")),
             "{:?}",
             p.withheld
         );
@@ -346,12 +363,12 @@ mod tests {
             server("c", 100, 10),
         ]);
         t.sources.sessions = false;
-        let p = decide(&t, &cfg(), now(), &History::default());
+        let p = decide(&t, &cfg(), can, now(), &History::default());
         assert!(p.is_empty());
         assert!(
             p.withheld
                 .iter()
-                .any(|w| w.contains("stale (redis-sessions")),
+                .any(|w| w.to_string().contains("stale (redis-sessions")),
             "{:?}",
             p.withheld
         );
@@ -359,14 +376,15 @@ mod tests {
 
     #[test]
     fn too_many_failing_servers_halt_everything() {
+        let can = Capabilities::default();
         let mut f1 = server("x", 100, 0);
         f1.passing = false;
         let mut f2 = server("y", 100, 0);
         f2.passing = false;
         let t = fleet(vec![server("a", 100, 90), server("b", 100, 10), f1, f2]);
-        let p = decide(&t, &cfg(), now(), &History::default());
+        let p = decide(&t, &cfg(), can, now(), &History::default());
         assert!(p.is_empty());
-        assert!(p.halted.as_deref().unwrap().contains("2 of 4"));
+        assert!(p.halted.unwrap().to_string().contains("2 of 4"));
     }
 
     fn arb_fleet() -> impl Strategy<Value = Topology> {
@@ -396,7 +414,7 @@ mod tests {
         ) {
             let t = fleet(caps.iter().enumerate()
                 .map(|(i, c)| server(&format!("s{i}"), *c, (f64::from(*c) * u).floor() as u64)).collect());
-            let p = decide(&t, &cfg(), now(), &History::default());
+            let p = decide(&t, &cfg(), Capabilities::default(), now(), &History::default());
             prop_assert!(p.is_empty(), "{:?}", p);
         }
 
@@ -405,7 +423,7 @@ mod tests {
             let mut c = cfg();
             c.rebalance.shed_fraction = frac;
             let totals = t.totals();
-            let p = decide(&t, &c, now(), &History::default());
+            let p = decide(&t, &c, Capabilities::default(), now(), &History::default());
             prop_assert!(p.shed_total() <= absorbable(&t, &totals));
             for a in &p.actions {
                 if let ActionKind::Shed { server, count } = &a.kind {
@@ -420,13 +438,11 @@ mod tests {
             let mut t = t;
             let i = which.index(t.servers.len());
             if stale { t.sources.health = false } else { t.servers[i].sessions = Count::Unknown }
-            let mut c = DecideConfig::default();
-            c.scale.can_start = true;
-            c.scale.can_reap = true;
+            let c = DecideConfig::default();
             let mut h = History::default();
             let t0 = now();
             h.observe(&t, &c, t0);
-            let p = decide(&t, &c, t0 + Duration::from_secs(3600), &h);
+            let p = decide(&t, &c, Capabilities::SCALER, t0 + Duration::from_secs(3600), &h);
             prop_assert!(p.actions.iter().all(|a| !a.kind.is_destructive()), "{:?}", p);
         }
     }

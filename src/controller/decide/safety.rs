@@ -1,37 +1,32 @@
 //! The safety stage: when to halt everything, and when to withhold destructive actions.
 
-use super::SafetyConfig;
+use super::{Gate, Halt, SafetyConfig};
 use crate::fleet::topology::{Topology, Totals};
 
-/// `Some(reason)` when too much of the fleet is failing health to act on anything.
-pub fn halt(totals: &Totals, cfg: &SafetyConfig) -> Option<String> {
+/// `Some(why)` when too much of the fleet is failing health to act on anything.
+pub fn halt(totals: &Totals, cfg: &SafetyConfig) -> Option<Halt> {
     if totals.registered == 0 {
         return None;
     }
     let failing = f64::from(totals.failing) / f64::from(totals.registered);
-    (failing > cfg.halt_unhealthy_fraction).then(|| {
-        format!(
-            "{} of {} registered servers fail health checks (more than {:.0}%): all actions halted",
-            totals.failing,
-            totals.registered,
-            cfg.halt_unhealthy_fraction * 100.0
-        )
+    (failing > cfg.halt_unhealthy_fraction).then_some(Halt::Unhealthy {
+        failing: totals.failing,
+        registered: totals.registered,
+        halt_unhealthy_fraction: cfg.halt_unhealthy_fraction,
     })
 }
 
-/// `Some(reason)` when the snapshot is stale or partial: no shed, drain, cordon or reap then.
-pub fn destructive_gate(t: &Topology, totals: &Totals) -> Option<String> {
+/// `Some(why)` when the snapshot is stale or partial: no shed, drain, cordon or reap then.
+pub fn destructive_gate(t: &Topology, totals: &Totals) -> Option<Gate> {
     if t.is_stale() {
-        return Some(format!(
-            "snapshot is stale ({} not synced); nothing destructive",
-            t.sources.missing().join(", ")
-        ));
+        return Some(Gate::Stale {
+            missing: t.sources.missing(),
+        });
     }
     if totals.unknown > 0 {
-        return Some(format!(
-            "{} passing server(s) have an unknown session count or state; nothing destructive",
-            totals.unknown
-        ));
+        return Some(Gate::Unknown {
+            servers: totals.unknown,
+        });
     }
     None
 }
