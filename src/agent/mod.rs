@@ -311,21 +311,19 @@ impl Agent {
                     .map(|(_, a)| a))
             },
         );
-        let mut states = Box::pin(states).backoff(BackoffPolicy::default());
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                n = states.next() => n,
-            };
+        let states = states
+            .backoff(BackoffPolicy::default())
+            .take_until(stop.cancelled());
+        let mut states = std::pin::pin!(states);
+        while let Some(next) = states.next().await {
             match next {
-                None => return,
-                Some(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "cannot read the cordon state; keeping the last one")
                 }
-                Some(Ok(Some(Admin::Unknown))) => {
+                Ok(Some(Admin::Unknown)) => {
                     tracing::warn!(server = %self.cfg.id, "unreadable state record; keeping the last state")
                 }
-                Some(Ok(state)) => {
+                Ok(state) => {
                     let cordoned = matches!(state, Some(Admin::Cordoned { .. }));
                     if self.state.cordoned.swap(cordoned, Ordering::Relaxed) != cordoned {
                         tracing::info!(server = %self.cfg.id, cordoned, "state changed");

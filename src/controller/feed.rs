@@ -13,6 +13,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::follow::{to_doc, PING_EVERY};
@@ -140,43 +142,40 @@ async fn watch_topology(
     }
 }
 
-/// Sends the current snapshot, then each new one, until the watcher or the controller goes.
+/// Sends the current snapshot, then each new one, until the watcher or the controller goes;
+/// answers the watcher's frames and pings it meanwhile.
 async fn push(mut socket: WebSocket, feed: Feed, shutdown: CancellationToken) {
-    let mut rx = feed.snapshots;
+    let mut snapshots = WatchStream::new(feed.snapshots);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     loop {
-        let t = rx.borrow_and_update().clone();
-        if t.version > 0 {
-            let doc = to_doc(&t, &feed.pipeline, &feed.service);
-            let text = serde_json::to_string(&doc).expect("a topology document serializes");
-            if socket.send(Message::Text(text.into())).await.is_err() {
-                return;
-            }
-        }
-        // Wait for a new snapshot; answer the watcher's frames and ping it meanwhile.
-        loop {
-            tokio::select! {
-                changed = rx.changed() => {
-                    if changed.is_err() {
-                        let _ = socket.send(Message::Close(None)).await;
-                        return;
-                    }
-                    break;
-                }
-                msg = socket.recv() => match msg {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                    Some(Ok(_)) => {}
-                },
-                _ = ping.tick() => {
-                    if socket.send(Message::Ping(Default::default())).await.is_err() {
-                        return;
-                    }
-                }
-                _ = shutdown.cancelled() => {
+        tokio::select! {
+            t = snapshots.next() => match t {
+                None => {
                     let _ = socket.send(Message::Close(None)).await;
                     return;
                 }
+                Some(t) if t.version > 0 => {
+                    let doc = to_doc(&t, &feed.pipeline, &feed.service);
+                    let text = serde_json::to_string(&doc).expect("a topology document serializes");
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(_) => {} // nothing folded yet
+            },
+            msg = socket.recv() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
+            _ = shutdown.cancelled() => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
             }
         }
     }

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{self, BoxStream};
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_stream::StreamMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PipelineConfig;
@@ -34,18 +35,22 @@ pub enum ViewError {
     },
 }
 
-type SourceError = Box<dyn std::error::Error + Send + Sync>;
-type SourceStream = BoxStream<'static, Result<Change, (SourceKind, SourceError)>>;
+/// Any source's error (each source has its own type). A named type, not a bare boxed trait
+/// object, so the merged stream's closure is provably `Send` across the spawn.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct SourceError(Box<dyn std::error::Error + Send + Sync>);
+type SourceStream = BoxStream<'static, Result<Change, SourceError>>;
 
-fn source<T, E, S>(kind: SourceKind, s: S, wrap: fn(T) -> Change) -> SourceStream
+/// One source, paced by backoff after each error, its changes wrapped by `wrap`.
+fn source<T, E, S>(s: S, wrap: fn(T) -> Change) -> SourceStream
 where
-    S: futures::Stream<Item = Result<T, E>> + Send + 'static,
+    S: Stream<Item = Result<T, E>> + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
     T: Send + 'static,
 {
-    Box::pin(s)
-        .backoff(BackoffPolicy::default())
-        .map(move |r| r.map(wrap).map_err(|e| (kind, Box::new(e) as SourceError)))
+    s.backoff(BackoffPolicy::default())
+        .map(move |r| r.map(wrap).map_err(|e| SourceError(Box::new(e))))
         .boxed()
 }
 
@@ -62,54 +67,47 @@ pub fn spawn(
             pipeline: cfg.name.clone(),
             source,
         })?;
-    let mut sources = vec![
+    // Merged by kind, so every item says which source it came from.
+    let mut sources = StreamMap::new();
+    sources.insert(
+        SourceKind::Health,
         source(
-            SourceKind::Health,
             consul_health::stream(consul.clone(), &cfg.service, cfg.consul.wait),
             Change::Health,
         ),
+    );
+    sources.insert(
+        SourceKind::States,
         source(
-            SourceKind::States,
             consul_kv::stream(consul, &cfg.service, cfg.consul.wait),
             Change::States,
         ),
-        source(SourceKind::Sessions, sessions, Change::Sessions),
-    ];
+    );
+    sources.insert(SourceKind::Sessions, source(sessions, Change::Sessions));
     if let Some(d) = &cfg.docker {
-        sources.push(source(
+        sources.insert(
             SourceKind::Containers,
-            docker::stream(&d.socket, &cfg.name, DOCKER_RECONCILE),
-            Change::Containers,
-        ));
+            source(
+                docker::stream(&d.socket, &cfg.name, DOCKER_RECONCILE),
+                Change::Containers,
+            ),
+        );
     }
     let ev = events.clone();
-    let mut batches = stream::select_all(sources)
-        .map(move |r: Result<Change, (SourceKind, SourceError)>| {
-            let change = match r {
-                Ok(c) => c,
-                Err((kind, e)) => {
-                    ev.source_error(kind, &*e);
-                    Change::Down(kind)
-                }
-            };
-            Stamped {
-                at: Instant::now(),
-                change,
-            }
+    let batches = sources
+        .map(move |(kind, r)| Stamped {
+            at: Instant::now(),
+            change: r.unwrap_or_else(|e| {
+                ev.source_error(kind, &e);
+                Change::Down(kind)
+            }),
         })
-        // Erase the closure's type: rustc cannot prove its Send-ness across the spawn otherwise.
-        .boxed()
         .debounce(cfg.debounce.quiet, cfg.debounce.max_delay);
     let (mut fold, rx) = Fold::new(events);
     let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                batch = batches.next() => match batch {
-                    Some(batch) => { fold.apply(batch); }
-                    None => break,
-                },
-            }
+        let mut batches = std::pin::pin!(batches.take_until(shutdown.cancelled()));
+        while let Some(batch) = batches.next().await {
+            fold.apply(batch);
         }
     });
     Ok((rx, task))

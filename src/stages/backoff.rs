@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::Stream;
+use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,12 +44,17 @@ impl BackoffPolicy {
     }
 }
 
-pub struct Backoff<S> {
-    inner: S,
-    policy: BackoffPolicy,
-    delays: ExponentialBackoff,
-    sleep: Option<Pin<Box<Sleep>>>,
-    healthy_since: Option<Instant>,
+pin_project! {
+    /// The stream of [`super::StreamStages::backoff`].
+    pub struct Backoff<S> {
+        #[pin]
+        inner: S,
+        policy: BackoffPolicy,
+        delays: ExponentialBackoff,
+        #[pin]
+        sleep: Option<Sleep>,
+        healthy_since: Option<Instant>,
+    }
 }
 
 impl<S> Backoff<S> {
@@ -65,17 +71,17 @@ impl<S> Backoff<S> {
 
 impl<S, T, E> Stream for Backoff<S>
 where
-    S: Stream<Item = Result<T, E>> + Unpin,
+    S: Stream<Item = Result<T, E>>,
 {
     type Item = Result<T, E>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if let Some(sleep) = this.sleep.as_mut() {
-            ready!(sleep.as_mut().poll(cx));
-            this.sleep = None;
+        let mut this = self.project();
+        if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+            ready!(sleep.poll(cx));
+            this.sleep.set(None);
         }
-        let item = ready!(Pin::new(&mut this.inner).poll_next(cx));
+        let item = ready!(this.inner.poll_next(cx));
         let now = Instant::now();
         match &item {
             Some(Ok(_)) => {
@@ -86,11 +92,11 @@ where
                     .healthy_since
                     .is_some_and(|at| now.saturating_duration_since(at) >= this.policy.reset_after)
                 {
-                    this.delays = this.policy.delays();
+                    *this.delays = this.policy.delays();
                 }
-                this.healthy_since = None;
+                *this.healthy_since = None;
                 let delay = this.delays.next().unwrap_or(this.policy.max);
-                this.sleep = Some(Box::pin(tokio::time::sleep(delay)));
+                this.sleep.set(Some(tokio::time::sleep(delay)));
             }
             None => {}
         }
@@ -123,7 +129,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn delays_grow_exponentially_up_to_the_cap_after_each_error() {
-        let mut s = futures::stream::iter((0..6).map(|_| Err::<(), _>("down"))).backoff(policy());
+        let mut s = std::pin::pin!(
+            futures::stream::iter((0..6).map(|_| Err::<(), _>("down"))).backoff(policy())
+        );
         let mut gaps = Vec::new();
         for _ in 0..6 {
             gaps.push(timed(&mut s).await.1.as_millis());
@@ -139,7 +147,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_healthy_period_resets_the_delay() {
         let (tx, rx) = futures::channel::mpsc::unbounded::<Result<u32, &str>>();
-        let mut s = rx.backoff(policy());
+        let mut s = std::pin::pin!(rx.backoff(policy()));
         for _ in 0..3 {
             tx.unbounded_send(Err("down")).unwrap();
             s.next().await;

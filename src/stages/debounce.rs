@@ -1,5 +1,9 @@
 //! Debounce: batch a stream's items by a quiet window, with a maximum delay so that a
 //! constant trickle still flushes.
+//!
+//! Hand-written because no combinator does both: `tokio_stream::StreamExt::chunks_timeout`
+//! flushes a batch a fixed time after its first item (our maximum delay) or when it is full,
+//! but has no quiet window, so a burst would always wait out the whole maximum delay.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,17 +11,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
+use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-pub struct Debounce<S: Stream> {
-    inner: S,
-    quiet: Duration,
-    max_delay: Duration,
-    batch: Vec<S::Item>,
-    quiet_timer: Pin<Box<Sleep>>,
-    deadline: Instant,
-    deadline_timer: Pin<Box<Sleep>>,
-    done: bool,
+pin_project! {
+    pub struct Debounce<S: Stream> {
+        #[pin]
+        inner: S,
+        quiet: Duration,
+        max_delay: Duration,
+        batch: Vec<S::Item>,
+        #[pin]
+        quiet_timer: Sleep,
+        deadline: Instant,
+        #[pin]
+        deadline_timer: Sleep,
+        done: bool,
+    }
 }
 
 impl<S: Stream> Debounce<S> {
@@ -28,52 +38,49 @@ impl<S: Stream> Debounce<S> {
             quiet,
             max_delay,
             batch: Vec::new(),
-            quiet_timer: Box::pin(tokio::time::sleep_until(now)),
+            quiet_timer: tokio::time::sleep_until(now),
             deadline: now,
-            deadline_timer: Box::pin(tokio::time::sleep_until(now)),
+            deadline_timer: tokio::time::sleep_until(now),
             done: false,
         }
     }
 }
 
-impl<S: Stream + Unpin> Stream for Debounce<S>
-where
-    S::Item: Unpin,
-{
+impl<S: Stream> Stream for Debounce<S> {
     type Item = Vec<S::Item>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        while !this.done {
-            match Pin::new(&mut this.inner).poll_next(cx) {
+        let mut this = self.project();
+        while !*this.done {
+            match this.inner.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
                     let now = Instant::now();
                     if this.batch.is_empty() {
-                        this.deadline = now + this.max_delay;
-                        this.deadline_timer.as_mut().reset(this.deadline);
+                        *this.deadline = now + *this.max_delay;
+                        this.deadline_timer.as_mut().reset(*this.deadline);
                     }
                     this.batch.push(item);
-                    this.quiet_timer.as_mut().reset(now + this.quiet);
-                    if now >= this.deadline {
-                        return Poll::Ready(Some(std::mem::take(&mut this.batch)));
+                    this.quiet_timer.as_mut().reset(now + *this.quiet);
+                    if now >= *this.deadline {
+                        return Poll::Ready(Some(std::mem::take(this.batch)));
                     }
                 }
-                Poll::Ready(None) => this.done = true,
+                Poll::Ready(None) => *this.done = true,
                 Poll::Pending => break,
             }
         }
         if this.batch.is_empty() {
-            return if this.done {
+            return if *this.done {
                 Poll::Ready(None)
             } else {
                 Poll::Pending
             };
         }
-        if this.done
+        if *this.done
             || this.quiet_timer.as_mut().poll(cx).is_ready()
             || this.deadline_timer.as_mut().poll(cx).is_ready()
         {
-            return Poll::Ready(Some(std::mem::take(&mut this.batch)));
+            return Poll::Ready(Some(std::mem::take(this.batch)));
         }
         Poll::Pending
     }
@@ -89,7 +96,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_burst_flushes_once_after_the_quiet_window() {
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        let mut s = rx.debounce(Duration::from_millis(200), Duration::from_secs(1));
+        let mut s = std::pin::pin!(rx.debounce(Duration::from_millis(200), Duration::from_secs(1)));
         let t0 = Instant::now();
         for i in 0..5 {
             tx.unbounded_send(i).unwrap();
@@ -106,7 +113,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_constant_trickle_still_flushes_at_the_maximum_delay() {
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        let mut s = rx.debounce(Duration::from_millis(200), Duration::from_secs(1));
+        let mut s = std::pin::pin!(rx.debounce(Duration::from_millis(200), Duration::from_secs(1)));
         tokio::spawn(async move {
             for i in 0.. {
                 if tx.unbounded_send(i).is_err() {

@@ -16,17 +16,14 @@ pub trait StreamStages: Stream + Sized {
     /// polling the source again; the delay resets after a healthy period.
     fn backoff<T, E>(self, policy: BackoffPolicy) -> Backoff<Self>
     where
-        Self: Stream<Item = Result<T, E>> + Unpin,
+        Self: Stream<Item = Result<T, E>>,
     {
         Backoff::new(self, policy)
     }
 
     /// Batches items: flushes once no item came for `quiet`, or `max_delay` after the first
     /// item of the batch, whichever is sooner. Nothing is dropped.
-    fn debounce(self, quiet: Duration, max_delay: Duration) -> Debounce<Self>
-    where
-        Self: Unpin,
-    {
+    fn debounce(self, quiet: Duration, max_delay: Duration) -> Debounce<Self> {
         Debounce::new(self, quiet, max_delay)
     }
 }
