@@ -39,7 +39,7 @@ fi
 
 # --- prometheus -----------------------------------------------------------------------
 if command -v prometheus >/dev/null 2>&1; then
-  say "prometheus: $(prometheus --version 2>&1 | head -n1 | cut -d' ' -f3)"
+  say "prometheus: $(prometheus --version 2>&1 | sed -n 1p | cut -d' ' -f3)"
 else
   say "installing prometheus (Debian)"
   apt_install prometheus
@@ -71,12 +71,12 @@ elif [ -x "$consul_bin" ]; then
   say "consul: $consul_bin"
   ln -sf "$consul_bin" "$tools/consul-bin"
 else
-  deb=$(ls "$root"/../shared/vendor/consul_*.deb 2>/dev/null | head -n1 || true)
+  deb=$(ls "$root"/../shared/vendor/consul_*.deb 2>/dev/null | sed -n 1p || true)
   if [ -z "$deb" ]; then
     say "consul: downloading Debian bullseye's package from the machine's own mirror"
     mirror=$(grep -rhoE '^(deb|URIs:)\s+\S+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-      | awk '{print $2}' | grep -v security | head -n1)
-    [ -z "$mirror" ] && mirror=$(grep -rhoE 'URIs:\s*\S+' /etc/apt/sources.list.d/ | awk '{print $2}' | head -n1)
+      | awk '{print $2}' | grep -v security | sed -n 1p)
+    [ -z "$mirror" ] && mirror=$(grep -rhoE 'URIs:\s*\S+' /etc/apt/sources.list.d/ | awk '{print $2}' | sed -n 1p)
     lists="$tools/apt-bullseye"
     mkdir -p "$lists/partial"
     echo "deb $mirror bullseye main" > "$lists/sources.list"
@@ -84,11 +84,11 @@ else
           -o "Dir::State::Lists=$lists" -o Dir::Cache::archives="$lists")
     apt-get "${opts[@]}" update -qq
     (cd "$tools" && apt-get "${opts[@]}" download consul)
-    deb=$(ls "$tools"/consul_*.deb | head -n1)
+    deb=$(ls "$tools"/consul_*.deb | sed -n 1p)
   fi
   say "consul: unpacking $(basename "$deb")"
   rm -rf "$tools/consul" && mkdir -p "$tools/consul"
   dpkg -x "$deb" "$tools/consul"
   ln -sf "$consul_bin" "$tools/consul-bin"
 fi
-"$tools/consul-bin" version | head -n1 | sed 's/^/setup: /'
+"$tools/consul-bin" version | sed -n 1p | sed 's/^/setup: /'
