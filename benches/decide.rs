@@ -1,4 +1,4 @@
-//! decide() and the snapshot fold over 1,000 / 10,000 / 100,000 servers.
+//! `decide()` and the snapshot fold over 1,000 / 10,000 / 100,000 servers.
 //!
 //! Run: `cargo bench --bench decide`. Results are recorded in BENCHMARKS.md.
 
@@ -8,10 +8,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rebalancer::controller::decide::{decide, Capabilities, DecideConfig, History};
+use rebalancer::fleet::events::Events;
 use rebalancer::fleet::fold::Fold;
 use rebalancer::fleet::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
 use rebalancer::fleet::topology::Topology;
-use rebalancer::telemetry::Events;
 use tokio::time::Instant;
 
 const SIZES: [usize; 3] = [1_000, 10_000, 100_000];
@@ -91,7 +91,7 @@ fn bench_decide(c: &mut Criterion) {
                     now,
                     &history,
                 ))
-            })
+            });
         });
     }
     g.finish();
@@ -112,7 +112,7 @@ fn bench_fold(c: &mut Criterion) {
                 },
                 |((mut fold, _rx), batch)| black_box(fold.apply(batch)),
                 criterion::BatchSize::LargeInput,
-            )
+            );
         });
     }
     g.finish();
@@ -136,7 +136,7 @@ fn bench_fold_one_change(c: &mut Criterion) {
                     at: Instant::now(),
                     change,
                 }]))
-            })
+            });
         });
     }
     g.finish();

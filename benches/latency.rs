@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use support::*;
+use support::{eventually, free_port, pipeline_toml, sample, temp_dir, ConsulAgent, Redis};
 
 const SERVERS: usize = 1000;
 const SAMPLES: usize = 300;

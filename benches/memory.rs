@@ -3,9 +3,9 @@
 //!
 //! Run: `cargo bench --bench memory`. Results: BENCHMARKS.md.
 
+use rebalancer::fleet::events::Events;
 use rebalancer::fleet::fold::Fold;
 use rebalancer::fleet::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
-use rebalancer::telemetry::Events;
 use tokio::time::Instant;
 
 const N: usize = 100_000;

@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, PipelineConfig};
 use crate::controller::app::AppError;
 
-/// Exit code for bad configuration (sysexits' EX_CONFIG).
+/// Exit code for bad configuration (sysexits' `EX_CONFIG`).
 pub const EX_CONFIG: u8 = 64;
-/// Exit code when a needed local resource cannot be had (sysexits' EX_UNAVAILABLE).
+/// Exit code when a needed local resource cannot be had (sysexits' `EX_UNAVAILABLE`).
 pub const EX_UNAVAILABLE: u8 = 69;
 
 #[derive(Debug, Parser)]

@@ -1,5 +1,4 @@
 //! The `rebalancer` binary: parse the command line, start logging, hand over to the library.
-#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

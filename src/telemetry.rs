@@ -1,18 +1,18 @@
-//! Observability: every metric name with its description, the Prometheus exporter, tracing
-//! set-up, and the named events that log and count one occurrence in one place.
+//! Observability: every metric name with its kind, unit and description, the Prometheus
+//! exporter and tracing set-up. The named events that log and count one occurrence in one
+//! place are [`crate::fleet::events`] (sources, snapshots) and `controller/events.rs`
+//! (decisions, actions, leadership).
 //!
-//! Labels are bounded: `pipeline` (from config), `source` (three values), `kind` (action
-//! kinds), `result`, `state`, `outcome`. No server or session id is ever a label.
+//! Labels are bounded: `pipeline` (from config), `source` (four values), `kind` (action
+//! kinds), `result`, `state`, `outcome`. No session id is ever a label, and the controller's
+//! metrics carry no server id. The gateway's per-backend metrics (`rebalancer_gateway_*`)
+//! carry `backend`, a server id: bounded by the servers the gateway has seen (at most
+//! `scale.max_servers` at a time); a server that leaves keeps its series, at 0.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Unit};
+use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::fleet::source::SourceKind;
-use crate::fleet::topology::Topology;
 
 pub const SOURCE_EVENTS: &str = "rebalancer_source_events_total";
 pub const SOURCE_ERRORS: &str = "rebalancer_source_errors_total";
@@ -49,163 +49,217 @@ pub const GW_SERVER_CONNECTIONS: &str = "rebalancer_gateway_server_connections_t
 pub const GW_CACHE: &str = "rebalancer_gateway_cache_total";
 pub const PROVISION: &str = "rebalancer_provision_seconds";
 
-/// `(name, unit, description)` of every metric, for registration and the README.
-pub const METRICS: &[(&str, Unit, &str)] = &[
-    (SOURCE_EVENTS, Unit::Count, "Changes received, by source"),
+/// What a metric is, so it is described as what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// `(name, kind, unit, description)` of every metric, for registration and the README.
+pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
+    (
+        SOURCE_EVENTS,
+        Kind::Counter,
+        Unit::Count,
+        "Changes received, by source",
+    ),
     (
         SOURCE_ERRORS,
+        Kind::Counter,
         Unit::Count,
         "Source errors (disconnects, bad answers), by source",
     ),
     (
         SOURCE_RESYNCS,
+        Kind::Counter,
         Unit::Count,
         "Full resyncs after a source reconnected, by source",
     ),
     (
         SOURCE_UP,
+        Kind::Gauge,
         Unit::Count,
         "1 while a source is connected and synced, by source",
     ),
     (
         INVALID_META,
+        Kind::Counter,
         Unit::Count,
         "Instances newly excluded for missing or invalid Consul meta",
     ),
     (
         INVALID_STATES,
+        Kind::Counter,
         Unit::Count,
         "Unreadable state records newly seen in Consul KV",
     ),
     (
         INVALID_COUNTS,
+        Kind::Counter,
         Unit::Count,
         "Session counts newly seen that are not non-negative integers",
     ),
     (
         SNAPSHOT_VERSION,
+        Kind::Gauge,
         Unit::Count,
         "Version of the latest topology snapshot",
     ),
     (
         SNAPSHOT_STALE,
+        Kind::Gauge,
         Unit::Count,
         "1 while a source is disconnected (no destructive action then)",
     ),
     (
         SERVERS,
+        Kind::Gauge,
         Unit::Count,
         "Registered servers by state: active, cordoned, failing, unknown, invalid",
     ),
     (
         GHOSTS,
+        Kind::Gauge,
         Unit::Count,
         "Session counts with no registration behind them (ignored)",
     ),
-    (SESSIONS, Unit::Count, "Sessions on live servers"),
-    (CAPACITY, Unit::Count, "Capacity of live, active servers"),
+    (
+        SESSIONS,
+        Kind::Gauge,
+        Unit::Count,
+        "Sessions on live servers",
+    ),
+    (
+        CAPACITY,
+        Kind::Gauge,
+        Unit::Count,
+        "Capacity of live, active servers",
+    ),
     (
         UTILIZATION,
+        Kind::Gauge,
         Unit::Count,
         "Overall utilization U = sessions / capacity",
     ),
     (
         DECISIONS,
+        Kind::Counter,
         Unit::Count,
         "Decision rounds by outcome: act, idle, halted",
     ),
     (
         DECISION_DURATION,
+        Kind::Histogram,
         Unit::Seconds,
         "Time to compute one decision",
     ),
     (
         SHORTFALL,
+        Kind::Gauge,
         Unit::Count,
         "Servers needed that no scaler can start",
     ),
     (
         ACTIONS,
+        Kind::Counter,
         Unit::Count,
         "Actions by kind and result: ok, error, dry_run, not_leader",
     ),
     (
         ACTION_DURATION,
+        Kind::Histogram,
         Unit::Seconds,
         "Time to carry out one action, retries included, by kind",
     ),
     (
         SHED_REQUESTED,
+        Kind::Counter,
         Unit::Count,
         "Sessions servers were asked to close, by kind (shed, drain)",
     ),
     (
         EVENT_TO_ACTION,
+        Kind::Histogram,
         Unit::Seconds,
         "From the change that triggered a decision to its first action",
     ),
     (
         LEADER,
+        Kind::Gauge,
         Unit::Count,
         "1 while this process holds the pipeline's leader lock",
     ),
     (
         EPOCH,
+        Kind::Gauge,
         Unit::Count,
         "Lock index of the held leader lock (the command epoch)",
     ),
     (
         CONTAINERS,
+        Kind::Gauge,
         Unit::Count,
         "Containers this pipeline owns, by state: pending, running, stopping, stopped",
     ),
     (
         PROVISION,
+        Kind::Histogram,
         Unit::Seconds,
         "From creating a container to its server passing in Consul",
     ),
     (
         GW_REQUESTS,
+        Kind::Counter,
         Unit::Count,
         "Gateway requests by backend and outcome: ok, ws, error, no_backend",
     ),
     (
         GW_REQUEST_DURATION,
+        Kind::Histogram,
         Unit::Seconds,
         "Gateway latency by kind: http, ws_connect",
     ),
     (
         GW_WS_OPEN,
+        Kind::Gauge,
         Unit::Count,
         "WebSocket connections the gateway relays, by backend",
     ),
     (
         GW_RETRIES,
+        Kind::Counter,
         Unit::Count,
         "Requests and upgrades retried on another server",
     ),
     (
         GW_CIRCUIT,
+        Kind::Gauge,
         Unit::Count,
         "Circuit breaker by backend: 0 closed, 1 half-open, 2 open",
     ),
     (
         GW_BACKEND_UP,
+        Kind::Gauge,
         Unit::Count,
         "Active health by backend: 1 up, 0 down",
     ),
     (
         GW_CACHE,
+        Kind::Counter,
         Unit::Count,
         "Static cache lookups and stores by result: hit, miss, store",
     ),
     (
         GW_SERVER_CONNECTIONS,
+        Kind::Counter,
         Unit::Count,
         "Keep-alive connections to the servers a client connection took, by source: opened, pool",
     ),
     (
         GW_FEED_CONNECTED,
+        Kind::Gauge,
         Unit::Count,
         "1 while the gateway follows the controller's topology feed, 0 while it is away",
     ),
@@ -226,8 +280,12 @@ const BUCKETS: [f64; 14] = [
 ];
 
 fn describe() {
-    for (name, unit, help) in METRICS {
-        metrics::describe_counter!(*name, *unit, *help);
+    for (name, kind, unit, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *unit, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *unit, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *unit, *help),
+        }
     }
 }
 
@@ -237,7 +295,7 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
-        .and_then(|b| b.install())
+        .and_then(metrics_exporter_prometheus::PrometheusBuilder::install)
         .map_err(|source| TelemetryError::Exporter { addr, source })?;
     describe();
     Ok(())
@@ -248,7 +306,7 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
 pub fn install_recorder(addr: SocketAddr) -> Result<PrometheusHandle, TelemetryError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
-        .and_then(|b| b.install_recorder())
+        .and_then(metrics_exporter_prometheus::PrometheusBuilder::install_recorder)
         .map_err(|source| TelemetryError::Exporter { addr, source })?;
     describe();
     Ok(handle)
@@ -256,9 +314,9 @@ pub fn install_recorder(addr: SocketAddr) -> Result<PrometheusHandle, TelemetryE
 
 /// Logs as text (default) or JSON, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -270,98 +328,22 @@ pub fn init_tracing(json: bool) {
     }
 }
 
-/// The named events of one pipeline.
-#[derive(Clone, Debug)]
-pub struct Events {
-    pub(crate) pipeline: Arc<str>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Events {
-    pub fn new(pipeline: &str) -> Events {
-        Events {
-            pipeline: pipeline.into(),
+    #[test]
+    fn each_metric_is_described_as_what_its_name_says_it_is() {
+        for (name, kind, unit, _) in METRICS {
+            assert_eq!(
+                *kind == Kind::Counter,
+                name.ends_with("_total"),
+                "{name}: counters and only counters end in _total"
+            );
+            if *kind == Kind::Histogram {
+                assert!(name.ends_with("_seconds"), "{name}");
+                assert_eq!(*unit, Unit::Seconds, "{name}");
+            }
         }
-    }
-
-    pub(crate) fn p(&self) -> String {
-        self.pipeline.to_string()
-    }
-
-    pub fn source_change(&self, kind: SourceKind, resync_after_error: bool) {
-        counter!(SOURCE_EVENTS, "pipeline" => self.p(), "source" => kind.as_str()).increment(1);
-        gauge!(SOURCE_UP, "pipeline" => self.p(), "source" => kind.as_str()).set(1.0);
-        if resync_after_error {
-            counter!(SOURCE_RESYNCS, "pipeline" => self.p(), "source" => kind.as_str())
-                .increment(1);
-            tracing::info!(pipeline = %self.pipeline, source = kind.as_str(), "source reconnected and resynced");
-        }
-    }
-
-    pub fn source_error(&self, kind: SourceKind, error: &dyn std::error::Error) {
-        counter!(SOURCE_ERRORS, "pipeline" => self.p(), "source" => kind.as_str()).increment(1);
-        gauge!(SOURCE_UP, "pipeline" => self.p(), "source" => kind.as_str()).set(0.0);
-        tracing::warn!(pipeline = %self.pipeline, source = kind.as_str(), error = %error, "source failed; retrying with backoff");
-    }
-
-    pub fn invalid_meta(&self, server: &str, why: &str) {
-        counter!(INVALID_META, "pipeline" => self.p()).increment(1);
-        tracing::warn!(pipeline = %self.pipeline, server, why, "instance excluded: invalid Consul meta");
-    }
-
-    pub fn invalid_state(&self, server: &str, why: &str) {
-        counter!(INVALID_STATES, "pipeline" => self.p()).increment(1);
-        tracing::warn!(pipeline = %self.pipeline, server, why, "unreadable state record; server treated as unknown");
-    }
-
-    pub fn invalid_count(&self, server: &str, raw: &str) {
-        counter!(INVALID_COUNTS, "pipeline" => self.p()).increment(1);
-        tracing::warn!(pipeline = %self.pipeline, server, value = raw, "session count is not a non-negative integer; treated as unknown");
-    }
-
-    pub fn snapshot(&self, t: &Topology) {
-        let p = self.p();
-        let totals = t.totals();
-        gauge!(SNAPSHOT_VERSION, "pipeline" => p.clone()).set(t.version as f64);
-        gauge!(SNAPSHOT_STALE, "pipeline" => p.clone()).set(if t.is_stale() { 1.0 } else { 0.0 });
-        for (state, n) in [
-            ("active", totals.active),
-            ("cordoned", totals.cordoned),
-            ("failing", totals.failing),
-            ("unknown", totals.unknown),
-            ("invalid", t.invalid_instances),
-        ] {
-            gauge!(SERVERS, "pipeline" => p.clone(), "state" => state).set(f64::from(n));
-        }
-        gauge!(GHOSTS, "pipeline" => p.clone()).set(f64::from(t.ghosts));
-        gauge!(SESSIONS, "pipeline" => p.clone()).set(totals.sessions as f64);
-        gauge!(CAPACITY, "pipeline" => p.clone()).set(totals.capacity as f64);
-        let u = totals.utilization();
-        gauge!(UTILIZATION, "pipeline" => p).set(if u.is_finite() { u } else { -1.0 });
-        tracing::debug!(pipeline = %self.pipeline, version = t.version, servers = t.servers.len(),
-            sessions = totals.sessions, capacity = totals.capacity, stale = t.is_stale(), "snapshot");
-    }
-
-    pub fn containers(&self, t: &Topology) {
-        let running = t
-            .containers
-            .iter()
-            .filter(|c| {
-                c.state == crate::fleet::topology::ContainerState::Running
-                    && t.get(&c.server).is_some_and(|s| s.passing)
-            })
-            .count();
-        let stopped = t
-            .containers
-            .iter()
-            .filter(|c| c.state == crate::fleet::topology::ContainerState::Stopped)
-            .count();
-        gauge!(CONTAINERS, "pipeline" => self.p(), "state" => "pending").set(f64::from(t.pending));
-        gauge!(CONTAINERS, "pipeline" => self.p(), "state" => "running").set(running as f64);
-        gauge!(CONTAINERS, "pipeline" => self.p(), "state" => "stopped").set(stopped as f64);
-    }
-
-    pub fn provisioned(&self, server: &str, took: Duration) {
-        histogram!(PROVISION, "pipeline" => self.p()).record(took.as_secs_f64());
-        tracing::info!(pipeline = %self.pipeline, server, seconds = took.as_secs(), "container's server passing");
     }
 }

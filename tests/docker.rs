@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -274,7 +275,6 @@ async fn engine_faults_are_counted_and_backed_off_and_never_block_other_actions(
         "[scale.docker]\nhost = \"unix:///tmp/no-docker-here.sock\"",
     );
     let ctl = Controller::start(&temp_dir("dk-gone"), &toml, port);
-    use futures::StreamExt;
     let m = tokio::time::timeout(LONG, commands.next())
         .await
         .expect("a shed despite the missing engine")

@@ -610,7 +610,7 @@ async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
 async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_asked() {
     use tokio::io::AsyncWriteExt;
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 1).await;
+    let servers = fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start(&redis, &consul).await;
     eventually("the gateway serving", WAIT, || async {
         let r = reqwest::get(gw.http_url("/hello")).await.ok()?;
@@ -685,7 +685,7 @@ async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_aske
     );
 
     // No live server: a clear 503 at once, on the plain path too.
-    drop(_servers);
+    drop(servers);
     eventually("a 503 once the server is gone", LOOP_WAIT, || async {
         let r = reqwest::get(gw.http_url("/hello")).await.ok()?;
         let status = r.status();

@@ -13,7 +13,7 @@ fn repo(path: &str) -> String {
     std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
-/// Every PromQL expression of the dashboards, with the `$pipeline` variable bound.
+/// Every `PromQL` expression of the dashboards, with the `$pipeline` variable bound.
 fn dashboard_queries() -> Vec<String> {
     let dir = format!("{}/grafana/dashboards", env!("CARGO_MANIFEST_DIR"));
     let mut out = Vec::new();
@@ -50,7 +50,7 @@ fn exported(name: &str) -> bool {
         .find_map(|s| name.strip_suffix(s))
         .filter(|b| b.ends_with("_seconds"))
         .unwrap_or(name);
-    METRICS.iter().any(|(n, _, _)| *n == base)
+    METRICS.iter().any(|(n, _, _, _)| *n == base)
 }
 
 #[test]
@@ -68,7 +68,7 @@ fn every_dashboard_query_names_only_metrics_the_controller_exports() {
 #[test]
 fn the_readme_documents_every_metric() {
     let readme = repo("README.md");
-    for (name, _, _) in METRICS {
+    for (name, _, _, _) in METRICS {
         assert!(readme.contains(name), "README.md does not mention {name}");
     }
 }

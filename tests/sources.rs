@@ -10,8 +10,8 @@ use std::time::Duration;
 use rebalancer::config::{self, PipelineConfig};
 use rebalancer::controller::act::Recording;
 use rebalancer::controller::decide::ActionKind;
+use rebalancer::fleet::events::Events;
 use rebalancer::fleet::topology::{Admin, Count, Topology};
-use rebalancer::telemetry::Events;
 use serde_json::json;
 use support::*;
 use tokio::sync::watch;
@@ -168,7 +168,8 @@ async fn garbage_in_meta_counts_and_states_is_ignored_and_counted() {
         .kv_put("rebalancer/ws/servers/good", r#"{"state":"active"}"#)
         .await;
     until(&r, "the good server known again", |t| {
-        t.get("good").is_some_and(|s| s.is_live())
+        t.get("good")
+            .is_some_and(rebalancer::fleet::topology::Server::is_live)
     })
     .await;
 }

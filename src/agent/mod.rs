@@ -268,7 +268,7 @@ impl Agent {
         let mut delays = policy.delays();
         loop {
             let found = tokio::select! {
-                _ = stop.cancelled() => return,
+                () = stop.cancelled() => return,
                 r = consul.get(&path) => r,
             };
             let wait = match found {
@@ -290,8 +290,8 @@ impl Agent {
                 }
             };
             tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -318,10 +318,10 @@ impl Agent {
         while let Some(next) = states.next().await {
             match next {
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the cordon state; keeping the last one")
+                    tracing::warn!(error = %e, "cannot read the cordon state; keeping the last one");
                 }
                 Ok(Some(Admin::Unknown)) => {
-                    tracing::warn!(server = %self.cfg.id, "unreadable state record; keeping the last state")
+                    tracing::warn!(server = %self.cfg.id, "unreadable state record; keeping the last state");
                 }
                 Ok(state) => {
                     let cordoned = matches!(state, Some(Admin::Cordoned { .. }));
@@ -382,7 +382,7 @@ impl Agent {
                     let mut msgs = ps.into_on_message();
                     loop {
                         let m = tokio::select! {
-                            _ = stop.cancelled() => return,
+                            () = stop.cancelled() => return,
                             m = msgs.next() => m,
                         };
                         let Some(m) = m else { break };
@@ -397,8 +397,8 @@ impl Agent {
                 Err(_) => tracing::warn!("subscribing to commands timed out; retrying"),
             }
             tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(delays.next().unwrap_or(policy.max)) => {}
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delays.next().unwrap_or(policy.max)) => {}
             }
         }
     }

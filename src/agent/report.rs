@@ -27,7 +27,7 @@ pub async fn run<F, Fut, E>(
         let sent_at = Instant::now();
         // A report stuck on an unreachable Redis must not hold up shutdown.
         let sent = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             r = sink(value) => r,
         };
         match sent {
@@ -45,18 +45,18 @@ pub async fn run<F, Fut, E>(
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             changed = counts.changed() => {
                 if changed.is_err() {
                     return;
                 }
                 // Coalesce: report the latest value once the window since the last report ends.
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep_until(sent_at + coalesce) => {}
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until(sent_at + coalesce) => {}
                 }
             }
-            _ = tokio::time::sleep_until(sent_at + interval) => {}
+            () = tokio::time::sleep_until(sent_at + interval) => {}
         }
     }
 }

@@ -7,13 +7,13 @@ use std::ops::Bound::{Excluded, Included};
 use std::time::Duration;
 
 use super::checker::Checker;
+use super::decide::{DecideConfig, RebalanceConfig, SafetyConfig, ScaleConfig};
 use super::raw::{
     RawConsul, RawDebounce, RawPipeline, RawRebalance, RawRedis, RawSafety, RawScale,
 };
 use super::{
     docker, gateway, ConsulConfig, DebounceConfig, DockerConfig, PipelineConfig, RedisConfig,
 };
-use crate::controller::decide::{DecideConfig, RebalanceConfig, SafetyConfig, ScaleConfig};
 
 /// (0, 1]: a share that must be above zero.
 const SHARE: (std::ops::Bound<f64>, std::ops::Bound<f64>) = (Excluded(0.0), Included(1.0));

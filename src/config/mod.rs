@@ -10,6 +10,7 @@
 
 mod checker;
 mod compile;
+pub mod decide;
 pub mod docker;
 pub mod gateway;
 pub mod raw;
@@ -21,8 +22,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::controller::decide::DecideConfig;
 use checker::Checker;
+use decide::DecideConfig;
 use raw::RawPipeline;
 use schema::{apply_env, check_tree, env_name, leaves, schema};
 
@@ -241,7 +242,7 @@ mod tests {
     fn errors(text: &str) -> Vec<String> {
         parse(Path::new("p.toml"), text, &no_env)
             .err()
-            .map(|e| e.0.iter().map(|e| e.to_string()).collect())
+            .map(|e| e.0.iter().map(std::string::ToString::to_string).collect())
             .unwrap_or_default()
     }
 

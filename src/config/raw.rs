@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::decide::{RebalanceConfig, SafetyConfig, ScaleConfig};
 use super::{
     ConsulConfig, DebounceConfig, DockerConfig, GatewayConfig, RedisConfig, DEFAULT_COMMAND_TTL,
     DEFAULT_LEADER_SESSION_TTL, DEFAULT_METRICS_LISTEN, DEFAULT_NAME,
 };
-use crate::controller::decide::{RebalanceConfig, SafetyConfig, ScaleConfig};
 
 /// A duration as a pipeline file writes it (`"15s"`, `"200ms"`, `"5m"`).
 fn text(d: Duration) -> String {

@@ -80,7 +80,7 @@ pub(super) fn check_tree(
             }
             (Some(toml::Value::Table(s)), toml::Value::Table(t)) => check_tree(s, t, path, ck),
             (Some(toml::Value::Float(_)), toml::Value::Integer(i)) => {
-                *v = toml::Value::Float(*i as f64)
+                *v = toml::Value::Float(*i as f64);
             }
             (Some(expected), found) => {
                 if std::mem::discriminant(expected) != std::mem::discriminant(found) {

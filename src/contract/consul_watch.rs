@@ -134,6 +134,7 @@ mod tests {
         (fetch, seen)
     }
 
+    #[allow(clippy::unnecessary_wraps)] // the shape watch() asks of a parser
     fn body(f: &Fetched) -> Result<String, ConsulError> {
         Ok(String::from_utf8_lossy(&f.body).into_owned())
     }

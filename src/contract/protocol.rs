@@ -155,8 +155,7 @@ pub struct ServerDoc {
 /// Milliseconds since the Unix epoch, as carried in the contract's `*_ms` fields.
 pub fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -14,8 +14,9 @@ use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
 use crate::controller::act::{docker::DockerScaler, Actuator, LiveActuator, Scaler};
 use crate::controller::{feed, leader, pipeline};
+use crate::fleet::events::Events;
 use crate::fleet::view::{self, ViewError};
-use crate::telemetry::{Events, TelemetryError};
+use crate::telemetry::TelemetryError;
 
 /// How long in-flight work may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -1,5 +1,5 @@
 //! The controller's named events: decisions, actions and leadership, each logged and
-//! counted in one place (the fleet's own events are in [`crate::telemetry`]).
+//! counted in one place (the fleet's own events are in [`crate::fleet::events`]).
 
 use std::time::Duration;
 
@@ -7,8 +7,9 @@ use metrics::{counter, gauge, histogram};
 
 use crate::controller::act::execute::ActResult;
 use crate::controller::decide::{Action, ActionKind, Plan};
+use crate::fleet::events::Events;
 use crate::telemetry::{
-    Events, ACTIONS, ACTION_DURATION, DECISIONS, DECISION_DURATION, EPOCH, EVENT_TO_ACTION, LEADER,
+    ACTIONS, ACTION_DURATION, DECISIONS, DECISION_DURATION, EPOCH, EVENT_TO_ACTION, LEADER,
     SHED_REQUESTED, SHORTFALL,
 };
 
@@ -54,10 +55,10 @@ impl Events {
         }
         match error {
             Some(e) => {
-                tracing::warn!(pipeline = %self.pipeline, version, action = %a, error = e, "action failed")
+                tracing::warn!(pipeline = %self.pipeline, version, action = %a, error = e, "action failed");
             }
             None => {
-                tracing::info!(pipeline = %self.pipeline, version, result, action = %a, "action")
+                tracing::info!(pipeline = %self.pipeline, version, result, action = %a, "action");
             }
         }
     }
@@ -69,9 +70,10 @@ impl Events {
     pub fn leadership(&self, epoch: Option<u64>) {
         gauge!(LEADER, "pipeline" => self.p()).set(if epoch.is_some() { 1.0 } else { 0.0 });
         gauge!(EPOCH, "pipeline" => self.p()).set(epoch.unwrap_or(0) as f64);
-        match epoch {
-            Some(e) => tracing::info!(pipeline = %self.pipeline, epoch = e, "leader lock held"),
-            None => tracing::info!(pipeline = %self.pipeline, "not the leader"),
+        if let Some(e) = epoch {
+            tracing::info!(pipeline = %self.pipeline, epoch = e, "leader lock held");
+        } else {
+            tracing::info!(pipeline = %self.pipeline, "not the leader");
         }
     }
 }

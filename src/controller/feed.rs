@@ -94,7 +94,7 @@ pub async fn serve(
             let mut every = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    () = stop.cancelled() => return,
                     _ = every.tick() => m.run_upkeep(),
                 }
             }
@@ -165,15 +165,15 @@ async fn push(mut socket: WebSocket, feed: Feed, shutdown: CancellationToken) {
                 Some(_) => {} // nothing folded yet
             },
             msg = socket.recv() => match msg {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                None | Some(Err(_) | Ok(Message::Close(_))) => return,
                 Some(Ok(_)) => {}
             },
             _ = ping.tick() => {
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                if socket.send(Message::Ping(bytes::Bytes::default())).await.is_err() {
                     return;
                 }
             }
-            _ = shutdown.cancelled() => {
+            () = shutdown.cancelled() => {
                 let _ = socket.send(Message::Close(None)).await;
                 return;
             }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::contract::consul::{Consul, ConsulError};
 use crate::contract::protocol::leader_key;
-use crate::telemetry::Events;
+use crate::fleet::events::Events;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -53,25 +53,21 @@ impl Election {
 
     /// One round: keep the session alive, try the lock, and say which epoch is held.
     async fn round(&mut self) -> Result<Option<u64>, ConsulError> {
-        let sid = match &self.session {
-            Some(sid) => {
-                let path = format!("/v1/session/renew/{sid}");
-                match self.consul.put(&path, Vec::new()).await {
-                    Ok(_) => sid.clone(),
-                    Err(e) => {
-                        if matches!(&e, ConsulError::Status { status, .. } if status.as_u16() == 404)
-                        {
-                            self.session = None; // expired: make a new one next round
-                        }
-                        return Err(e);
+        let sid = if let Some(sid) = &self.session {
+            let path = format!("/v1/session/renew/{sid}");
+            match self.consul.put(&path, Vec::new()).await {
+                Ok(_) => sid.clone(),
+                Err(e) => {
+                    if matches!(&e, ConsulError::Status { status, .. } if status.as_u16() == 404) {
+                        self.session = None; // expired: make a new one next round
                     }
+                    return Err(e);
                 }
             }
-            None => {
-                let sid = self.create_session().await?;
-                self.session = Some(sid.clone());
-                sid
-            }
+        } else {
+            let sid = self.create_session().await?;
+            self.session = Some(sid.clone());
+            sid
         };
         let holder = json!({ "pid": std::process::id() })
             .to_string()
@@ -139,8 +135,8 @@ pub async fn run(
             tx.send_replace(epoch);
         }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(period) => {}
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(period) => {}
         }
     }
     tx.send_replace(None);

@@ -14,8 +14,8 @@ use crate::config::PipelineConfig;
 use crate::controller::act::execute::{execute, Mode};
 use crate::controller::act::Actuator;
 use crate::controller::decide::{decide, ActionKind, Halt, History, Withheld};
+use crate::fleet::events::Events;
 use crate::fleet::topology::Topology;
-use crate::telemetry::Events;
 
 /// How often decisions are re-made without a new snapshot: conditions that must hold for a
 /// while (scale-in, reap, round intervals) are judged on time as well as on change.
@@ -47,7 +47,7 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
     let mut measured_version = 0;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break,
             changed = snapshots.changed() => if changed.is_err() { break },
             _ = tick.tick() => {}
         }

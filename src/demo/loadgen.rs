@@ -202,8 +202,8 @@ pub async fn run(
             (done.clone(), stop.clone(), stats.clone(), at_end.clone());
         tokio::spawn(async move {
             tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep_until(deadline) => {}
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep_until(deadline) => {}
             }
             *at_end.lock().expect("not poisoned") =
                 stats.per_server.lock().expect("not poisoned").clone();
@@ -218,8 +218,8 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = done.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = done.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 match discover(&consul, &service).await {
                     Ok(list) => *targets.discovered.write().expect("not poisoned") = list,
@@ -235,7 +235,7 @@ pub async fn run(
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = done.cancelled() => break,
+                    () = done.cancelled() => break,
                     _ = tick.tick() => {}
                 }
                 if tty {
@@ -293,8 +293,8 @@ async fn client(
     start_at: Instant,
 ) {
     tokio::select! {
-        _ = done.cancelled() => return,
-        _ = tokio::time::sleep_until(start_at) => {}
+        () = done.cancelled() => return,
+        () = tokio::time::sleep_until(start_at) => {}
     }
     let builder = ExponentialBuilder::default()
         .with_min_delay(args.backoff_min)
@@ -304,13 +304,10 @@ async fn client(
     let mut first = args.pile_on.clone();
     let mut down_since: Option<Instant> = None;
     while !done.is_cancelled() {
-        let target = match first.take().or_else(|| targets.pick()) {
-            Some(t) => t,
-            None => {
-                tokio::select! {
-                    _ = done.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                }
+        let Some(target) = first.take().or_else(|| targets.pick()) else {
+            tokio::select! {
+                () = done.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
             }
         };
         let connect = tokio::time::timeout(
@@ -318,77 +315,74 @@ async fn client(
             tokio_tungstenite::connect_async(target.as_str()),
         );
         let ws = tokio::select! {
-            _ = done.cancelled() => break,
+            () = done.cancelled() => break,
             r = connect => r,
         };
-        match ws {
-            Ok(Ok((mut ws, _))) => {
-                delays = builder.build();
-                stats.connected.fetch_add(1, Ordering::Relaxed);
-                if let Some(t) = down_since.take() {
-                    stats
-                        .disconnected_ms
-                        .fetch_add(t.elapsed().as_millis() as u64, Ordering::Relaxed);
-                }
-                let mut server = target
-                    .trim_start_matches("ws://")
-                    .trim_end_matches('/')
-                    .to_string();
-                let mut counted = false;
-                let mut ping = tokio::time::interval(Duration::from_secs(15));
-                ping.tick().await;
-                let ended_by_us = loop {
-                    tokio::select! {
-                        _ = done.cancelled() => {
-                            let _ = ws.close(None).await;
-                            break true;
-                        }
-                        _ = ping.tick() => {
-                            if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
-                                break false;
-                            }
-                        }
-                        m = ws.next() => match m {
-                            Some(Ok(Message::Text(t))) if !counted => {
-                                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
-                                    if let Some(s) = v["server"].as_str() {
-                                        server = s.to_string();
-                                    }
-                                }
-                                stats.server(&server, 1);
-                                counted = true;
-                            }
-                            Some(Ok(Message::Close(frame))) => {
-                                let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
-                                *stats.close_codes.lock().expect("not poisoned").entry(code).or_insert(0) += 1;
-                                break false;
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => break false,
-                        },
+        if let Ok(Ok((mut ws, _))) = ws {
+            delays = builder.build();
+            stats.connected.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = down_since.take() {
+                stats
+                    .disconnected_ms
+                    .fetch_add(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            let mut server = target
+                .trim_start_matches("ws://")
+                .trim_end_matches('/')
+                .to_string();
+            let mut counted = false;
+            let mut ping = tokio::time::interval(Duration::from_secs(15));
+            ping.tick().await;
+            let ended_by_us = loop {
+                tokio::select! {
+                    () = done.cancelled() => {
+                        let _ = ws.close(None).await;
+                        break true;
                     }
-                };
-                if counted {
-                    stats.server(&server, -1);
+                    _ = ping.tick() => {
+                        if ws.send(Message::Ping(Vec::new().into())).await.is_err() {
+                            break false;
+                        }
+                    }
+                    m = ws.next() => match m {
+                        Some(Ok(Message::Text(t))) if !counted => {
+                            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
+                                if let Some(s) = v["server"].as_str() {
+                                    server = s.to_string();
+                                }
+                            }
+                            stats.server(&server, 1);
+                            counted = true;
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let code = frame.map_or(1005, |f| u16::from(f.code));
+                            *stats.close_codes.lock().expect("not poisoned").entry(code).or_insert(0) += 1;
+                            break false;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => break false,
+                    },
                 }
-                if ended_by_us {
-                    // The run is over: count this client as held to the end.
-                    break;
-                }
-                stats.connected.fetch_sub(1, Ordering::Relaxed);
-                stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                down_since = Some(Instant::now());
+            };
+            if counted {
+                stats.server(&server, -1);
             }
-            Ok(Err(_)) | Err(_) => {
-                stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                down_since.get_or_insert_with(Instant::now);
+            if ended_by_us {
+                // The run is over: count this client as held to the end.
+                break;
             }
+            stats.connected.fetch_sub(1, Ordering::Relaxed);
+            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            down_since = Some(Instant::now());
+        } else {
+            stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            down_since.get_or_insert_with(Instant::now);
         }
         let cap = delays.next().unwrap_or(args.backoff_max);
         let wait = full_jitter(cap, &mut rand::rng());
         tokio::select! {
-            _ = done.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
+            () = done.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
         }
     }
     if let Some(t) = down_since {

@@ -39,7 +39,7 @@ pub struct DemoServerArgs {
     /// Address registered in Consul (default: the listen address's IP).
     #[arg(long, env = "REBALANCER_AGENT_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Sessions this server holds at most (Consul Meta.max_sessions).
+    /// Sessions this server holds at most (Consul `Meta.max_sessions`).
     #[arg(long, env = "REBALANCER_AGENT_MAX_SESSIONS", default_value_t = 100)]
     pub max_sessions: u32,
     /// Routing weight (Consul Meta.weight).
@@ -99,7 +99,7 @@ impl DemoServerArgs {
         );
         cfg.weight = self.weight;
         cfg.consul = with_scheme(&self.consul);
-        cfg.redis = self.redis.clone();
+        cfg.redis.clone_from(&self.redis);
         cfg.policy = self.policy;
         cfg.shed_window = self.shed_window;
         cfg.report_interval = self.report_interval;
@@ -168,8 +168,8 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
     };
     tracing::info!(id = %cfg.id, listen = %args.listen, max_sessions = cfg.max_sessions, "demo server up");
     let delayed = tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(args.start_delay) => true,
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(args.start_delay) => true,
     };
     let result = if delayed {
         agent.run(shutdown).await
@@ -281,7 +281,7 @@ async fn session(mut socket: WebSocket, mut guard: SessionGuard, id: Arc<str>) {
                         return;
                     }
                 }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
         }

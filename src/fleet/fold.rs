@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::fleet::events::Events;
 use crate::fleet::source::{
     Change, HealthList, Instance, Reading, SessionsUpdate, SourceKind, Stamped, StateList,
 };
 use crate::fleet::topology::{
     Admin, ContainerState, Count, OwnedContainer, Server, ServerId, SourcesSynced, Topology,
 };
-use crate::telemetry::Events;
 
 pub struct Fold {
     events: Events,

@@ -32,7 +32,12 @@ pub fn to_doc(t: &Topology, pipeline: &str, service: &str) -> TopologyDoc {
         service: service.to_string(),
         version: t.version,
         stale: t.is_stale(),
-        missing_sources: t.sources.missing().iter().map(|s| s.to_string()).collect(),
+        missing_sources: t
+            .sources
+            .missing()
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
         pending: t.pending,
         servers: t
             .servers
@@ -116,7 +121,7 @@ pub fn follow(
                 tokio_tungstenite::connect_async(url.as_str()),
             );
             let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return,
                 c = connected => c,
             };
             match stream {
@@ -125,7 +130,7 @@ pub fn follow(
                     tracing::info!(%url, "following the controller's topology feed");
                     let why = loop {
                         let next = tokio::select! {
-                            _ = shutdown.cancelled() => {
+                            () = shutdown.cancelled() => {
                                 let _ = ws.close(None).await;
                                 return;
                             }
@@ -159,8 +164,8 @@ pub fn follow(
             }
             let wait = delays.next().unwrap_or(policy.max);
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
             }
         }
     });

@@ -3,6 +3,7 @@
 //! and folded into one immutable, versioned snapshot behind a `watch` channel ([`view`]),
 //! or followed from a controller's feed ([`follow`]).
 
+pub mod events;
 pub mod fold;
 pub mod follow;
 pub mod source;

@@ -73,7 +73,7 @@ impl Server {
     /// Sessions over capacity; `None` while the count is unknown.
     pub fn utilization(&self) -> Option<f64> {
         let s = self.sessions.known()?;
-        Some(s as f64 / self.capacity.max(1) as f64)
+        Some(s as f64 / f64::from(self.capacity.max(1)))
     }
 }
 

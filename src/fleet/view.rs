@@ -14,13 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
+use crate::fleet::events::Events;
 use crate::fleet::fold::Fold;
 use crate::fleet::source::{
     consul_health, consul_kv, docker, redis_sessions, Change, SourceKind, Stamped,
 };
 use crate::fleet::topology::Topology;
 use crate::stages::{BackoffPolicy, StreamStages};
-use crate::telemetry::Events;
 
 /// Full relist of owned containers, besides the one after each Docker event.
 pub const DOCKER_RECONCILE: Duration = Duration::from_secs(5);

@@ -117,8 +117,8 @@ impl StaticCache {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(every) => inner.run_pending_tasks(),
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => inner.run_pending_tasks(),
                 }
             }
         });

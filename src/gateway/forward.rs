@@ -1,7 +1,7 @@
 //! The HTTP/1 forwarding path for plain requests.
 //!
 //! Most of what a gateway forwards is small keep-alive requests. For those, hyper's server
-//! and client on either side cost the gateway about twice HAProxy's CPU per request
+//! and client on either side cost the gateway about twice `HAProxy`'s CPU per request
 //! (BENCHMARKS.md), almost all of it building and copying header maps that a proxy only
 //! passes on. Here a request's head is parsed in place with `httparse`, rewritten into one
 //! buffer (hop-by-hop headers out; `Host` and `X-Forwarded-For` set) and written to a
@@ -9,7 +9,7 @@
 //! its body, framed by `Content-Length`, `chunked` or the server closing.
 //!
 //! Server connections belong to no client connection: a request takes an idle one from the
-//! shared pool (or opens one) and puts it back after its response, as HAProxy's `http-reuse`
+//! shared pool (or opens one) and puts it back after its response, as `HAProxy`'s `http-reuse`
 //! does. So the gateway holds about as many as there are requests in flight, not one per
 //! client connection and server, and each server sees few, busy connections.
 //!
@@ -460,7 +460,7 @@ pub(super) async fn serve(
                 Parsed::Partial => {}
             }
             let read = tokio::select! {
-                _ = stop.cancelled() => None,
+                () = stop.cancelled() => None,
                 r = tokio::time::timeout_at(deadline, client.read_buf(&mut cbuf)) => match r {
                     Ok(Ok(n)) if n > 0 => Some(()),
                     _ => None,
@@ -631,7 +631,6 @@ async fn relay(
     conn: &mut ServerConn,
     head: &mut ResponseHead,
 ) -> io::Result<()> {
-    let timeout = g.0.cfg.request_timeout;
     async fn read_more(
         stream: &mut TcpStream,
         buf: &mut BytesMut,
@@ -640,6 +639,7 @@ async fn relay(
         buf.reserve(CHUNK);
         tokio::time::timeout(timeout, stream.read_buf(buf)).await
     }
+    let timeout = g.0.cfg.request_timeout;
     let mut out = std::mem::take(&mut head.head);
     match head.framing {
         Framing::Length(mut left) => loop {
@@ -919,7 +919,7 @@ mod tests {
         assert_eq!(c, Chunked::Done);
         let mut c = Chunked::new();
         let mut used = 0;
-        for b in body.iter() {
+        for b in body {
             if c == Chunked::Done {
                 break;
             }

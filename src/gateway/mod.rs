@@ -41,8 +41,8 @@ use tokio_tungstenite::tungstenite::Message as TgMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{GatewayConfig, PipelineConfig};
+use crate::fleet::events::Events;
 use crate::fleet::topology::{Admin, Topology};
-use crate::telemetry::Events;
 use cache::StaticCache;
 use health::{Active, Breaker};
 use route::{choose, ramp, Candidate, Kind};
@@ -345,8 +345,8 @@ impl Gateway {
                 });
             }
             tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(self.0.cfg.health_interval) => {}
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(self.0.cfg.health_interval) => {}
             }
         }
     }
@@ -540,7 +540,7 @@ where
             }
             Some(f) = driven.recv() => upstream.push(f),
             Some(()) = upstream.next(), if !upstream.is_empty() => {}
-            _ = stop.cancelled(), if !stopping => {
+            () = stop.cancelled(), if !stopping => {
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
@@ -578,8 +578,7 @@ async fn ws(g: Gateway, req: Request) -> Response {
     let path = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .map_or_else(|| "/".into(), |p| p.as_str().to_string());
     let (mut parts, _body) = req.into_parts();
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(u) => u,
@@ -683,8 +682,8 @@ async fn relay(client: WebSocket, backend: BackendStream, id: Arc<str>) {
         }
     };
     tokio::select! {
-        _ = up => {}
-        _ = down => {}
+        () = up => {}
+        () = down => {}
     }
     gauge!(WS_OPEN, "backend" => id.to_string()).decrement(1.0);
 }
@@ -737,11 +736,8 @@ async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         counter!(CACHE, "result" => "miss").increment(1);
     }
     // The request body is kept so that a retry can send it again (most requests have none).
-    let body = match axum::body::to_bytes(body, 16 << 20).await {
-        Ok(b) => b,
-        Err(_) => {
-            return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 16 MiB\n").into_response()
-        }
+    let Ok(body) = axum::body::to_bytes(body, 16 << 20).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 16 MiB\n").into_response();
     };
     let mut tried: Vec<Arc<str>> = Vec::new();
     let inflight = match &g.0.accounting {
@@ -765,7 +761,7 @@ async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         *upstream.method_mut() = method.clone();
         *upstream.uri_mut() = http::Uri::from(path.clone());
         let headers = upstream.headers_mut();
-        for (k, v) in parts.headers.iter() {
+        for (k, v) in &parts.headers {
             if !HOP_BY_HOP.contains(&k.as_str()) && k != "x-forwarded-for" {
                 headers.append(k, v.clone());
             }
@@ -886,7 +882,7 @@ pub async fn run(
             let mut every = tokio::time::interval(POOL_IDLE_TIMEOUT / 4);
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    () = stop.cancelled() => return,
                     _ = every.tick() => {
                         g.0.pool.prune(Instant::now());
                         g.0.raw_pool.prune(Instant::now());
@@ -899,7 +895,7 @@ pub async fn run(
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

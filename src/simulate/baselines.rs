@@ -1,7 +1,7 @@
-//! The algorithms this project grew from, as baselines: the Elixir ClusterLoadBalancer round
+//! The algorithms this project grew from, as baselines: the Elixir `ClusterLoadBalancer` round
 //! and the naive form of the original rebalancer design.
 
-/// One ClusterLoadBalancer round over session counts: only the most loaded node acts; it
+/// One `ClusterLoadBalancer` round over session counts: only the most loaded node acts; it
 /// sheds when above the average × 1.25, half of its excess over the average, at most 100,
 /// and nothing when that is under 10. Returns `(index, count)`.
 pub fn clb_round(counts: &[u64]) -> Option<(usize, u64)> {

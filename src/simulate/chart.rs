@@ -1,5 +1,5 @@
 //! A PNG of per-server utilization over time (plotters), for a person to look at.
-//! Text uses the DejaVu Sans font from Debian's `fonts-dejavu-core`.
+//! Text uses the `DejaVu` Sans font from Debian's `fonts-dejavu-core`.
 
 use std::path::Path;
 use std::sync::OnceLock;

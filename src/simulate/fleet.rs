@@ -21,9 +21,9 @@ use crate::fleet::topology::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algorithm {
-    /// The controller's decide(): paced, absorb-capped, with the scale stage when enabled.
+    /// The controller's `decide()`: paced, absorb-capped, with the scale stage when enabled.
     Ours,
-    /// Elixir ClusterLoadBalancer: most loaded node only, above average × 1.25, half its
+    /// Elixir `ClusterLoadBalancer`: most loaded node only, above average × 1.25, half its
     /// excess capped at 100, a round every 10 s.
     Clb,
     /// The original design without pacing: every over-utilized server sheds its whole
@@ -592,7 +592,7 @@ impl Sim<'_> {
     fn finish(self, seed: u64) -> (Figures, Series) {
         let end = self.converged.len() as u64;
         let mut marks = self.disturbances.clone();
-        marks.sort();
+        marks.sort_unstable();
         marks.dedup();
         let mut converge: Option<u64> = Some(0);
         for (k, &d) in marks.iter().enumerate() {

@@ -8,6 +8,7 @@ pub mod chart;
 pub mod fleet;
 pub mod scenario;
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 pub use fleet::{Algorithm, Figures, Series};
@@ -117,7 +118,8 @@ pub fn table(sc: &Scenario, seed: u64, rows: &[Figures]) -> String {
         sc.name, sc.duration_s, sc.routing, "algorithm", "converge_s", "worst_imb", "moved", "minimum", "ratio", "oscil", "scale", "flaps", "peak_rc/s"
     );
     for f in rows {
-        s += &format!(
+        let _ = writeln!(
+            s,
             "{:<9} {:>10} {:>9.3} {:>9} {:>9} {:>7} {:>6} {:>6} {:>6} {:>10}\n",
             format!("{:?}", f.algorithm).to_lowercase(),
             f.converge_s.map_or("never".to_string(), |c| c.to_string()),

@@ -12,12 +12,11 @@ pub fn docker(args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run docker: {e}; {DOCKER_HINT}"));
-    if !out.status.success() {
-        panic!(
-            "docker {args:?} failed: {}; {DOCKER_HINT}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}; {DOCKER_HINT}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -122,12 +122,11 @@ where
         if ready().await {
             return Some(proc);
         }
-        if tokio::time::Instant::now() >= deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}; logs in {}",
-                dir.display()
-            );
-        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; logs in {}",
+            dir.display()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::{ActContext, Actuator};
 use crate::controller::decide::{Action, Plan};
-use crate::telemetry::Events;
+use crate::fleet::events::Events;
 
 /// How one action went (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

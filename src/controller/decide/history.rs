@@ -91,7 +91,7 @@ impl History {
                 }
                 ActionKind::Cordon { .. } => self.last_scale_in = Some(now),
                 ActionKind::Reactivate { .. } | ActionKind::Start { .. } => {
-                    self.last_scale_out = Some(now)
+                    self.last_scale_out = Some(now);
                 }
                 ActionKind::Reap { server } => {
                     self.zero_since.remove(server);

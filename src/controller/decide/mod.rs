@@ -7,103 +7,13 @@ pub mod rebalance;
 pub mod safety;
 pub mod scale;
 
-use std::time::Duration;
-
 use tokio::time::Instant;
 
+pub use crate::config::decide::{DecideConfig, RebalanceConfig, SafetyConfig, ScaleConfig};
 pub use history::History;
 pub use plan::{Action, ActionKind, Gate, Halt, Plan, Reason, Withheld};
 
 use crate::fleet::topology::Topology;
-
-/// All knobs of the decision stages. `Default` is the documented defaults (those of an
-/// empty pipeline file): the pipeline file's schema takes its defaults from here.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct DecideConfig {
-    pub rebalance: RebalanceConfig,
-    pub scale: ScaleConfig,
-    pub safety: SafetyConfig,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RebalanceConfig {
-    pub enabled: bool,
-    /// Utilization points above the fleet's `U` before a server counts as over-utilized.
-    pub tolerance: f64,
-    /// Share of a server's offload shed in one round.
-    pub shed_fraction: f64,
-    /// Sheds smaller than this are not worth the disruption (dead band).
-    pub min_shed: u64,
-    pub max_shed: u64,
-    /// No server is shed from (or drained) twice within this interval.
-    pub round_interval: Duration,
-    /// Sessions per round closed on a cordoned server.
-    pub drain_rate: u64,
-    /// Fraction of the fleet's live sessions that may be shed or drained in any minute.
-    pub disruption_budget: f64,
-}
-
-impl Default for RebalanceConfig {
-    fn default() -> Self {
-        RebalanceConfig {
-            enabled: true,
-            tolerance: 0.10,
-            shed_fraction: 1.0,
-            min_shed: 1,
-            max_shed: 1000,
-            round_interval: Duration::from_secs(15),
-            drain_rate: 100,
-            disruption_budget: 0.5,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScaleConfig {
-    pub enabled: bool,
-    pub scale_out_at: f64,
-    pub scale_in_at: f64,
-    pub target_utilization: f64,
-    pub min_servers: u32,
-    pub max_servers: u32,
-    pub scale_in_after: Duration,
-    pub cooldown: Duration,
-    pub reap_after: Duration,
-    pub max_per_round: u32,
-    /// With container scaling: a container not passing within this is discarded.
-    pub provision_timeout: Option<Duration>,
-}
-
-impl Default for ScaleConfig {
-    fn default() -> Self {
-        ScaleConfig {
-            enabled: true,
-            scale_out_at: 0.70,
-            scale_in_at: 0.40,
-            target_utilization: 0.55,
-            min_servers: 1,
-            max_servers: 100,
-            scale_in_after: Duration::from_secs(60),
-            cooldown: Duration::from_secs(30),
-            reap_after: Duration::from_secs(10),
-            max_per_round: 5,
-            provision_timeout: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SafetyConfig {
-    pub halt_unhealthy_fraction: f64,
-}
-
-impl Default for SafetyConfig {
-    fn default() -> Self {
-        SafetyConfig {
-            halt_unhealthy_fraction: 0.45,
-        }
-    }
-}
 
 /// What the actuator can do besides commands and state writes: given to [`decide`] apart
 /// from the configuration, which says what the operator wants, not what is possible.

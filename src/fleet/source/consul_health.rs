@@ -67,8 +67,10 @@ struct Check {
 }
 
 /// Reads `Meta.max_sessions` and `Meta.weight`, or says what is wrong with them.
-pub fn read_meta(meta: Option<&HashMap<String, String>>) -> Result<(u32, f32), String> {
-    let empty = HashMap::new();
+pub fn read_meta<S: std::hash::BuildHasher + Default>(
+    meta: Option<&HashMap<String, String, S>>,
+) -> Result<(u32, f32), String> {
+    let empty = HashMap::default();
     let meta = meta.unwrap_or(&empty);
     let capacity = match meta.get(META_MAX_SESSIONS) {
         None => return Err(format!("Meta.{META_MAX_SESSIONS} is missing")),

@@ -69,10 +69,10 @@ pub async fn list_owned(
 pub fn owned_container(c: &ContainerSummary) -> Option<OwnedContainer> {
     let server = c.labels.as_ref()?.get(LABEL_SERVER)?;
     let state = match c.state {
-        Some(ContainerSummaryStateEnum::RUNNING) | Some(ContainerSummaryStateEnum::PAUSED) => {
+        Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::PAUSED) => {
             ContainerState::Running
         }
-        Some(ContainerSummaryStateEnum::CREATED) | Some(ContainerSummaryStateEnum::RESTARTING) => {
+        Some(ContainerSummaryStateEnum::CREATED | ContainerSummaryStateEnum::RESTARTING) => {
             ContainerState::Starting
         }
         _ => ContainerState::Stopped,

@@ -324,7 +324,7 @@ mod tests {
         assert_eq!(read_count(" 7\n"), Ok(7));
         assert_eq!(read_count("-3"), Err("-3".into()));
         assert_eq!(read_count("lots"), Err("lots".into()));
-        assert_eq!(read_count(""), Err("".into()));
+        assert_eq!(read_count(""), Err(String::new()));
     }
 
     #[test]

@@ -1,0 +1,212 @@
+//! The house rules of `docs/architecture.md`, checked on the source tree: which wing may
+//! import which, and how long a source file may grow.
+
+use std::path::{Path, PathBuf};
+
+/// Each wing, the wings (top-level modules of the crate) it must not import, and why.
+const RULES: &[(&str, &[&str], &str)] = &[
+    (
+        "contract",
+        &[
+            "fleet",
+            "controller",
+            "gateway",
+            "agent",
+            "simulate",
+            "demo",
+            "config",
+            "cli",
+            "telemetry",
+        ],
+        "the contract is what every part speaks: it imports no wing",
+    ),
+    (
+        "stages",
+        &[
+            "contract",
+            "fleet",
+            "controller",
+            "gateway",
+            "agent",
+            "simulate",
+            "demo",
+            "config",
+            "cli",
+            "telemetry",
+        ],
+        "stream stages are generic plumbing",
+    ),
+    (
+        "agent",
+        &[
+            "fleet",
+            "controller",
+            "gateway",
+            "simulate",
+            "demo",
+            "config",
+            "cli",
+        ],
+        "the agent is embedded in other people's servers: contract and stages only",
+    ),
+    (
+        "fleet",
+        &["controller", "gateway", "agent", "simulate", "demo", "cli"],
+        "the topology view is shared by the controller and the gateway",
+    ),
+    (
+        "telemetry",
+        &[
+            "contract",
+            "fleet",
+            "controller",
+            "gateway",
+            "agent",
+            "simulate",
+            "demo",
+            "config",
+            "cli",
+        ],
+        "metric names, the exporter and tracing sit below everything",
+    ),
+    (
+        "config",
+        &[
+            "fleet",
+            "controller",
+            "gateway",
+            "agent",
+            "simulate",
+            "demo",
+            "cli",
+            "telemetry",
+        ],
+        "configuration holds every typed setting and imports only the contract",
+    ),
+    (
+        "gateway",
+        &["controller", "agent", "simulate", "demo", "cli"],
+        "the gateway takes the fleet from the topology view, not from the controller",
+    ),
+    (
+        "simulate",
+        &[
+            "controller::app",
+            "controller::pipeline",
+            "controller::act",
+            "controller::leader",
+            "controller::feed",
+            "gateway",
+            "agent",
+            "demo",
+            "cli",
+        ],
+        "the simulator runs the controller's pure decisions, nothing that does IO",
+    ),
+    (
+        "demo",
+        &["controller", "gateway", "simulate", "cli"],
+        "the demo roles use the agent and the contract",
+    ),
+    (
+        "controller",
+        &["gateway", "agent", "simulate", "demo", "cli"],
+        "the controller's wing stands on the contract and the topology view",
+    ),
+];
+
+/// Longest source file, except in the gateway (split by its own issue).
+const MAX_LINES: usize = 700;
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// The wing of a file: its first path component under `src/`, without `.rs`.
+fn wing(file: &Path) -> String {
+    let rel = file.strip_prefix(src()).unwrap();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
+    first.trim_end_matches(".rs").to_string()
+}
+
+#[test]
+fn no_import_crosses_the_rules_between_wings() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut broken = Vec::new();
+    for f in &files {
+        let w = wing(f);
+        let Some((_, forbidden, why)) = RULES.iter().find(|(name, _, _)| *name == w) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for target in *forbidden {
+                let path = format!("crate::{target}");
+                let hit = code.match_indices(&path).any(|(i, _)| {
+                    let next = code[i + path.len()..].chars().next();
+                    !next.is_some_and(|c| c.is_alphanumeric() || c == '_')
+                });
+                if hit {
+                    broken.push(format!(
+                        "{}:{}: {w} imports {target}: {why}",
+                        f.display(),
+                        n + 1
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "imports across the rules:\n{}",
+        broken.join("\n")
+    );
+}
+
+#[test]
+fn every_wing_has_a_rule() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let roots = ["lib", "main", "cli"];
+    for f in &files {
+        let w = wing(f);
+        assert!(
+            roots.contains(&w.as_str()) || RULES.iter().any(|(name, _, _)| *name == w),
+            "{}: wing {w} has no rule in tests/layout.rs (and no paragraph in docs/architecture.md?)",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn no_source_file_outside_the_gateway_is_over_700_lines() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let long: Vec<String> = files
+        .iter()
+        .filter(|f| wing(f) != "gateway")
+        .filter_map(|f| {
+            let n = std::fs::read_to_string(f).unwrap().lines().count();
+            (n > MAX_LINES).then(|| format!("{}: {n} lines", f.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "cut these by job:\n{}", long.join("\n"));
+}
