@@ -287,3 +287,39 @@ async fn session(mut socket: WebSocket, mut guard: SessionGuard, id: Arc<str>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DemoServerArgs,
+    }
+
+    #[test]
+    fn the_demo_servers_flags_default_to_the_agents_own_defaults() {
+        let args = Cli::try_parse_from(["demo-server"]).unwrap().args;
+        let got = args.agent_config().unwrap();
+        let want = AgentConfig::new("ws", "ws-9001", "127.0.0.1", 9001, 100);
+        assert_eq!(
+            (
+                got.consul,
+                got.redis,
+                got.policy,
+                got.shed_window,
+                got.report_interval
+            ),
+            (
+                want.consul,
+                want.redis,
+                want.policy,
+                want.shed_window,
+                want.report_interval
+            )
+        );
+    }
+}

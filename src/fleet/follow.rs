@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use metrics::gauge;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -125,22 +125,26 @@ pub fn follow(
                 c = connected => c,
             };
             match stream {
-                Ok(Ok((mut ws, _))) => {
+                Ok(Ok((ws, _))) => {
                     gauge!(GW_FEED_CONNECTED).set(1.0);
                     tracing::info!(%url, "following the controller's topology feed");
+                    let (mut sink, messages) = ws.split();
+                    // Every message must come within SILENCE (the feed pings more often).
+                    let mut messages =
+                        std::pin::pin!(tokio_stream::StreamExt::timeout(messages, SILENCE));
                     let why = loop {
                         let next = tokio::select! {
                             () = shutdown.cancelled() => {
-                                let _ = ws.close(None).await;
+                                let _ = sink.close().await;
                                 return;
                             }
-                            n = tokio::time::timeout(SILENCE, ws.next()) => n,
+                            n = messages.next() => n,
                         };
                         match next {
-                            Err(_) => break format!("nothing heard for {SILENCE:?}"),
-                            Ok(None) => break "the controller closed it".to_string(),
-                            Ok(Some(Err(e))) => break e.to_string(),
-                            Ok(Some(Ok(TgMessage::Text(text)))) => {
+                            Some(Err(_)) => break format!("nothing heard for {SILENCE:?}"),
+                            None => break "the controller closed it".to_string(),
+                            Some(Ok(Err(e))) => break e.to_string(),
+                            Some(Ok(Ok(TgMessage::Text(text)))) => {
                                 match serde_json::from_str::<TopologyDoc>(text.as_str()) {
                                     Ok(doc) => {
                                         tx.send_replace(Arc::new(from_doc(&doc)));
@@ -150,10 +154,11 @@ pub fn follow(
                                         "unreadable topology document; keeping the last snapshot"),
                                 }
                             }
-                            Ok(Some(Ok(TgMessage::Close(_)))) => {
+                            Some(Ok(Ok(TgMessage::Close(_)))) => {
                                 break "the controller closed it".to_string()
                             }
-                            Ok(Some(Ok(_))) => {} // pings are answered by tungstenite
+                            // Pings are answered by tungstenite while the stream is read.
+                            Some(Ok(Ok(_))) => {}
                         }
                     };
                     gauge!(GW_FEED_CONNECTED).set(0.0);
