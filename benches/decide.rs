@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rebalancer::controller::decide::{decide, Capabilities, DecideConfig, History};
 use rebalancer::fleet::events::Events;
-use rebalancer::fleet::fold::Fold;
+use rebalancer::fleet::fold::{Fold, Limits};
 use rebalancer::fleet::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
 use rebalancer::fleet::topology::Topology;
 use tokio::time::Instant;
@@ -70,7 +70,7 @@ fn batch(health: HealthList, counts: Counts) -> Vec<Stamped> {
 
 fn snapshot(n: usize) -> std::sync::Arc<Topology> {
     let (health, counts) = inputs(n);
-    let (mut fold, _rx) = Fold::new(Events::new("bench"));
+    let (mut fold, _rx) = Fold::new(Events::new("bench"), Limits::default());
     fold.apply(batch(health, counts)).expect("a first snapshot")
 }
 
@@ -106,7 +106,7 @@ fn bench_fold(c: &mut Criterion) {
             b.iter_batched(
                 || {
                     (
-                        Fold::new(Events::new("bench")),
+                        Fold::new(Events::new("bench"), Limits::default()),
                         batch(health.clone(), counts.clone()),
                     )
                 },
@@ -122,7 +122,7 @@ fn bench_fold_one_change(c: &mut Criterion) {
     let mut g = c.benchmark_group("fold_one_count_change");
     for n in SIZES {
         let (health, counts) = inputs(n);
-        let (mut fold, _rx) = Fold::new(Events::new("bench"));
+        let (mut fold, _rx) = Fold::new(Events::new("bench"), Limits::default());
         fold.apply(batch(health, counts));
         let mut v = 0u64;
         g.bench_function(BenchmarkId::from_parameter(n), |b| {

@@ -4,7 +4,7 @@
 //! Run: `cargo bench --bench memory`. Results: BENCHMARKS.md.
 
 use rebalancer::fleet::events::Events;
-use rebalancer::fleet::fold::Fold;
+use rebalancer::fleet::fold::{Fold, Limits};
 use rebalancer::fleet::source::{Change, HealthList, Instance, SessionsUpdate, Stamped, StateList};
 use tokio::time::Instant;
 
@@ -34,7 +34,7 @@ fn main() {
         })
         .collect();
     let counts = instances.iter().map(|i| (i.id.clone(), Ok(500))).collect();
-    let (mut fold, _rx) = Fold::new(Events::new("bench"));
+    let (mut fold, _rx) = Fold::new(Events::new("bench"), Limits::default());
     let at = Instant::now();
     let snapshot = fold
         .apply(vec![

@@ -31,9 +31,11 @@ pub const UTILIZATION: &str = "rebalancer_utilization_ratio";
 pub const DECISIONS: &str = "rebalancer_decisions_total";
 pub const DECISION_DURATION: &str = "rebalancer_decision_duration_seconds";
 pub const SHORTFALL: &str = "rebalancer_scale_shortfall_servers";
+pub const UNREAPED: &str = "rebalancer_scale_unreaped_servers";
 pub const ACTIONS: &str = "rebalancer_actions_total";
 pub const ACTION_DURATION: &str = "rebalancer_action_duration_seconds";
 pub const SHED_REQUESTED: &str = "rebalancer_sessions_shed_requested_total";
+pub const UNHEARD: &str = "rebalancer_commands_unheard_total";
 pub const EVENT_TO_ACTION: &str = "rebalancer_event_to_action_seconds";
 pub const LEADER: &str = "rebalancer_leader";
 pub const EPOCH: &str = "rebalancer_leader_epoch";
@@ -162,6 +164,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "Servers needed that no scaler can start",
     ),
     (
+        UNREAPED,
+        Kind::Gauge,
+        Unit::Count,
+        "Cordoned, empty servers past reap_after that no scaler can stop",
+    ),
+    (
         ACTIONS,
         Kind::Counter,
         Unit::Count,
@@ -178,6 +186,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Sessions servers were asked to close, by kind (shed, drain)",
+    ),
+    (
+        UNHEARD,
+        Kind::Counter,
+        Unit::Count,
+        "Shed and drain commands published while no server was subscribed (PUBLISH answered 0)",
     ),
     (
         EVENT_TO_ACTION,

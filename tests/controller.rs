@@ -132,6 +132,69 @@ async fn sustained_low_load_cordons_down_to_min_servers_and_high_load_reactivate
 }
 
 #[tokio::test]
+async fn an_operators_cordon_survives_a_hot_fleet_and_the_shortfall_is_reported() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(
+        &consul,
+        &redis,
+        &[("s1", "90"), ("s2", "90"), ("op", "0"), ("ctl", "0")],
+    )
+    .await;
+    let operator = r#"{"state":"cordoned","since_ms":1,"reason":"maintenance","by":"operator"}"#;
+    consul.kv_put("rebalancer/ws/servers/op", operator).await;
+    consul
+        .kv_put(
+            "rebalancer/ws/servers/ctl",
+            r#"{"state":"cordoned","since_ms":1,"reason":"scale-in","by":"controller"}"#,
+        )
+        .await;
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[rebalance]\nenabled = false\n[scale]\ncooldown = \"1s\"\n",
+    );
+    let ctl = Controller::start(&temp_dir("e2e-operator"), &toml, port);
+    ctl.until_synced(180.0).await;
+    // U = 180 / 200 = 0.9: ceil(180 / 55) = 4 needed, 2 active. Only the controller's own
+    // cordon comes back; what the operator holds is reported as shortfall instead.
+    eventually("ctl reactivated", WAIT, || async {
+        (consul.server_state("ws", "ctl").await.as_deref() == Some("active")).then_some(())
+    })
+    .await;
+    let shortfall = eventually("a shortfall of one", WAIT, || async {
+        let n = ctl
+            .metric("rebalancer_scale_shortfall_servers", &[])
+            .await?;
+        (n >= 1.0).then_some(n)
+    })
+    .await;
+    assert_eq!(shortfall, 1.0);
+    // Several more rounds past the cooldown: still the operator's record, word for word.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        consul.kv_get("rebalancer/ws/servers/op").await.as_deref(),
+        Some(operator)
+    );
+    let reactivated = ctl
+        .metric(
+            "rebalancer_actions_total",
+            &[("kind", "reactivate"), ("result", "ok")],
+        )
+        .await;
+    assert_eq!(reactivated, Some(1.0), "{}", ctl.log());
+    assert!(
+        ctl.log()
+            .contains("cordoned by an operator are left cordoned"),
+        "the log says why: {}",
+        ctl.log()
+    );
+}
+
+#[tokio::test]
 async fn dry_run_decides_and_counts_but_touches_nothing() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     fleet(&consul, &redis, &[("s1", "90"), ("s2", "50"), ("s3", "10")]).await;

@@ -35,7 +35,7 @@ fn docker_pipeline(
             "[rebalance]\ntolerance = 0.05\nround_interval = \"2s\"\n\
              [scale]\nscale_in_after = \"4s\"\ncooldown = \"3s\"\nreap_after = \"2s\"\nmin_servers = 2\nmax_servers = 10\n\
              [scale.docker]\nimage = \"{image}\"\ncommand = {cmd}\nport_range = \"{ports}\"\nname_prefix = \"{name}-\"\n\
-             provision_timeout = \"20s\"\nstop_grace = \"3s\"\n"
+             provision_timeout = \"20s\"\n"
         ),
     )
 }
@@ -50,6 +50,8 @@ fn unique(tag: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_fleet_reactivates_then_starts_containers_and_a_cold_one_reaps_them() {
+    // The containers take 5 s to stop, longer than one action attempt used to be allowed
+    // (3 s): with the default stop_grace (10 s) the reap must succeed the first time.
     let image = docker_image();
     let name = unique("dkout");
     let _janitor = ContainerJanitor {
@@ -96,7 +98,15 @@ async fn a_hot_fleet_reactivates_then_starts_containers_and_a_cold_one_reaps_the
     let port = free_port();
     let ctl = Controller::start(
         &temp_dir("dk-out"),
-        &docker_pipeline(&name, &redis, &consul, port, "21000-21049", image, ""),
+        &docker_pipeline(
+            &name,
+            &redis,
+            &consul,
+            port,
+            "21000-21049",
+            image,
+            r#", "--stop-delay", "5s""#,
+        ),
         port,
     );
     // U = 0.85: 4 servers needed; s3 comes back first, one container makes the fourth.
@@ -170,6 +180,21 @@ async fn a_hot_fleet_reactivates_then_starts_containers_and_a_cold_one_reaps_the
         )
         .await
             >= Some(1.0)
+    );
+    assert_eq!(
+        ctl.metric(
+            "rebalancer_actions_total",
+            &[("kind", "reap"), ("result", "error")]
+        )
+        .await,
+        None,
+        "every reap succeeded at its first attempt: {}",
+        ctl.log()
+    );
+    assert!(
+        !ctl.log().contains("timed out"),
+        "no attempt timed out: {}",
+        ctl.log()
     );
     let small_summary = small.finish();
     println!("docker scale: during {during:?} first load {summary} cordoned {states:?} small load {small_summary}");

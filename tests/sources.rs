@@ -98,8 +98,13 @@ async fn registrations_states_and_count_changes_reach_the_snapshot() {
         )
         .await;
     until(&r, "s1 cordoned", |t| {
-        t.get("s1")
-            .is_some_and(|s| s.admin == Admin::Cordoned { since_ms: 5 })
+        t.get("s1").is_some_and(|s| {
+            s.admin
+                == Admin::Cordoned {
+                    since_ms: 5,
+                    by_operator: false,
+                }
+        })
     })
     .await;
 
@@ -172,6 +177,58 @@ async fn garbage_in_meta_counts_and_states_is_ignored_and_counted() {
             .is_some_and(rebalancer::fleet::topology::Server::is_live)
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_garbage_count_among_good_ones_makes_only_that_server_unknown() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let r = topology(&cfg("one-bad", &redis, &consul, "", ""));
+    for id in ["s1", "s2", "s3", "s4", "s5", "s6"] {
+        consul.register_capacity("ws", id, 100).await;
+    }
+    redis.report("ws", "s1", "10").await;
+    redis.report("ws", "s2", "20").await;
+    redis.report("ws", "s3", "18446744073709551615").await;
+    redis.report("ws", "s4", "1000000000000000").await;
+    redis.report("ws", "s5", "-4").await;
+    // Bytes that are not UTF-8: before, they failed the whole MGET and the source with it.
+    let mut c = redis.conn().await;
+    redis::cmd("SET")
+        .arg("rebalancer:ws:sessions:s6")
+        .arg(&b"\xff\xfe\x01"[..])
+        .arg("EX")
+        .arg(300)
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let t = until(&r, "six servers, two known", |t| {
+        t.servers.len() == 6 && t.totals().unknown == 4
+    })
+    .await;
+    assert!(!t.is_stale(), "the sessions source stays synced: {t:?}");
+    assert_eq!(count(&t, "s1"), Some(Count::Known(10)));
+    assert_eq!(count(&t, "s2"), Some(Count::Known(20)));
+    for id in ["s3", "s4", "s5", "s6"] {
+        assert_eq!(count(&t, id), Some(Count::Unknown), "{id}");
+    }
+    assert_eq!(t.totals().sessions, 30, "the rest of the batch is used");
+
+    // A notification for the bad key is read on its own and breaks nothing either.
+    redis::cmd("SET")
+        .arg("rebalancer:ws:sessions:s6")
+        .arg(&b"\xc3\x28"[..])
+        .arg("EX")
+        .arg(300)
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    redis.report("ws", "s1", "11").await;
+    let t = until(&r, "s1's change read after the bad one", |t| {
+        count(t, "s1") == Some(Count::Known(11))
+    })
+    .await;
+    assert!(!t.is_stale());
+    assert_eq!(count(&t, "s6"), Some(Count::Unknown));
 }
 
 #[tokio::test]

@@ -1,11 +1,14 @@
 //! The checker that collects every error of one pipeline file, and the value checks that
 //! every section's compiler uses (durations, ranges, minimums, names).
 
-use std::ops::{Bound, RangeBounds};
+use std::ops::{Bound, RangeBounds, RangeInclusive};
 use std::path::Path;
 use std::time::Duration;
 
 use super::ConfigError;
+
+/// The longest any duration key may be.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Collects every error of one file, each naming its key, and checks values on the way.
 pub(super) struct Checker<'a> {
@@ -22,11 +25,20 @@ impl Checker<'_> {
         });
     }
 
+    /// A duration in [1ms, [`MAX_DURATION`]]: no stage can be handed one it cannot add to a
+    /// clock reading, nor one that rounds to nothing in milliseconds (a command's expiry).
     pub fn duration(&mut self, key: &str, text: &str) -> Duration {
         match humantime::parse_duration(text) {
-            Ok(d) if d > Duration::ZERO => d,
+            Ok(d) if d > MAX_DURATION => {
+                self.err(
+                    key,
+                    format!("{text:?} is longer than the most any duration may be (7 days)"),
+                );
+                Duration::from_secs(1)
+            }
+            Ok(d) if d >= Duration::from_millis(1) => d,
             Ok(_) => {
-                self.err(key, "must be longer than zero");
+                self.err(key, "must be at least 1ms");
                 Duration::from_secs(1)
             }
             Err(e) => {
@@ -58,10 +70,16 @@ impl Checker<'_> {
         v
     }
 
-    pub fn at_least(&mut self, key: &str, v: i64, lo: i64) -> u64 {
+    /// A whole number in `bounds`; out of them, an error and the nearest bound.
+    pub fn count(&mut self, key: &str, v: i64, bounds: RangeInclusive<i64>) -> u64 {
+        let (lo, hi) = (*bounds.start(), *bounds.end());
         if v < lo {
             self.err(key, format!("{v} must be at least {lo}"));
             return lo.max(0) as u64;
+        }
+        if v > hi {
+            self.err(key, format!("{v} must be at most {hi}"));
+            return hi.max(0) as u64;
         }
         v as u64
     }

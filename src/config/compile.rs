@@ -124,15 +124,16 @@ fn debounce(d: &RawDebounce, ck: &mut Checker) -> DebounceConfig {
 fn rebalance(r: &RawRebalance, ck: &mut Checker) -> (RebalanceConfig, Duration) {
     let tolerance = ck.range("rebalance.tolerance", r.tolerance, 0.0..1.0);
     let shed_fraction = ck.range("rebalance.shed_fraction", r.shed_fraction, SHARE);
-    let min_shed = ck.at_least("rebalance.min_shed", r.min_shed, 1);
-    let max_shed = ck.at_least("rebalance.max_shed", r.max_shed, 1);
+    let min_shed = ck.count("rebalance.min_shed", r.min_shed, 1..=1_000_000);
+    let max_shed = ck.count("rebalance.max_shed", r.max_shed, 1..=1_000_000);
     if min_shed > max_shed {
         ck.err("rebalance.min_shed", "must not be above rebalance.max_shed");
     }
     let round_interval = ck.duration("rebalance.round_interval", &r.round_interval);
-    let drain_rate = ck.at_least("rebalance.drain_rate", r.drain_rate, 1);
+    let drain_rate = ck.count("rebalance.drain_rate", r.drain_rate, 1..=1_000_000);
     let disruption_budget = ck.range("rebalance.disruption_budget", r.disruption_budget, SHARE);
     let command_ttl = ck.duration("rebalance.command_ttl", &r.command_ttl);
+    let settle = ck.duration("rebalance.settle", &r.settle);
     let cfg = RebalanceConfig {
         enabled: r.enabled,
         tolerance,
@@ -142,6 +143,7 @@ fn rebalance(r: &RawRebalance, ck: &mut Checker) -> (RebalanceConfig, Duration) 
         round_interval,
         drain_rate,
         disruption_budget,
+        settle,
     };
     (cfg, command_ttl)
 }
@@ -161,8 +163,8 @@ fn scale(s: &RawScale, docker: Option<&DockerConfig>, ck: &mut Checker) -> Scale
             format!("{target} must lie between scale.scale_in_at ({scale_in_at}) and scale.scale_out_at ({scale_out_at}), or scaling would flap"),
         );
     }
-    let min_servers = ck.at_least("scale.min_servers", s.min_servers, 1);
-    let max_servers = ck.at_least("scale.max_servers", s.max_servers, 1);
+    let min_servers = ck.count("scale.min_servers", s.min_servers, 1..=100_000);
+    let max_servers = ck.count("scale.max_servers", s.max_servers, 1..=100_000);
     if min_servers > max_servers {
         ck.err("scale.min_servers", "must not be above scale.max_servers");
     }
@@ -176,7 +178,7 @@ fn scale(s: &RawScale, docker: Option<&DockerConfig>, ck: &mut Checker) -> Scale
         scale_in_after: ck.duration("scale.scale_in_after", &s.scale_in_after),
         cooldown: ck.duration("scale.cooldown", &s.cooldown),
         reap_after: ck.duration("scale.reap_after", &s.reap_after),
-        max_per_round: ck.at_least("scale.max_per_round", s.max_per_round, 1) as u32,
+        max_per_round: ck.count("scale.max_per_round", s.max_per_round, 1..=10_000) as u32,
         provision_timeout: docker.map(|d| d.provision_timeout),
     }
 }
@@ -188,5 +190,14 @@ fn safety(s: &RawSafety, ck: &mut Checker) -> SafetyConfig {
             s.halt_unhealthy_fraction,
             SHARE,
         ),
+        halt_min_failing: ck.count("safety.halt_min_failing", s.halt_min_failing, 1..=100_000)
+            as u32,
+        max_count_ratio: ck.count("safety.max_count_ratio", s.max_count_ratio, 1..=1_000) as u32,
+        max_capacity: ck.count("safety.max_capacity", s.max_capacity, 1..=100_000_000) as u32,
+        capacity_outlier_ratio: ck.count(
+            "safety.capacity_outlier_ratio",
+            s.capacity_outlier_ratio,
+            2..=1_000_000,
+        ) as u32,
     }
 }

@@ -29,6 +29,9 @@ pub struct RebalanceConfig {
     pub drain_rate: u64,
     /// Fraction of the fleet's live sessions that may be shed or drained in any minute.
     pub disruption_budget: f64,
+    /// No shed or drain until a complete snapshot has been held this long, after start-up
+    /// and after each election: a fleet still filling is not judged on its first seconds.
+    pub settle: Duration,
 }
 
 impl Default for RebalanceConfig {
@@ -42,6 +45,7 @@ impl Default for RebalanceConfig {
             round_interval: Duration::from_secs(15),
             drain_rate: 100,
             disruption_budget: 0.5,
+            settle: Duration::from_secs(5),
         }
     }
 }
@@ -82,13 +86,28 @@ impl Default for ScaleConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SafetyConfig {
+    /// Above this fraction of registered servers failing health, every action halts...
     pub halt_unhealthy_fraction: f64,
+    /// ...provided at least this many fail: one failing server of two is not an outage.
+    pub halt_min_failing: u32,
+    /// A session count above this many times its server's capacity is not believed: the
+    /// count is unknown (and counted), as garbage is.
+    pub max_count_ratio: u32,
+    /// A registration whose `max_sessions` is above this is invalid (excluded and counted).
+    pub max_capacity: u32,
+    /// A registration whose `max_sessions` is more than this many times the fleet's median
+    /// is invalid too: one server's numbers cannot drive the fleet's utilization alone.
+    pub capacity_outlier_ratio: u32,
 }
 
 impl Default for SafetyConfig {
     fn default() -> Self {
         SafetyConfig {
             halt_unhealthy_fraction: 0.45,
+            halt_min_failing: 2,
+            max_count_ratio: 10,
+            max_capacity: 1_000_000,
+            capacity_outlier_ratio: 100,
         }
     }
 }

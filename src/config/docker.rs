@@ -131,7 +131,7 @@ pub(super) fn compile(d: &RawDocker, pipeline: &str, ck: &mut Checker) -> Docker
     }
     let provision_timeout = ck.duration("scale.docker.provision_timeout", &d.provision_timeout);
     let stop_grace = ck.duration("scale.docker.stop_grace", &d.stop_grace);
-    let max_per_round = ck.at_least("scale.docker.max_per_round", d.max_per_round, 1) as u32;
+    let max_per_round = ck.count("scale.docker.max_per_round", d.max_per_round, 1..=1_000) as u32;
     DockerConfig {
         socket,
         image: d.image.clone(),

@@ -198,6 +198,8 @@ pub struct RawRebalance {
     pub disruption_budget: f64,
     /// How long a command stays valid after it is issued.
     pub command_ttl: String,
+    /// No shed until a complete snapshot has been held this long (after start, election).
+    pub settle: String,
 }
 
 impl Default for RawRebalance {
@@ -213,6 +215,7 @@ impl Default for RawRebalance {
             drain_rate: d.drain_rate as i64,
             disruption_budget: d.disruption_budget,
             command_ttl: text(DEFAULT_COMMAND_TTL),
+            settle: text(d.settle),
         }
     }
 }
@@ -303,14 +306,27 @@ impl Default for RawScale {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawSafety {
-    /// Above this fraction of registered servers failing health, every action halts.
+    /// Above this fraction of registered servers failing health, every action halts...
     pub halt_unhealthy_fraction: f64,
+    /// ...provided at least this many servers fail.
+    pub halt_min_failing: i64,
+    /// A count above this many times its server's `max_sessions` is unknown.
+    pub max_count_ratio: i64,
+    /// A registration with a larger `max_sessions` is invalid.
+    pub max_capacity: i64,
+    /// A registration with more than this × the fleet's median `max_sessions` is invalid.
+    pub capacity_outlier_ratio: i64,
 }
 
 impl Default for RawSafety {
     fn default() -> Self {
+        let d = SafetyConfig::default();
         RawSafety {
-            halt_unhealthy_fraction: SafetyConfig::default().halt_unhealthy_fraction,
+            halt_unhealthy_fraction: d.halt_unhealthy_fraction,
+            halt_min_failing: d.halt_min_failing.into(),
+            max_count_ratio: d.max_count_ratio.into(),
+            max_capacity: d.max_capacity.into(),
+            capacity_outlier_ratio: d.capacity_outlier_ratio.into(),
         }
     }
 }

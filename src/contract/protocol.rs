@@ -102,6 +102,11 @@ impl AdminState {
     }
 }
 
+/// Who wrote a state record. The controller never undoes an operator's cordon.
+pub const BY_CONTROLLER: &str = "controller";
+/// See [`BY_CONTROLLER`]; any author but the controller counts as an operator.
+pub const BY_OPERATOR: &str = "operator";
+
 /// The JSON document at [`state_key`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateRecord {
@@ -110,6 +115,16 @@ pub struct StateRecord {
     pub since_ms: u64,
     #[serde(default)]
     pub reason: String,
+    /// `"controller"` or `"operator"`; absent: the controller (records of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+impl StateRecord {
+    /// Written by someone other than the controller: an operator's decision to keep.
+    pub fn by_operator(&self) -> bool {
+        self.by.as_deref().is_some_and(|b| b != BY_CONTROLLER)
+    }
 }
 
 /// The controller's snapshot of one pipeline's fleet, as its topology feed serves it:
@@ -146,6 +161,9 @@ pub struct ServerDoc {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cordoned_since_ms: Option<u64>,
+    /// `"operator"` for a cordon an operator wrote (the controller never undoes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cordoned_by: Option<String>,
     /// The live session count; `null` while unknown (never read as zero).
     pub sessions: Option<u64>,
     #[serde(default)]

@@ -16,6 +16,8 @@ pub enum Admin {
     Active,
     Cordoned {
         since_ms: u64,
+        /// Cordoned by an operator: never reactivated (nor reaped) by the controller.
+        by_operator: bool,
     },
     /// The KV record exists but cannot be read: treated like an unknown count.
     Unknown,
@@ -48,6 +50,7 @@ pub fn read_state(raw: &[u8]) -> Result<Admin, String> {
         AdminState::Active => Admin::Active,
         AdminState::Cordoned => Admin::Cordoned {
             since_ms: rec.since_ms,
+            by_operator: rec.by_operator(),
         },
     })
 }
@@ -118,7 +121,13 @@ mod tests {
         assert_eq!(
             s.states,
             vec![
-                ("a".into(), Admin::Cordoned { since_ms: 7 }),
+                (
+                    "a".into(),
+                    Admin::Cordoned {
+                        since_ms: 7,
+                        by_operator: false
+                    }
+                ),
                 ("b".into(), Admin::Active),
                 ("c".into(), Admin::Unknown)
             ]

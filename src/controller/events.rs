@@ -10,7 +10,7 @@ use crate::controller::decide::{Action, ActionKind, Plan};
 use crate::fleet::events::Events;
 use crate::telemetry::{
     ACTIONS, ACTION_DURATION, DECISIONS, DECISION_DURATION, EPOCH, EVENT_TO_ACTION, LEADER,
-    SHED_REQUESTED, SHORTFALL,
+    SHED_REQUESTED, SHORTFALL, UNHEARD, UNREAPED,
 };
 
 impl Events {
@@ -25,6 +25,7 @@ impl Events {
         counter!(DECISIONS, "pipeline" => self.p(), "outcome" => outcome).increment(1);
         histogram!(DECISION_DURATION, "pipeline" => self.p()).record(took.as_secs_f64());
         gauge!(SHORTFALL, "pipeline" => self.p()).set(f64::from(plan.shortfall));
+        gauge!(UNREAPED, "pipeline" => self.p()).set(f64::from(plan.unreaped));
         if changed {
             if let Some(h) = &plan.halted {
                 tracing::warn!(pipeline = %self.pipeline, version, reason = %h, "halted");
@@ -44,6 +45,9 @@ impl Events {
         error: Option<&str>,
     ) {
         let kind = a.kind.label();
+        if result == ActResult::Unheard {
+            counter!(UNHEARD, "pipeline" => self.p(), "kind" => kind).increment(1);
+        }
         let result = result.as_str();
         counter!(ACTIONS, "pipeline" => self.p(), "kind" => kind, "result" => result).increment(1);
         histogram!(ACTION_DURATION, "pipeline" => self.p(), "kind" => kind)

@@ -45,6 +45,7 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report: Option<(Option<Halt>, Vec<Withheld>)> = None;
     let mut measured_version = 0;
+    let mut leading = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -56,6 +57,11 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
             continue; // nothing folded yet
         }
         let now = Instant::now();
+        let leads = leadership.borrow().is_some();
+        if leads && !leading {
+            history.restart_settle(); // a new leader judges the fleet afresh
+        }
+        leading = leads;
         history.observe(&t, &cfg.decide, now);
         let started = std::time::Instant::now();
         let plan = decide(&t, &cfg.decide, can, now, &history);
@@ -179,7 +185,10 @@ mod tests {
         let _default = metrics::set_default_local_recorder(&rec);
         let h = start("e2a", "", Duration::from_millis(250), &rec);
         h.leadership.send_replace(Some(3));
-        h.send(unbalanced(), 1);
+        // A balanced fleet first, held past the settle time (5 s), then the change.
+        h.send(fleet(vec![server("a", 100, 50), server("b", 100, 50)]), 1);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        h.send(unbalanced(), 2);
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         let done = h.actuator.actions();
@@ -191,7 +200,7 @@ mod tests {
                 count: 40
             }
         );
-        assert_eq!((done[0].1.epoch, done[0].1.version), (3, 1));
+        assert_eq!((done[0].1.epoch, done[0].1.version), (3, 2));
         let labels = "pipeline=\"e2a\"";
         assert_eq!(
             h.sample("rebalancer_event_to_action_seconds_sum", labels),
@@ -214,7 +223,7 @@ mod tests {
         let _default = metrics::set_default_local_recorder(&rec);
         let h = start("follower", "", Duration::ZERO, &rec);
         h.send(unbalanced(), 1);
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(h.actuator.actions().is_empty(), "acted without the lock");
         let not_leader = h.sample(
             "rebalancer_actions_total",
@@ -222,9 +231,15 @@ mod tests {
         );
         assert!(not_leader >= Some(5.0), "one per tick: {not_leader:?}");
 
-        // No new snapshot: the decision tick brings the plan back once the lock is held.
+        // No new snapshot: the decision tick brings the plan back once the lock is held, after
+        // the new leader has settled on it.
         h.leadership.send_replace(Some(9));
         tokio::time::sleep(DECISION_TICK + Duration::from_millis(10)).await;
+        assert!(
+            h.actuator.actions().is_empty(),
+            "a new leader settles first"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
         let done = h.actuator.actions();
         assert_eq!(done.len(), 1, "{done:?}");
         assert_eq!(done[0].1.epoch, 9);
@@ -238,9 +253,10 @@ mod tests {
         let h = start("dry", "dry_run = true\n", Duration::ZERO, &rec);
         h.leadership.send_replace(Some(1));
         h.send(unbalanced(), 1);
-        tokio::time::sleep(Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_secs(21)).await;
         assert!(h.actuator.actions().is_empty(), "a dry run acted");
-        // It remembers what it would have done: one shed per round interval (15 s).
+        // It remembers what it would have done: one shed per round interval (15 s), the first
+        // once settled (5 s).
         assert_eq!(
             h.sample(
                 "rebalancer_actions_total",

@@ -65,6 +65,10 @@ pub struct DemoServerArgs {
     /// provisioning timeouts.
     #[arg(long, env = "REBALANCER_AGENT_START_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
     pub start_delay: Duration,
+    /// Wait this long after draining before exiting: a slow-stopping server, for trying out
+    /// `stop_grace`.
+    #[arg(long, env = "REBALANCER_AGENT_STOP_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub stop_delay: Duration,
     /// Heartbeat of the session-count report (its TTL is three of these).
     #[arg(long, env = "REBALANCER_AGENT_REPORT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub report_interval: Duration,
@@ -176,6 +180,7 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
     } else {
         Ok(())
     };
+    tokio::time::sleep(args.stop_delay).await;
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
     result.map_err(DemoError::from)

@@ -63,6 +63,12 @@ impl Events {
         tracing::warn!(pipeline = %self.pipeline, server, value = raw, "session count is not a non-negative integer; treated as unknown");
     }
 
+    /// A well-formed count too large to believe of its server.
+    pub fn absurd_count(&self, server: &str, why: &str) {
+        counter!(INVALID_COUNTS, "pipeline" => self.p()).increment(1);
+        tracing::warn!(pipeline = %self.pipeline, server, why, "session count is not believable; treated as unknown");
+    }
+
     pub fn snapshot(&self, t: &Topology) {
         let p = self.p();
         let totals = t.totals();

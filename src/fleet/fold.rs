@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::config::decide::SafetyConfig;
 use crate::fleet::events::Events;
 use crate::fleet::source::{
     Change, HealthList, Instance, Reading, SessionsUpdate, SourceKind, Stamped, StateList,
@@ -16,14 +17,44 @@ use crate::fleet::topology::{
     Admin, ContainerState, Count, OwnedContainer, Server, ServerId, SourcesSynced, Topology,
 };
 
+/// What the fold believes of the numbers it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A count above this many times its server's capacity is unknown.
+    pub max_count_ratio: u32,
+    /// A registration with a larger `max_sessions` is invalid.
+    pub max_capacity: u32,
+    /// So is one with more than this many times the fleet's median `max_sessions`.
+    pub capacity_outlier_ratio: u32,
+}
+
+impl From<&SafetyConfig> for Limits {
+    fn from(s: &SafetyConfig) -> Limits {
+        Limits {
+            max_count_ratio: s.max_count_ratio,
+            max_capacity: s.max_capacity,
+            capacity_outlier_ratio: s.capacity_outlier_ratio,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::from(&SafetyConfig::default())
+    }
+}
+
 pub struct Fold {
     events: Events,
+    limits: Limits,
     instances: Vec<Instance>,
     states: HashMap<ServerId, Admin>,
     counts: HashMap<ServerId, Count>,
     invalid_meta: HashMap<ServerId, String>,
     invalid_states: HashMap<ServerId, String>,
     invalid_counts: HashSet<ServerId>,
+    /// Registered servers whose count is above `max_count_ratio` × capacity.
+    absurd_counts: HashSet<ServerId>,
     synced: SourcesSynced,
     containers: Vec<OwnedContainer>,
     containers_synced: bool,
@@ -36,17 +67,19 @@ pub struct Fold {
 }
 
 impl Fold {
-    pub fn new(events: Events) -> (Fold, watch::Receiver<Arc<Topology>>) {
+    pub fn new(events: Events, limits: Limits) -> (Fold, watch::Receiver<Arc<Topology>>) {
         let current = Arc::new(Topology::default());
         let (tx, rx) = watch::channel(current.clone());
         let fold = Fold {
             events,
+            limits,
             instances: Vec::new(),
             states: HashMap::new(),
             counts: HashMap::new(),
             invalid_meta: HashMap::new(),
             invalid_states: HashMap::new(),
             invalid_counts: HashSet::new(),
+            absurd_counts: HashSet::new(),
             synced: SourcesSynced::default(),
             containers: Vec::new(),
             containers_synced: false,
@@ -69,6 +102,7 @@ impl Fold {
             self.apply_one(s.change);
         }
         let mut next = self.build();
+        self.note_absurd(&next);
         self.note_provisioned(&next);
         if next.same_content(&self.current) {
             return None;
@@ -156,7 +190,41 @@ impl Fold {
         }
     }
 
-    fn apply_health(&mut self, h: HealthList) {
+    fn apply_health(&mut self, mut h: HealthList) {
+        let max = self.limits.max_capacity;
+        h.instances.retain(|i| {
+            let ok = i.capacity <= max;
+            if !ok {
+                h.invalid.push((
+                    i.id.clone(),
+                    format!(
+                        "Meta.max_sessions = {} is above safety.max_capacity ({max})",
+                        i.capacity
+                    ),
+                ));
+            }
+            ok
+        });
+        // The lower median: with two servers, the smaller; one outlier never moves it.
+        let mut caps: Vec<u32> = h.instances.iter().map(|i| i.capacity).collect();
+        caps.sort_unstable();
+        if let Some(&median) = caps.get(caps.len().saturating_sub(1) / 2) {
+            let ratio = self.limits.capacity_outlier_ratio;
+            let most = u64::from(median) * u64::from(ratio);
+            h.instances.retain(|i| {
+                let ok = u64::from(i.capacity) <= most;
+                if !ok {
+                    h.invalid.push((
+                        i.id.clone(),
+                        format!(
+                            "Meta.max_sessions = {} is more than safety.capacity_outlier_ratio ({ratio}) × the fleet's median ({median})",
+                            i.capacity
+                        ),
+                    ));
+                }
+                ok
+            });
+        }
         let mut invalid = HashMap::with_capacity(h.invalid.len());
         for (id, why) in h.invalid {
             if self.invalid_meta.get(&id) != Some(&why) {
@@ -180,6 +248,31 @@ impl Fold {
         self.invalid_states = invalid;
         self.states = s.states.into_iter().collect();
         self.synced.states = true;
+    }
+
+    /// The largest count believed of a server of `capacity`.
+    fn max_count(&self, capacity: u32) -> u64 {
+        u64::from(capacity).saturating_mul(u64::from(self.limits.max_count_ratio))
+    }
+
+    /// Logs and counts each count above its bound once, while it stays above it.
+    fn note_absurd(&mut self, t: &Topology) {
+        let mut now = HashSet::new();
+        for s in &t.servers {
+            if let Some(&Count::Known(n)) = self.counts.get(&s.id) {
+                if n > self.max_count(s.capacity) {
+                    if !self.absurd_counts.contains(&s.id) {
+                        let why = format!(
+                            "{n} is above safety.max_count_ratio ({}) × max_sessions ({})",
+                            self.limits.max_count_ratio, s.capacity
+                        );
+                        self.events.absurd_count(&s.id, &why);
+                    }
+                    now.insert(s.id.clone());
+                }
+            }
+        }
+        self.absurd_counts = now;
     }
 
     /// Records how long each owned container took to pass, once.
@@ -209,7 +302,11 @@ impl Fold {
                 weight: i.weight,
                 passing: i.passing,
                 admin: self.states.get(&i.id).copied().unwrap_or(Admin::Active),
-                sessions: self.counts.get(&i.id).copied().unwrap_or(Count::Unknown),
+                sessions: match self.counts.get(&i.id) {
+                    Some(&Count::Known(n)) if n > self.max_count(i.capacity) => Count::Unknown,
+                    Some(&c) => c,
+                    None => Count::Unknown,
+                },
                 provisioning: false,
             })
             .collect();
@@ -273,7 +370,7 @@ mod tests {
     }
 
     fn synced_fold() -> (Fold, watch::Receiver<Arc<Topology>>) {
-        let (mut f, rx) = Fold::new(Events::new("t"));
+        let (mut f, rx) = Fold::new(Events::new("t"), Limits::default());
         f.apply(vec![
             at(Change::Health(HealthList {
                 instances: vec![inst("a", 100), inst("b", 100)],
@@ -387,5 +484,59 @@ mod tests {
             "a resync replaces, it does not merge"
         );
         assert_eq!(t.ghosts, 0);
+    }
+
+    #[tokio::test]
+    async fn absurd_numbers_are_not_believed_and_cannot_wrap_a_sum() {
+        let (mut f, _rx) = Fold::new(Events::new("t"), Limits::default());
+        let t = f
+            .apply(vec![
+                at(Change::Health(HealthList {
+                    instances: vec![
+                        inst("a", 100),
+                        inst("b", 100),
+                        inst("c", 100),
+                        inst("huge", u32::MAX),
+                    ],
+                    invalid: vec![],
+                })),
+                at(Change::States(StateList::default())),
+                at(Change::Sessions(SessionsUpdate::Resync(vec![
+                    ("a".into(), Ok(50)),
+                    ("b".into(), Ok(u64::MAX)),
+                    ("c".into(), Ok(1_000)),
+                    ("huge".into(), Ok(1)),
+                ]))),
+            ])
+            .unwrap();
+        assert_eq!(t.get("a").unwrap().sessions, Count::Known(50));
+        assert_eq!(
+            t.get("b").unwrap().sessions,
+            Count::Unknown,
+            "above 10 × capacity: not believed"
+        );
+        assert_eq!(
+            t.get("c").unwrap().sessions,
+            Count::Known(1_000),
+            "exactly 10 × capacity is still believed"
+        );
+        assert!(
+            t.get("huge").is_none(),
+            "max_sessions above safety.max_capacity is an invalid registration"
+        );
+        assert_eq!(t.invalid_instances, 1);
+        let totals = t.totals();
+        assert_eq!(totals.sessions, 1_050);
+        assert_eq!(totals.unknown, 1);
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let mut t = crate::fleet::topology::fixtures::fleet(vec![
+            crate::fleet::topology::fixtures::server("a", 100, u64::MAX),
+            crate::fleet::topology::fixtures::server("b", 100, 5),
+        ]);
+        t.version = 1;
+        assert_eq!(t.totals().sessions, u64::MAX);
     }
 }

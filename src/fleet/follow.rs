@@ -14,7 +14,9 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as TgMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::contract::protocol::{ServerDoc, TopologyDoc, PROTOCOL_VERSION};
+use crate::contract::protocol::{
+    ServerDoc, TopologyDoc, BY_CONTROLLER, BY_OPERATOR, PROTOCOL_VERSION,
+};
 use crate::fleet::topology::{Admin, Count, Server, SourcesSynced, Topology};
 use crate::stages::BackoffPolicy;
 use crate::telemetry::GW_FEED_CONNECTED;
@@ -55,8 +57,14 @@ pub fn to_doc(t: &Topology, pipeline: &str, service: &str) -> TopologyDoc {
                     Admin::Unknown => "unknown",
                 }
                 .to_string(),
+                cordoned_by: match s.admin {
+                    Admin::Cordoned {
+                        by_operator: true, ..
+                    } => Some(BY_OPERATOR.to_string()),
+                    _ => None,
+                },
                 cordoned_since_ms: match s.admin {
-                    Admin::Cordoned { since_ms } => Some(since_ms),
+                    Admin::Cordoned { since_ms, .. } => Some(since_ms),
                     _ => None,
                 },
                 sessions: s.sessions.known(),
@@ -83,6 +91,7 @@ pub fn from_doc(d: &TopologyDoc) -> Topology {
                 "active" => Admin::Active,
                 "cordoned" => Admin::Cordoned {
                     since_ms: s.cordoned_since_ms.unwrap_or(0),
+                    by_operator: s.cordoned_by.as_deref().is_some_and(|b| b != BY_CONTROLLER),
                 },
                 _ => Admin::Unknown,
             },
@@ -186,7 +195,10 @@ mod tests {
     fn a_snapshot_survives_the_round_trip_through_its_document() {
         let mut t = fleet(vec![server("a", 100, 40), server("b", 50, 0)]);
         t.version = 7;
-        t.servers[1].admin = Admin::Cordoned { since_ms: 12 };
+        t.servers[1].admin = Admin::Cordoned {
+            since_ms: 12,
+            by_operator: true,
+        };
         t.servers[1].sessions = Count::Unknown;
         t.servers[0].weight = 0.5;
         t.sources.sessions = false;

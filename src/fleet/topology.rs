@@ -70,6 +70,17 @@ impl Server {
         matches!(self.admin, Admin::Cordoned { .. })
     }
 
+    /// Cordoned by an operator: the controller never reactivates or reaps it.
+    pub fn is_held_by_operator(&self) -> bool {
+        matches!(
+            self.admin,
+            Admin::Cordoned {
+                by_operator: true,
+                ..
+            }
+        )
+    }
+
     /// Sessions over capacity; `None` while the count is unknown.
     pub fn utilization(&self) -> Option<f64> {
         let s = self.sessions.known()?;
@@ -186,13 +197,14 @@ impl Topology {
                 t.unknown += 1;
                 continue;
             }
+            // Saturating: no count, however large, wraps a sum into a small one.
             let n = s.sessions.known().unwrap_or(0);
-            t.sessions += n;
+            t.sessions = t.sessions.saturating_add(n);
             if s.is_cordoned() {
                 t.cordoned += 1;
             } else {
                 t.active += 1;
-                t.capacity += u64::from(s.capacity);
+                t.capacity = t.capacity.saturating_add(u64::from(s.capacity));
             }
         }
         t

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
 use crate::fleet::events::Events;
-use crate::fleet::fold::Fold;
+use crate::fleet::fold::{Fold, Limits};
 use crate::fleet::source::{
     consul_health, consul_kv, docker, redis_sessions, Change, SourceKind, Stamped,
 };
@@ -103,7 +103,7 @@ pub fn spawn(
             }),
         })
         .debounce(cfg.debounce.quiet, cfg.debounce.max_delay);
-    let (mut fold, rx) = Fold::new(events);
+    let (mut fold, rx) = Fold::new(events, Limits::from(&cfg.decide.safety));
     let task = tokio::spawn(async move {
         let mut batches = std::pin::pin!(batches.take_until(shutdown.cancelled()));
         while let Some(batch) = batches.next().await {

@@ -413,7 +413,10 @@ impl Sim<'_> {
                     weight: 1.0,
                     passing: s.up && !provisioning,
                     admin: if s.cordoned {
-                        Admin::Cordoned { since_ms: 0 }
+                        Admin::Cordoned {
+                            since_ms: 0,
+                            by_operator: false,
+                        }
                     } else {
                         Admin::Active
                     },

@@ -222,6 +222,10 @@ impl DockerScaler {
 }
 
 impl Scaler for DockerScaler {
+    fn stop_grace(&self) -> std::time::Duration {
+        self.cfg.stop_grace
+    }
+
     fn start(&self, count: u32) -> BoxFuture<'_, Result<(), ScaleError>> {
         Box::pin(async move {
             let r = self.start_n(count).await;

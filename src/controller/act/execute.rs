@@ -6,7 +6,7 @@ use std::fmt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
-use super::{ActContext, Actuator};
+use super::{ActContext, ActError, Actuator};
 use crate::controller::decide::{Action, Plan};
 use crate::fleet::events::Events;
 
@@ -17,6 +17,8 @@ pub enum ActResult {
     Ok,
     /// The actuator failed, after its retries.
     Error,
+    /// A command was published and no server was subscribed to hear it.
+    Unheard,
     /// Decided but not done: the pipeline is a dry run.
     DryRun,
     /// Decided but not done: another controller holds the leader lock.
@@ -28,6 +30,7 @@ impl ActResult {
         match self {
             ActResult::Ok => "ok",
             ActResult::Error => "error",
+            ActResult::Unheard => "unheard",
             ActResult::DryRun => "dry_run",
             ActResult::NotLeader => "not_leader",
         }
@@ -70,7 +73,7 @@ impl Executed {
         plan.actions
             .iter()
             .zip(&self.results)
-            .any(|(a, r)| *r == ActResult::Error && f(a))
+            .any(|(a, r)| matches!(r, ActResult::Error | ActResult::Unheard) && f(a))
     }
 }
 
@@ -110,14 +113,12 @@ pub async fn execute(
                 ActResult::Ok
             }
             Err(e) => {
-                events.action(
-                    a,
-                    ActResult::Error,
-                    done - t0,
-                    version,
-                    Some(&e.to_string()),
-                );
-                ActResult::Error
+                let result = match e {
+                    ActError::NoReceivers { .. } => ActResult::Unheard,
+                    _ => ActResult::Error,
+                };
+                events.action(a, result, done - t0, version, Some(&e.to_string()));
+                result
             }
         };
     }

@@ -19,7 +19,7 @@ pub use scaler::{ScaleError, Scaler};
 use crate::contract::consul::{Consul, ConsulError};
 use crate::contract::protocol::{
     commands_channel, state_key, unix_ms, AdminState, Command, CommandKind, StateRecord,
-    PROTOCOL_VERSION,
+    BY_CONTROLLER, PROTOCOL_VERSION,
 };
 use crate::controller::decide::{Action, ActionKind, Capabilities};
 
@@ -54,6 +54,12 @@ pub enum ActError {
     Scale(#[from] ScaleError),
     #[error("{what} timed out after {after:?}")]
     Timeout { what: String, after: Duration },
+    #[error("no server listens on {channel}: the {kind} command for {server} reached nobody")]
+    NoReceivers {
+        kind: &'static str,
+        server: String,
+        channel: String,
+    },
 }
 
 pub trait Actuator: Send + Sync {
@@ -136,13 +142,13 @@ impl LiveActuator {
             .map_err(ActError::RedisConnect)
     }
 
-    async fn publish(&self, action: &Action, ctx: ActContext) -> Result<(), ActError> {
-        let cmd =
-            command_for(action, ctx, SystemTime::now(), self.command_ttl).expect("shed or drain");
+    /// Publishes `cmd`; the same command (the same id) on every retry, so a server that got
+    /// the first copy ignores the next.
+    async fn publish(&self, cmd: &Command) -> Result<(), ActError> {
         let channel = commands_channel(&self.service);
-        let payload = serde_json::to_string(&cmd).expect("commands serialize");
+        let payload = serde_json::to_string(cmd).expect("commands serialize");
         let mut conn = self.redis().await?;
-        redis::cmd("PUBLISH")
+        let receivers = redis::cmd("PUBLISH")
             .arg(&channel)
             .arg(payload)
             .query_async::<i64>(&mut conn)
@@ -150,10 +156,27 @@ impl LiveActuator {
             .map_err(|source| ActError::Publish {
                 kind: cmd.kind.as_str(),
                 server: cmd.server.clone(),
-                channel,
+                channel: channel.clone(),
                 source,
             })?;
+        if receivers == 0 {
+            return Err(ActError::NoReceivers {
+                kind: cmd.kind.as_str(),
+                server: cmd.server.clone(),
+                channel,
+            });
+        }
         Ok(())
+    }
+
+    /// How long one attempt at `action` may take: a stop waits out the container's grace.
+    fn attempt_timeout(&self, action: &Action) -> Duration {
+        match (&action.kind, &self.scaler) {
+            (ActionKind::Reap { .. } | ActionKind::Discard { .. }, Some(s)) => {
+                s.stop_grace() + ATTEMPT_TIMEOUT
+            }
+            _ => ATTEMPT_TIMEOUT,
+        }
     }
 
     async fn write_state(
@@ -166,6 +189,7 @@ impl LiveActuator {
             state,
             since_ms: unix_ms(SystemTime::now()),
             reason: reason.to_string(),
+            by: Some(BY_CONTROLLER.to_string()),
         };
         let body = serde_json::to_vec(&record).expect("state records serialize");
         self.consul
@@ -177,9 +201,12 @@ impl LiveActuator {
             })
     }
 
-    async fn once(&self, action: &Action, ctx: ActContext) -> Result<(), ActError> {
+    async fn once(&self, action: &Action, command: Option<&Command>) -> Result<(), ActError> {
         match &action.kind {
-            ActionKind::Shed { .. } | ActionKind::Drain { .. } => self.publish(action, ctx).await,
+            ActionKind::Shed { .. } | ActionKind::Drain { .. } => {
+                self.publish(command.expect("a command for every shed and drain"))
+                    .await
+            }
             ActionKind::Cordon { server } => {
                 self.write_state(server, AdminState::Cordoned, &action.reason.to_string())
                     .await
@@ -220,13 +247,16 @@ impl Actuator for LiveActuator {
         ctx: ActContext,
     ) -> BoxFuture<'a, Result<(), ActError>> {
         Box::pin(async move {
+            // One command, one id, for every attempt.
+            let command = command_for(action, ctx, SystemTime::now(), self.command_ttl);
+            let limit = self.attempt_timeout(action);
             let attempt = || async {
-                tokio::time::timeout(ATTEMPT_TIMEOUT, self.once(action, ctx))
+                tokio::time::timeout(limit, self.once(action, command.as_ref()))
                     .await
                     .unwrap_or_else(|_| {
                         Err(ActError::Timeout {
                             what: action.kind.label().to_string(),
-                            after: ATTEMPT_TIMEOUT,
+                            after: limit,
                         })
                     })
             };

@@ -18,4 +18,8 @@ pub trait Scaler: Send + Sync {
     fn reap<'a>(&'a self, server: &'a str) -> BoxFuture<'a, Result<(), ScaleError>>;
     /// Removes the container of a server that never became healthy, or that stopped.
     fn discard<'a>(&'a self, server: &'a str) -> BoxFuture<'a, Result<(), ScaleError>>;
+    /// How long a stop may take before the server is killed: a reap waits this out.
+    fn stop_grace(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }

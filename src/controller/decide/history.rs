@@ -24,6 +24,8 @@ pub struct History {
     pending_since: HashMap<ServerId, Instant>,
     /// Failed provisions in a row (a start refused, a container discarded).
     failures: u32,
+    /// Since when this controller (as leader) has held a complete snapshot.
+    complete_since: Option<Instant>,
     last_failure: Option<Instant>,
 }
 
@@ -32,6 +34,9 @@ impl History {
     pub fn observe(&mut self, t: &Topology, cfg: &DecideConfig, now: Instant) {
         let totals = t.totals();
         let trustworthy = !t.is_stale() && totals.unknown == 0;
+        if trustworthy {
+            self.complete_since.get_or_insert(now);
+        }
         let low =
             trustworthy && totals.capacity > 0 && totals.utilization() < cfg.scale.scale_in_at;
         self.low_since = if low {
@@ -78,6 +83,26 @@ impl History {
             } else {
                 break;
             }
+        }
+    }
+
+    /// A new leader judges the fleet afresh: it settles again from its first complete
+    /// snapshot.
+    pub fn restart_settle(&mut self) {
+        self.complete_since = None;
+    }
+
+    /// Time left before a complete snapshot has been held for `settle`: a fleet still
+    /// filling up (or seen by a new leader) is not judged on its first seconds.
+    pub fn settling(&self, now: Instant, settle: Duration) -> Option<Duration> {
+        if settle.is_zero() {
+            return None;
+        }
+        match self.complete_since {
+            None => Some(settle),
+            Some(at) => settle
+                .checked_sub(now.saturating_duration_since(at))
+                .filter(|d| !d.is_zero()),
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod history;
 pub mod plan;
+mod reap;
 pub mod rebalance;
 pub mod safety;
 pub mod scale;
@@ -74,6 +75,10 @@ pub fn decide(
             plan.withheld.push(Withheld::RebalanceCordonsPending);
         } else if let Some(g) = &gate {
             plan.withheld.push(Withheld::RebalanceGated(g.clone()));
+        } else if let Some(left) = history.settling(now, cfg.rebalance.settle) {
+            plan.withheld.push(Withheld::Settling {
+                left_ms: left.as_millis() as u64,
+            });
         } else {
             rebalance::plan(t, &totals, &cfg.rebalance, now, history, &mut plan);
         }

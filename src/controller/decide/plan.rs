@@ -172,6 +172,8 @@ pub struct Plan {
     pub withheld: Vec<Withheld>,
     /// Servers needed that nobody can start (no scaler configured).
     pub shortfall: u32,
+    /// Cordoned, empty servers past `reap_after` that nobody can stop (no scaler configured).
+    pub unreaped: u32,
     /// The fleet's overall utilization `U` this plan was made at.
     pub utilization: f64,
 }
@@ -273,11 +275,18 @@ pub enum Withheld {
         start: u32,
         reason: Reason,
     },
+    /// Servers an operator cordoned stay cordoned, however hot the fleet runs.
+    OperatorCordons {
+        servers: u32,
+    },
     ScaleInGated(Gate),
     ScaleInCooldown,
     ReapGated {
         server: ServerId,
         gate: Gate,
+    },
+    ReapNoScaler {
+        servers: u32,
     },
     DiscardGated {
         server: ServerId,
@@ -286,6 +295,10 @@ pub enum Withheld {
     RebalanceScalingOut,
     RebalanceCordonsPending,
     RebalanceGated(Gate),
+    /// A complete snapshot has not been held for `rebalance.settle` yet.
+    Settling {
+        left_ms: u64,
+    },
     ShedRecently {
         servers: usize,
     },
@@ -321,11 +334,19 @@ impl fmt::Display for Withheld {
                 f,
                 "scale-out: {start} more server(s) needed ({reason}) but no scaler is configured"
             ),
+            Withheld::OperatorCordons { servers } => write!(
+                f,
+                "scale-out: {servers} server(s) cordoned by an operator are left cordoned"
+            ),
             Withheld::ScaleInGated(gate) => write!(f, "scale-in: {gate}"),
             Withheld::ScaleInCooldown => {
                 f.write_str("scale-in: within cooldown of the last scale action")
             }
             Withheld::ReapGated { server, gate } => write!(f, "reap {server}: {gate}"),
+            Withheld::ReapNoScaler { servers } => write!(
+                f,
+                "reap: {servers} cordoned, empty server(s) past reap_after, but no scaler is configured to stop them"
+            ),
             Withheld::DiscardGated { server, gate } => write!(f, "discard {server}: {gate}"),
             Withheld::RebalanceScalingOut => f.write_str(
                 "rebalance: scale-out pending, new capacity fills through new connections first",
@@ -334,6 +355,10 @@ impl fmt::Display for Withheld {
                 f.write_str("rebalance: waiting for this round's cordons to show in the snapshot")
             }
             Withheld::RebalanceGated(gate) => write!(f, "rebalance: {gate}"),
+            Withheld::Settling { left_ms } => write!(
+                f,
+                "rebalance: settling, {left_ms} ms more on a complete snapshot before any shed"
+            ),
             Withheld::ShedRecently { servers } => write!(
                 f,
                 "shed: {servers} server(s) already shed within round_interval"

@@ -182,7 +182,46 @@ mod tests {
     fn cfg() -> DecideConfig {
         let mut c = DecideConfig::default();
         c.scale.enabled = false;
+        c.rebalance.settle = Duration::ZERO; // settling has a test of its own, with the default
         c
+    }
+
+    #[test]
+    fn no_shed_until_a_complete_snapshot_has_been_held_for_settle_and_again_after_an_election() {
+        let t = fleet(vec![server("a", 100, 90), server("b", 100, 10)]);
+        let mut c = DecideConfig::default();
+        c.scale.enabled = false;
+        let can = Capabilities::default();
+        let t0 = now();
+        let mut h = History::default();
+        let p = decide(&t, &c, can, t0, &h);
+        assert!(p.is_empty(), "nothing held yet: {p:?}");
+        h.observe(&t, &c, t0);
+        let p = decide(&t, &c, can, t0 + Duration::from_millis(4900), &h);
+        assert!(p.is_empty());
+        assert!(
+            p.withheld[0].to_string().contains("settling, 100 ms more"),
+            "{p:?}"
+        );
+        let p = decide(&t, &c, can, t0 + c.rebalance.settle, &h);
+        assert_eq!(p.shed_total(), 40, "{p:?}");
+
+        // Leadership changes hands: the new leader settles again.
+        h.restart_settle();
+        let later = t0 + Duration::from_secs(60);
+        h.observe(&t, &c, later);
+        assert!(decide(&t, &c, can, later + Duration::from_secs(4), &h).is_empty());
+        assert_eq!(
+            decide(&t, &c, can, later + Duration::from_secs(5), &h).shed_total(),
+            40
+        );
+        // A stale snapshot does not start the clock.
+        let mut stale = t.clone();
+        stale.sources.sessions = false;
+        let mut h = History::default();
+        h.observe(&stale, &c, t0);
+        h.observe(&t, &c, t0 + Duration::from_secs(10));
+        assert!(decide(&t, &c, can, t0 + Duration::from_secs(12), &h).is_empty());
     }
 
     fn sheds(p: &Plan) -> Vec<(String, String, u64)> {
@@ -335,7 +374,10 @@ mod tests {
     fn cordoned_servers_are_drained_at_drain_rate_into_the_headroom() {
         let can = Capabilities::default();
         let mut cordoned = server("z", 100, 60);
-        cordoned.admin = Admin::Cordoned { since_ms: 1 };
+        cordoned.admin = Admin::Cordoned {
+            since_ms: 1,
+            by_operator: false,
+        };
         let t = fleet(vec![server("a", 100, 30), server("b", 100, 30), cordoned]);
         let mut c = cfg();
         c.rebalance.drain_rate = 25;
@@ -387,6 +429,76 @@ mod tests {
         assert!(p.halted.unwrap().to_string().contains("2 of 4"));
     }
 
+    /// The snapshot the fold makes of these registrations and counts, as the controller's.
+    fn folded(servers: &[(&str, u32, u64)]) -> Topology {
+        use crate::fleet::events::Events;
+        use crate::fleet::fold::{Fold, Limits};
+        use crate::fleet::source::{Change, HealthList, Instance, SessionsUpdate, Stamped};
+        let (mut f, _rx) = Fold::new(Events::new("t"), Limits::default());
+        let instances = servers
+            .iter()
+            .map(|(id, cap, _)| Instance {
+                id: (*id).into(),
+                address: "127.0.0.1".into(),
+                port: 1,
+                capacity: *cap,
+                weight: 1.0,
+                passing: true,
+            })
+            .collect();
+        let counts = servers
+            .iter()
+            .map(|(id, _, n)| ((*id).into(), Ok(*n)))
+            .collect();
+        let at = |change| Stamped { at: now(), change };
+        let t = f.apply(vec![
+            at(Change::Health(HealthList {
+                instances,
+                invalid: vec![],
+            })),
+            at(Change::States(crate::fleet::source::StateList::default())),
+            at(Change::Sessions(SessionsUpdate::Resync(counts))),
+        ]);
+        (*t.expect("a first snapshot")).clone()
+    }
+
+    #[test]
+    fn one_servers_absurd_numbers_shed_from_no_other_server() {
+        let sheds = |t: &Topology| {
+            decide(
+                t,
+                &cfg(),
+                Capabilities::default(),
+                now(),
+                &History::default(),
+            )
+            .actions
+            .iter()
+            .filter(|a| matches!(a.kind, ActionKind::Shed { .. }))
+            .count()
+        };
+        let fleet = [("a", 100, 60), ("b", 100, 60), ("c", 100, 60)];
+        assert_eq!(sheds(&folded(&fleet)), 0, "a balanced fleet");
+        // A registration claiming the most any server may hold: U would fall to ~0 and
+        // every other server would look over-utilized.
+        let mut big = fleet.to_vec();
+        big.push(("d", 1_000_000, 0));
+        assert_eq!(
+            sheds(&folded(&big)),
+            0,
+            "capacity outlier: {:?}",
+            folded(&big)
+        );
+        // A count of 10^15 on one server: U would rise past every other server.
+        let mut loud = fleet.to_vec();
+        loud.push(("d", 100, 1_000_000_000_000_000));
+        assert_eq!(sheds(&folded(&loud)), 0);
+        // u64::MAX: the sums saturate instead of wrapping to a small U.
+        let mut max = fleet.to_vec();
+        max.push(("d", 100, u64::MAX));
+        assert_eq!(sheds(&folded(&max)), 0);
+    }
+
     fn arb_fleet() -> impl Strategy<Value = Topology> {
         prop::collection::vec((1u32..500, 0u64..600, any::<bool>()), 1..40).prop_map(|v| {
             fleet(
@@ -395,7 +507,10 @@ mod tests {
                     .map(|(i, (cap, s, cordon))| {
                         let mut srv = server(&format!("s{i:03}"), cap, s.min(u64::from(cap) * 2));
                         if cordon && i > 0 {
-                            srv.admin = Admin::Cordoned { since_ms: 0 };
+                            srv.admin = Admin::Cordoned {
+                                since_ms: 0,
+                                by_operator: false,
+                            };
                         }
                         srv
                     })

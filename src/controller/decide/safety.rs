@@ -9,11 +9,13 @@ pub fn halt(totals: &Totals, cfg: &SafetyConfig) -> Option<Halt> {
         return None;
     }
     let failing = f64::from(totals.failing) / f64::from(totals.registered);
-    (failing > cfg.halt_unhealthy_fraction).then_some(Halt::Unhealthy {
-        failing: totals.failing,
-        registered: totals.registered,
-        halt_unhealthy_fraction: cfg.halt_unhealthy_fraction,
-    })
+    (failing > cfg.halt_unhealthy_fraction && totals.failing >= cfg.halt_min_failing).then_some(
+        Halt::Unhealthy {
+            failing: totals.failing,
+            registered: totals.registered,
+            halt_unhealthy_fraction: cfg.halt_unhealthy_fraction,
+        },
+    )
 }
 
 /// `Some(why)` when the snapshot is stale or partial: no shed, drain, cordon or reap then.
@@ -29,4 +31,37 @@ pub fn destructive_gate(t: &Topology, totals: &Totals) -> Option<Gate> {
         });
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(registered: u32, failing: u32) -> Totals {
+        Totals {
+            failing,
+            registered,
+            ..Totals::default()
+        }
+    }
+
+    #[test]
+    fn the_halt_needs_both_the_fraction_and_the_floor_of_failing_servers() {
+        let cfg = SafetyConfig::default();
+        assert!(
+            halt(&totals(2, 1), &cfg).is_none(),
+            "one of two is not an outage"
+        );
+        assert!(
+            halt(&totals(4, 2), &cfg).is_some(),
+            "2 of 4: 50% > 45%, and 2 fail"
+        );
+        assert!(halt(&totals(5, 2), &cfg).is_none(), "2 of 5: 40%");
+        assert!(halt(&totals(0, 0), &cfg).is_none());
+        let one = SafetyConfig {
+            halt_min_failing: 1,
+            ..SafetyConfig::default()
+        };
+        assert!(halt(&totals(2, 1), &one).is_some());
+    }
 }

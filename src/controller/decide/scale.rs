@@ -4,7 +4,7 @@
 use tokio::time::Instant;
 
 use super::{Action, ActionKind, Capabilities, Gate, History, Plan, Reason, ScaleConfig, Withheld};
-use crate::fleet::topology::{ContainerState, Server, Topology, Totals};
+use crate::fleet::topology::{Server, Topology, Totals};
 
 /// Everything one scale round is judged on.
 pub struct Round<'a> {
@@ -23,7 +23,10 @@ impl Round<'_> {
     pub fn plan(&self, plan: &mut Plan) {
         let u = self.totals.utilization();
         let mut budget = self.cfg.max_per_round;
-        if u > self.cfg.scale_out_at || self.totals.active < self.cfg.min_servers {
+        // Passing servers whose count is unknown are capacity all the same: a Redis outage
+        // must not look like an empty fleet.
+        let serving = self.totals.active + self.totals.unknown;
+        if u > self.cfg.scale_out_at || serving < self.cfg.min_servers {
             self.scale_out(&mut budget, plan);
         } else if u < self.cfg.scale_in_at {
             self.scale_in(&mut budget, plan);
@@ -33,13 +36,13 @@ impl Round<'_> {
     }
 
     /// With container scaling, actions on containers need a current container list.
-    fn containers_gate(&self) -> Option<Gate> {
+    pub(super) fn containers_gate(&self) -> Option<Gate> {
         (self.cfg.provision_timeout.is_some() && !self.t.containers_synced)
             .then_some(Gate::ContainersNotSynced)
     }
 
     /// The round's gate, or else the container list's.
-    fn destructive_gate(&self) -> Option<Gate> {
+    pub(super) fn destructive_gate(&self) -> Option<Gate> {
         self.gate.cloned().or_else(|| self.containers_gate())
     }
 
@@ -59,7 +62,7 @@ impl Round<'_> {
         let per_server = self.typical_capacity() * cfg.target_utilization;
         let needed = ((totals.sessions as f64 / per_server).ceil() as u32)
             .clamp(cfg.min_servers, cfg.max_servers);
-        let have = totals.active + t.pending;
+        let have = totals.active + totals.unknown + t.pending;
         let missing = needed.saturating_sub(have);
         if missing == 0 {
             return;
@@ -85,8 +88,13 @@ impl Round<'_> {
         let mut cordoned: Vec<&Server> = t
             .servers
             .iter()
-            .filter(|s| s.passing && s.is_cordoned())
+            .filter(|s| s.passing && s.is_cordoned() && !s.is_held_by_operator())
             .collect();
+        let held = t
+            .servers
+            .iter()
+            .filter(|s| s.passing && s.is_held_by_operator())
+            .count() as u32;
         // Servers still holding sessions are the warmest: bring those back first.
         cordoned.sort_by(|a, b| {
             b.sessions
@@ -107,10 +115,19 @@ impl Round<'_> {
         if want == 0 {
             return;
         }
+        if held > 0 {
+            plan.withheld
+                .push(Withheld::OperatorCordons { servers: held });
+        }
         let room = cfg
             .max_servers
             .saturating_sub(t.servers.len() as u32 + t.pending);
-        let start = want.min(room);
+        // On stale or partial data a scale-out is allowed, but one server per cooldown.
+        let start = if self.gate.is_some() {
+            want.min(room).min(1)
+        } else {
+            want.min(room)
+        };
         if start == 0 {
             plan.withheld.push(Withheld::ScaleOutMaxServers {
                 want,
@@ -192,89 +209,10 @@ impl Round<'_> {
             });
         }
     }
-
-    fn reap(&self, budget: &mut u32, plan: &mut Plan) {
-        let (t, cfg, now, h) = (self.t, self.cfg, self.now, self.history);
-        if !self.can.can_reap {
-            return;
-        }
-        for s in &t.servers {
-            if *budget == 0 {
-                break;
-            }
-            let Some(zero_for) = h.zero_for(&s.id, now) else {
-                continue;
-            };
-            if zero_for < cfg.reap_after || !s.is_cordoned() || s.sessions.known() != Some(0) {
-                continue;
-            }
-            // Only servers running in a container this pipeline owns can be stopped.
-            if t.container(&s.id).is_none() {
-                continue;
-            }
-            if let Some(gate) = self.destructive_gate() {
-                plan.withheld.push(Withheld::ReapGated {
-                    server: s.id.clone(),
-                    gate,
-                });
-                continue;
-            }
-            *budget -= 1;
-            plan.actions.push(Action {
-                kind: ActionKind::Reap {
-                    server: s.id.clone(),
-                },
-                reason: Reason::Empty {
-                    zero_for_s: zero_for.as_secs(),
-                },
-            });
-        }
-    }
-
-    /// Containers of ours that never became healthy in time, or that stopped: removed.
-    fn discard(&self, plan: &mut Plan) {
-        let (t, now, h) = (self.t, self.now, self.history);
-        let Some(timeout) = self.cfg.provision_timeout else {
-            return;
-        };
-        if !self.can.can_reap {
-            return;
-        }
-        for c in &t.containers {
-            let passing = t.get(&c.server).is_some_and(|s| s.passing);
-            let reason = if c.state == ContainerState::Stopped && !passing {
-                Reason::Provision {
-                    what: "container stopped",
-                    for_s: 0,
-                }
-            } else {
-                match h.pending_for(&c.server, now) {
-                    Some(d) if d >= timeout && !passing => Reason::Provision {
-                        what: "not passing within provision_timeout",
-                        for_s: d.as_secs(),
-                    },
-                    _ => continue,
-                }
-            };
-            if let Some(gate) = self.destructive_gate() {
-                plan.withheld.push(Withheld::DiscardGated {
-                    server: c.server.clone(),
-                    gate,
-                });
-                continue;
-            }
-            plan.actions.push(Action {
-                kind: ActionKind::Discard {
-                    server: c.server.clone(),
-                },
-                reason,
-            });
-        }
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
@@ -282,13 +220,13 @@ mod tests {
     use crate::fleet::topology::fixtures::{fleet, server};
     use crate::fleet::topology::{Admin, ContainerState, OwnedContainer, Topology};
 
-    fn cfg() -> DecideConfig {
+    pub(crate) fn cfg() -> DecideConfig {
         let mut c = DecideConfig::default();
         c.rebalance.enabled = false;
         c
     }
 
-    fn kinds(p: &Plan) -> Vec<String> {
+    pub(crate) fn kinds(p: &Plan) -> Vec<String> {
         p.actions
             .iter()
             .map(|a| match &a.kind {
@@ -298,9 +236,12 @@ mod tests {
             .collect()
     }
 
-    fn cordoned(id: &str, cap: u32, sessions: u64) -> crate::fleet::topology::Server {
+    pub(crate) fn cordoned(id: &str, cap: u32, sessions: u64) -> crate::fleet::topology::Server {
         let mut s = server(id, cap, sessions);
-        s.admin = Admin::Cordoned { since_ms: 0 };
+        s.admin = Admin::Cordoned {
+            since_ms: 0,
+            by_operator: false,
+        };
         s
     }
 
@@ -412,32 +353,13 @@ mod tests {
         );
     }
 
-    #[test]
-    fn empty_cordoned_servers_are_reaped_after_reap_after_when_a_scaler_can() {
-        let mut can = Capabilities::default();
-        let mut t = fleet(vec![server("a", 100, 50), cordoned("z", 100, 0)]);
-        owned(&mut t, "z", ContainerState::Running, 1);
-        let c = cfg();
-        can.can_reap = true;
-        let t0 = Instant::now();
-        let mut h = History::default();
-        h.observe(&t, &c, t0);
-        assert!(decide(&t, &c, can, t0 + Duration::from_secs(9), &h).is_empty());
-        assert_eq!(
-            kinds(&decide(&t, &c, can, t0 + Duration::from_secs(10), &h)),
-            vec!["reap z"]
-        );
-        can.can_reap = false;
-        assert!(decide(&t, &c, can, t0 + Duration::from_secs(10), &h).is_empty());
-    }
-
-    fn docker_cfg() -> DecideConfig {
+    pub(crate) fn docker_cfg() -> DecideConfig {
         let mut c = cfg();
         c.scale.provision_timeout = Some(Duration::from_secs(20));
         c
     }
 
-    fn owned(t: &mut Topology, server: &str, state: ContainerState, created_s: i64) {
+    pub(crate) fn owned(t: &mut Topology, server: &str, state: ContainerState, created_s: i64) {
         t.containers.push(OwnedContainer {
             server: server.into(),
             state,
@@ -445,25 +367,6 @@ mod tests {
         });
         t.containers.sort_by(|a, b| a.server.cmp(&b.server));
         t.containers_synced = true;
-    }
-
-    #[test]
-    fn only_servers_in_our_containers_are_reaped() {
-        let can = Capabilities::SCALER;
-        let mut t = fleet(vec![
-            server("a", 100, 50),
-            cordoned("mine", 100, 0),
-            cordoned("theirs", 100, 0),
-        ]);
-        owned(&mut t, "mine", ContainerState::Running, 1);
-        let c = docker_cfg();
-        let t0 = Instant::now();
-        let mut h = History::default();
-        h.observe(&t, &c, t0);
-        assert_eq!(
-            kinds(&decide(&t, &c, can, t0 + Duration::from_secs(10), &h)),
-            vec!["reap mine"]
-        );
     }
 
     #[test]
@@ -489,60 +392,117 @@ mod tests {
     }
 
     #[test]
-    fn a_container_that_never_passes_is_discarded_and_scale_out_backs_off() {
-        let can = Capabilities::SCALER;
-        let mut t = fleet(vec![server("a", 100, 90), server("b", 100, 90)]);
-        let mut stuck = server("new", 100, 0);
-        stuck.passing = false;
-        stuck.provisioning = true;
-        t.servers.push(stuck);
-        t.pending = 1;
-        owned(&mut t, "new", ContainerState::Running, 1);
-        let c = docker_cfg();
+    fn an_operators_cordon_is_never_undone_and_the_shortfall_is_said() {
+        // 160 sessions over 200: U = 0.8, three servers needed; one cordoned by an operator,
+        // one by the controller.
+        let mut held = cordoned("op", 100, 0);
+        held.admin = Admin::Cordoned {
+            since_ms: 0,
+            by_operator: true,
+        };
+        let t = fleet(vec![
+            server("a", 100, 80),
+            server("b", 100, 80),
+            held,
+            cordoned("c", 100, 0),
+        ]);
+        let p = decide(
+            &t,
+            &cfg(),
+            Capabilities::default(),
+            Instant::now(),
+            &History::default(),
+        );
+        assert_eq!(
+            kinds(&p),
+            vec!["reactivate c"],
+            "the controller's own cordon only"
+        );
+        let t = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 90),
+            t.get("op").unwrap().clone(),
+        ]);
+        let p = decide(
+            &t,
+            &cfg(),
+            Capabilities::default(),
+            Instant::now(),
+            &History::default(),
+        );
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(p.shortfall, 2, "needed, and not taken from the operator");
+        assert!(
+            p.withheld.iter().any(|w| w
+                .to_string()
+                .contains("1 server(s) cordoned by an operator")),
+            "{p:?}"
+        );
+        // Nor is an operator's empty server reaped.
+        let mut t = fleet(vec![server("a", 100, 50), t.get("op").unwrap().clone()]);
+        owned(&mut t, "op", ContainerState::Running, 1);
+        let c = cfg();
         let t0 = Instant::now();
         let mut h = History::default();
         h.observe(&t, &c, t0);
-        assert_eq!(
-            t.totals().failing,
-            0,
-            "a provisioning server is pending, not failing"
-        );
-        assert!(
-            !kinds(&decide(&t, &c, can, t0 + Duration::from_secs(19), &h))
-                .contains(&"discard new".to_string())
-        );
-        let p = decide(&t, &c, can, t0 + Duration::from_secs(20), &h);
-        assert!(kinds(&p).contains(&"discard new".to_string()), "{p:?}");
-        h.record(&p, t0 + Duration::from_secs(20));
-
-        // Gone, and the scale-out it was part of backs off for a cooldown (30 s).
-        let t2 = fleet(vec![server("a", 100, 90), server("b", 100, 90)]);
-        let mut t2 = t2;
-        t2.containers_synced = true;
-        let later = t0 + Duration::from_secs(25);
-        assert!(decide(&t2, &c, can, later, &h)
-            .withheld
-            .iter()
-            .any(|w| w.to_string().contains("backing off")));
-        assert_eq!(
-            kinds(&decide(&t2, &c, can, t0 + Duration::from_secs(51), &h)),
-            vec!["start 2"]
-        );
+        assert!(decide(
+            &t,
+            &c,
+            Capabilities::SCALER,
+            t0 + Duration::from_secs(60),
+            &h
+        )
+        .is_empty());
     }
 
     #[test]
-    fn no_container_is_started_or_stopped_while_the_container_list_is_unknown() {
-        let can = Capabilities::SCALER;
-        let t = fleet(vec![server("a", 100, 90), server("b", 100, 90)]);
-        let p = decide(&t, &docker_cfg(), can, Instant::now(), &History::default());
-        assert!(p.is_empty());
-        assert!(
-            p.withheld
-                .iter()
-                .any(|w| w.to_string().contains("container list is not synced")),
-            "{:?}",
-            p.withheld
+    fn passing_servers_with_unknown_counts_are_capacity_not_a_reason_to_scale_out() {
+        // A Redis outage: every count unknown. Before, this was an empty fleet below
+        // min_servers, and a Start fired every cooldown up to max_servers.
+        let mut t = fleet(vec![
+            server("a", 100, 0),
+            server("b", 100, 0),
+            server("c", 100, 0),
+        ]);
+        for s in &mut t.servers {
+            s.sessions = crate::fleet::topology::Count::Unknown;
+        }
+        t.sources.sessions = false;
+        let mut c = cfg();
+        c.scale.min_servers = 3;
+        let p = decide(
+            &t,
+            &c,
+            Capabilities::SCALER,
+            Instant::now(),
+            &History::default(),
         );
-        assert_eq!(p.shortfall, 2, "what cannot be started is reported");
+        assert!(p.is_empty(), "{p:?}");
+        // With min_servers above what is there, one Start, not all that are missing.
+        c.scale.min_servers = 6;
+        let p = decide(
+            &t,
+            &c,
+            Capabilities::SCALER,
+            Instant::now(),
+            &History::default(),
+        );
+        assert_eq!(kinds(&p), vec!["start 1"], "{p:?}");
+        t.sources.sessions = true;
+        for s in &mut t.servers {
+            s.sessions = crate::fleet::topology::Count::Known(0);
+        }
+        let p = decide(
+            &t,
+            &c,
+            Capabilities::SCALER,
+            Instant::now(),
+            &History::default(),
+        );
+        assert_eq!(
+            kinds(&p),
+            vec!["start 3"],
+            "on a complete snapshot, all of them"
+        );
     }
 }

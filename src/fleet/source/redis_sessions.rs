@@ -68,11 +68,16 @@ pub enum RedisSourceError {
     Closed { addr: String },
 }
 
-/// Parses a count; anything but a non-negative integer is kept as text (unknown, never 0).
-pub fn read_count(raw: &str) -> Reading {
-    raw.trim()
+/// Parses a count's raw bytes; anything but a non-negative integer is kept as text (unknown,
+/// never 0), at most 64 characters of it. Bytes that are not UTF-8 are garbage of that one
+/// key, never an error of the whole read.
+pub fn read_count(raw: &[u8]) -> Reading {
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return Err(format!("{} bytes that are not UTF-8", raw.len()));
+    };
+    text.trim()
         .parse::<u64>()
-        .map_err(|_| raw.chars().take(64).collect())
+        .map_err(|_| text.chars().take(64).collect())
 }
 
 /// The flags to set so that `current` covers [`NEEDED_FLAGS`], or `None` if it already does.
@@ -298,10 +303,11 @@ async fn mget(
     ctx: &Ctx,
     conn: &mut MultiplexedConnection,
     keys: &[String],
-) -> Result<Vec<Option<String>>, RedisSourceError> {
+) -> Result<Vec<Option<Vec<u8>>>, RedisSourceError> {
     let mut out = Vec::with_capacity(keys.len());
     for chunk in keys.chunks(BATCH) {
-        let values: Vec<Option<String>> = redis::cmd("MGET")
+        // Bytes, not strings: one value that is not UTF-8 must not fail the whole batch.
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
             .arg(chunk)
             .query_async(conn)
             .await
@@ -320,11 +326,16 @@ mod tests {
 
     #[test]
     fn counts_that_are_not_non_negative_integers_are_kept_as_text() {
-        assert_eq!(read_count("42"), Ok(42));
-        assert_eq!(read_count(" 7\n"), Ok(7));
-        assert_eq!(read_count("-3"), Err("-3".into()));
-        assert_eq!(read_count("lots"), Err("lots".into()));
-        assert_eq!(read_count(""), Err(String::new()));
+        assert_eq!(read_count(b"42"), Ok(42));
+        assert_eq!(read_count(b" 7\n"), Ok(7));
+        assert_eq!(read_count(b"-3"), Err("-3".into()));
+        assert_eq!(read_count(b"lots"), Err("lots".into()));
+        assert_eq!(read_count(b""), Err(String::new()));
+        assert_eq!(read_count(b"1.5"), Err("1.5".into()));
+        assert_eq!(
+            read_count(b"\xff\xfe12"),
+            Err("4 bytes that are not UTF-8".into())
+        );
     }
 
     #[test]
