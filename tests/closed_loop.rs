@@ -198,21 +198,18 @@ async fn a_redis_restart_drops_no_client_and_reports_resume() {
         "1s",
     ]);
     let ctl = controller(&redis, &consul);
-    let before = counts_where(&redis, "a balanced loop", |c| {
+    counts_where(&redis, "a balanced loop", |c| {
         c.len() == 3 && total(c) == 120 && spread(c) <= 0.15
     })
     .await;
-    // Quiet: no shed for a few rounds.
+    // Quiet: past the controller's settle time (5 s) and its first rounds, and every client
+    // a shed of theirs moved back on a server.
     tokio::time::sleep(Duration::from_secs(7)).await;
+    let before = counts_where(&redis, "every client counted", |c| {
+        c.len() == 3 && total(c) == 120
+    })
+    .await;
     let shed_before = shed_in_acks(&redis.acks("ws").await);
-    let before = {
-        let now = redis.counts("ws").await;
-        if total(&now) == 120 {
-            now
-        } else {
-            before
-        }
-    };
 
     redis.restart().await; // empty, notifications off
     let after = counts_where(&redis, "every server reporting again", |c| {

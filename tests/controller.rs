@@ -321,3 +321,126 @@ fn check_accepts_good_files_and_lists_every_error_of_bad_ones() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// The controller whose `rebalancer_leader` is 1, if exactly one of `ctls` is leader.
+async fn the_leader(ctls: &[&Controller]) -> Option<usize> {
+    let mut leaders = Vec::new();
+    for (i, c) in ctls.iter().enumerate() {
+        if c.metric("rebalancer_leader", &[]).await == Some(1.0) {
+            leaders.push(i);
+        }
+    }
+    (leaders.len() == 1).then(|| leaders[0])
+}
+
+#[tokio::test]
+async fn of_two_controllers_one_acts_and_after_it_dies_the_other_acts_under_a_newer_epoch() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(&consul, &redis, &[("s1", "90"), ("s2", "10"), ("s3", "50")]).await;
+    let mut commands = subscribe(&redis).await;
+    let (pa, pb) = (free_port(), free_port());
+    let sections = "[scale]\nenabled = false\n";
+    let a = Controller::start(
+        &temp_dir("e2e-ha-a"),
+        &pipeline_toml("ws", &redis, &consul, pa, "", sections),
+        pa,
+    );
+    let b = Controller::start(
+        &temp_dir("e2e-ha-b"),
+        &pipeline_toml("ws", &redis, &consul, pb, "", sections),
+        pb,
+    );
+    let first = tokio::time::timeout(Duration::from_secs(30), commands.recv())
+        .await
+        .expect("a shed from one of them")
+        .unwrap();
+    let leader = eventually("exactly one leader", WAIT, || async {
+        the_leader(&[&a, &b]).await
+    })
+    .await;
+    // A few more rounds: every command carries the one leader's epoch.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while let Ok(c) = commands.try_recv() {
+        assert_eq!(c.epoch, first.epoch, "two controllers acted");
+    }
+    let shed_ok = [("kind", "shed"), ("result", "ok")];
+    let pa_n = a
+        .metric("rebalancer_actions_total", &shed_ok)
+        .await
+        .unwrap_or(0.0);
+    let pb_n = b
+        .metric("rebalancer_actions_total", &shed_ok)
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        (pa_n > 0.0) != (pb_n > 0.0),
+        "exactly one published: {pa_n} and {pb_n}"
+    );
+
+    // SIGKILL the leader: the other takes over within 2 × TTL (10 s) + lock delay + 2 s,
+    // and its epoch is newer, so servers that heard the old leader obey the new one.
+    let (dead, alive) = if leader == 0 { (a, b) } else { (b, a) };
+    drop(dead);
+    let killed = std::time::Instant::now();
+    let next = loop {
+        let c = tokio::time::timeout(Duration::from_secs(40), commands.recv())
+            .await
+            .expect("a shed from the survivor")
+            .unwrap();
+        if c.epoch != first.epoch {
+            break c;
+        }
+    };
+    let took = killed.elapsed();
+    assert!(
+        next.epoch > first.epoch,
+        "{} then {}",
+        first.epoch,
+        next.epoch
+    );
+    assert!(
+        took <= Duration::from_secs(2 * 10 + 1 + 2) + Duration::from_secs(5),
+        "took over after {took:?} (settle included)"
+    );
+    assert_eq!(alive.metric("rebalancer_leader", &[]).await, Some(1.0));
+}
+
+#[tokio::test]
+async fn epochs_never_go_backwards_when_consul_comes_back_empty() {
+    let (redis, mut consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(&consul, &redis, &[("s1", "90"), ("s2", "10"), ("s3", "50")]).await;
+    let mut commands = subscribe(&redis).await;
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[scale]\nenabled = false\n",
+    );
+    let ctl = Controller::start(&temp_dir("e2e-epoch"), &toml, port);
+    let before = tokio::time::timeout(Duration::from_secs(30), commands.recv())
+        .await
+        .expect("a first shed")
+        .unwrap();
+
+    // A dev agent restarted comes back with no sessions, no keys, LockIndex from 1 again.
+    consul.restart().await;
+    fleet(&consul, &redis, &[("s1", "90"), ("s2", "10"), ("s3", "50")]).await;
+    let after = loop {
+        let c = tokio::time::timeout(Duration::from_secs(60), commands.recv())
+            .await
+            .unwrap_or_else(|_| panic!("a shed after the restart; log:\n{}", ctl.log()))
+            .unwrap();
+        if c.epoch != before.epoch {
+            break c;
+        }
+    };
+    assert!(
+        after.epoch > before.epoch,
+        "the epoch went from {} to {}: servers would refuse the leader",
+        before.epoch,
+        after.epoch
+    );
+}

@@ -302,8 +302,7 @@ async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() 
     }
     let rec = Arc::new(Recording::default());
     let stop = CancellationToken::new();
-    let task =
-        rebalancer::controller::app::spawn_pipeline(c, rec.clone(), None, stop.clone()).unwrap();
+    let task = rebalancer::controller::app::spawn_pipeline(c, rec.clone(), None, &stop).unwrap();
     let labels = [("pipeline", "gap")];
     eventually("a synced snapshot of 30 sessions", WAIT, || {
         let text = handle.render();

@@ -1,5 +1,7 @@
 //! Which commands a server obeys: addressed to it, not seen before, not expired, not from a
-//! deposed leader. Pure, so the rules are tested as a table.
+//! deposed leader. The newest epoch is learned from every current command on the channel,
+//! not only from those addressed here, so a deposed leader's next command is refused by
+//! every server. Pure, so the rules are tested as a table.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -54,6 +56,9 @@ impl CommandFilter {
     pub fn check(&mut self, c: &Command, now_ms: u64) -> Verdict {
         if c.v != PROTOCOL_VERSION {
             return Verdict::UnknownVersion;
+        }
+        if c.expires_at_ms > now_ms && c.epoch > self.epoch && c.server != self.server {
+            self.epoch = c.epoch; // a newer leader speaks, to whomever
         }
         if c.server != self.server {
             return Verdict::OtherServer;
@@ -136,5 +141,28 @@ mod tests {
             Verdict::Accept,
             "the oldest id was forgotten"
         );
+    }
+
+    #[test]
+    fn a_newer_epoch_addressed_to_another_server_deposes_the_old_leader_here_too() {
+        let mut f = CommandFilter::new("s1", 16);
+        let cmd = |id: &str, server: &str, epoch: u64, expires_at_ms: u64| Command {
+            v: PROTOCOL_VERSION,
+            id: id.into(),
+            kind: crate::contract::protocol::CommandKind::Shed,
+            server: server.into(),
+            count: 1,
+            epoch,
+            issued_at_ms: 0,
+            expires_at_ms,
+            sig: None,
+        };
+        assert_eq!(f.check(&cmd("a", "s1", 5, 100), 10), Verdict::Accept);
+        // The new leader (epoch 9) sheds from s2; an expired one proves nothing.
+        assert_eq!(f.check(&cmd("b", "s2", 12, 5), 10), Verdict::OtherServer);
+        assert_eq!(f.check(&cmd("c", "s2", 9, 100), 10), Verdict::OtherServer);
+        // The old leader's next command for s1 is refused.
+        assert_eq!(f.check(&cmd("d", "s1", 5, 100), 10), Verdict::StaleEpoch);
+        assert_eq!(f.check(&cmd("e", "s1", 9, 100), 10), Verdict::Accept);
     }
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
+use crate::contract::protocol::leader_key;
 use crate::controller::act::{docker::DockerScaler, Actuator, LiveActuator, Scaler};
 use crate::controller::{feed, leader, pipeline};
 use crate::fleet::events::Events;
@@ -81,7 +82,7 @@ pub fn spawn_pipeline(
     cfg: PipelineConfig,
     actuator: Arc<dyn Actuator>,
     feeds: Option<&feed::Registry>,
-    shutdown: CancellationToken,
+    shutdown: &CancellationToken,
 ) -> Result<JoinHandle<()>, ViewError> {
     let events = Events::new(&cfg.name);
     let (snapshots, fold) = view::spawn(&cfg, events.clone(), shutdown.clone())?;
@@ -92,25 +93,51 @@ pub fn spawn_pipeline(
             snapshots: snapshots.clone(),
         });
     }
-    let (epoch_tx, leadership) = tokio::sync::watch::channel(None);
+    // The election and the decision loop stand or fall together: if either ends (or
+    // panics), the other is stopped, so no controller renews a lock with nobody acting.
+    let together = shutdown.child_token();
+    let (lease_tx, leadership) = tokio::sync::watch::channel(None);
+    let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
     let election = tokio::spawn(leader::run(
-        Consul::new(&cfg.consul.address, cfg.consul.token.clone()),
+        consul.clone(),
         cfg.name.clone(),
         cfg.leader_session_ttl,
         events.clone(),
-        epoch_tx,
-        shutdown.clone(),
+        lease_tx,
+        together.clone(),
     ));
     let inputs = pipeline::Inputs {
         snapshots,
         leadership,
+        lock: Arc::new(leader::ConsulLockCheck {
+            consul,
+            key: leader_key(&cfg.name),
+        }),
         actuator,
     };
-    let decisions = pipeline::run(cfg, inputs, events, shutdown);
+    let name = cfg.name.clone();
+    let decisions = tokio::spawn(pipeline::run(cfg, inputs, events, together.clone()));
     Ok(tokio::spawn(async move {
-        decisions.await;
+        let (mut election, mut decisions) = (election, decisions);
+        // Whichever ends first; the other is awaited once stopped (a finished JoinHandle
+        // must not be polled again).
+        let (what, ended, other) = tokio::select! {
+            r = &mut election => ("election", r, decisions),
+            r = &mut decisions => ("decision loop", r, election),
+        };
+        if !together.is_cancelled() {
+            match ended {
+                Err(e) => {
+                    tracing::error!(pipeline = %name, error = %e, "the {what} failed; stopping the pipeline");
+                }
+                Ok(()) => {
+                    tracing::error!(pipeline = %name, "the {what} ended; stopping the pipeline");
+                }
+            }
+        }
+        together.cancel();
+        let _ = other.await;
         let _ = fold.await;
-        let _ = election.await;
     }))
 }
 
@@ -140,7 +167,7 @@ pub async fn run(cfgs: Vec<PipelineConfig>, shutdown: CancellationToken) -> Resu
     let mut tasks = Vec::new();
     for cfg in cfgs {
         let actuator = actuator(&cfg)?;
-        tasks.push(spawn_pipeline(cfg, actuator, Some(&feeds), stop.clone())?);
+        tasks.push(spawn_pipeline(cfg, actuator, Some(&feeds), &stop)?);
     }
 
     shutdown.cancelled().await;

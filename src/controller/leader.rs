@@ -1,8 +1,19 @@
 //! Leader election: one controller per pipeline acts, holding a Consul session lock on
-//! `rebalancer/<pipeline>/leader`. The lock's `LockIndex` is the epoch every command carries,
-//! so servers can ignore a deposed leader.
+//! `rebalancer/<pipeline>/leader`. Each acquisition gets an epoch that every command carries,
+//! so servers can ignore a deposed leader: the wall-clock milliseconds of the acquisition
+//! (and above any epoch this process held before), so epochs never go backwards, even when
+//! Consul loses its state and hands the lock out again at `LockIndex` 1.
+//!
+//! What the election publishes is a [`Lease`]: the epoch and until when it may be acted on
+//! (the last renewal plus the session TTL, less a margin). A leader that was paused past it
+//! does not act on its cached epoch when it resumes; and right before a destructive batch
+//! the pipeline asks Consul again, with a consistent read ([`LockCheck`]).
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use tokio::time::Instant;
 
 use serde::Deserialize;
 use serde_json::json;
@@ -10,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::contract::consul::{Consul, ConsulError};
-use crate::contract::protocol::leader_key;
+use crate::contract::protocol::{leader_key, unix_ms};
 use crate::fleet::events::Events;
 
 #[derive(Deserialize)]
@@ -28,12 +39,73 @@ struct LockEntry {
     session: Option<String>,
 }
 
+/// The leader lock as last renewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Carried by every command issued under this lease.
+    pub epoch: u64,
+    /// Past this, the lease is not acted on until renewed.
+    pub valid_until: Instant,
+    /// The Consul session holding the lock.
+    pub session: Arc<str>,
+}
+
+impl Lease {
+    /// The epoch of `lease` if it may be acted on at `now`.
+    pub fn epoch_at(lease: Option<&Lease>, now: Instant) -> Option<u64> {
+        lease.filter(|l| now < l.valid_until).map(|l| l.epoch)
+    }
+}
+
+/// Asks, right before a destructive batch, whether the lock is still held by `lease`.
+pub trait LockCheck: Send + Sync {
+    fn still_held<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, bool>;
+}
+
+/// The real check: a consistent read of the lock key.
+pub struct ConsulLockCheck {
+    pub consul: Consul,
+    pub key: String,
+}
+
+impl LockCheck for ConsulLockCheck {
+    fn still_held<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let path = format!("/v1/kv/{}?consistent", self.key);
+            match self.consul.get(&path).await {
+                Ok(Some(body)) => Consul::decode::<Vec<LockEntry>>(&path, &body)
+                    .ok()
+                    .and_then(|e| e.into_iter().next())
+                    .is_some_and(|e| e.session.as_deref() == Some(&*lease.session)),
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(key = %self.key, error = %e, "cannot confirm the leader lock; not acting");
+                    false
+                }
+            }
+        })
+    }
+}
+
+/// Every answer is yes: for tests and single-controller set-ups that need no lock.
+pub struct AlwaysHeld;
+
+impl LockCheck for AlwaysHeld {
+    fn still_held<'a>(&'a self, _: &'a Lease) -> BoxFuture<'a, bool> {
+        Box::pin(async { true })
+    }
+}
+
 struct Election {
     consul: Consul,
     key: String,
     name: String,
     ttl: Duration,
     session: Option<String>,
+    /// The session and `LockIndex` of the lock while held, and the epoch given to it.
+    held: Option<(String, u64, u64)>,
+    /// The highest epoch this process has held.
+    last_epoch: u64,
 }
 
 impl Election {
@@ -51,8 +123,39 @@ impl Election {
         Ok(Consul::decode::<SessionCreated>("/v1/session/create", &out)?.id)
     }
 
-    /// One round: keep the session alive, try the lock, and say which epoch is held.
-    async fn round(&mut self) -> Result<Option<u64>, ConsulError> {
+    /// One round: keep the session alive, try the lock, and say which lease is held.
+    async fn round(&mut self) -> Result<Option<Lease>, ConsulError> {
+        let started = Instant::now();
+        // Any failure gives the lock up: the next hold is a new acquisition, with a new epoch
+        // (a Consul that came back empty hands out the same LockIndex again).
+        let held = self.try_lock().await.inspect_err(|_| self.held = None)?;
+        let Some((sid, lock_index)) = held else {
+            self.held = None;
+            return Ok(None);
+        };
+        let epoch = match &self.held {
+            Some((session, index, epoch)) if *session == sid && *index == lock_index => *epoch,
+            _ => {
+                // A new acquisition: a new epoch, above every one before it.
+                let epoch = unix_ms(SystemTime::now()).max(self.last_epoch + 1);
+                self.held = Some((sid.clone(), lock_index, epoch));
+                self.last_epoch = epoch;
+                epoch
+            }
+        };
+        // Consul may keep a session up to twice its TTL, but ours is renewed every third of
+        // it: past a TTL less a margin since the last renewal, something is wrong.
+        let valid_until = started + self.ttl - self.ttl / 4;
+        Ok(Some(Lease {
+            epoch,
+            valid_until,
+            session: sid.into(),
+        }))
+    }
+
+    /// Renews (or creates) the session and tries the lock: the session and the lock's
+    /// `LockIndex` while held.
+    async fn try_lock(&mut self) -> Result<Option<(String, u64)>, ConsulError> {
         let sid = if let Some(sid) = &self.session {
             let path = format!("/v1/session/renew/{sid}");
             match self.consul.put(&path, Vec::new()).await {
@@ -87,7 +190,7 @@ impl Election {
         Ok(entries
             .first()
             .filter(|e| e.session.as_deref() == Some(sid.as_str()))
-            .map(|e| e.lock_index))
+            .map(|e| (sid.clone(), e.lock_index)))
     }
 
     async fn resign(&mut self) {
@@ -104,14 +207,14 @@ impl Election {
     }
 }
 
-/// Runs the election until `shutdown`, publishing the held epoch (or `None`) on `tx`.
+/// Runs the election until `shutdown`, publishing the held lease (or `None`) on `tx`.
 /// Leadership is given up on any error: acting needs a lock known to be held.
 pub async fn run(
     consul: Consul,
     pipeline: String,
     ttl: Duration,
     events: Events,
-    tx: watch::Sender<Option<u64>>,
+    tx: watch::Sender<Option<Lease>>,
     shutdown: CancellationToken,
 ) {
     let mut e = Election {
@@ -120,20 +223,23 @@ pub async fn run(
         name: format!("rebalancer:{pipeline}"),
         ttl,
         session: None,
+        held: None,
+        last_epoch: 0,
     };
     let period = ttl / 3;
     loop {
-        let epoch = match e.round().await {
-            Ok(epoch) => epoch,
+        let lease = match e.round().await {
+            Ok(lease) => lease,
             Err(err) => {
                 tracing::warn!(pipeline, error = %err, "leader election round failed");
                 None
             }
         };
-        if *tx.borrow() != epoch {
+        let epoch = lease.as_ref().map(|l| l.epoch);
+        if tx.borrow().as_ref().map(|l| l.epoch) != epoch {
             events.leadership(epoch);
-            tx.send_replace(epoch);
         }
+        tx.send_replace(lease);
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(period) => {}

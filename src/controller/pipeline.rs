@@ -14,6 +14,7 @@ use crate::config::PipelineConfig;
 use crate::controller::act::execute::{execute, Mode};
 use crate::controller::act::Actuator;
 use crate::controller::decide::{decide, ActionKind, Halt, History, Withheld};
+use crate::controller::leader::{Lease, LockCheck};
 use crate::fleet::events::Events;
 use crate::fleet::topology::Topology;
 
@@ -25,8 +26,10 @@ pub const DECISION_TICK: Duration = Duration::from_secs(1);
 pub struct Inputs {
     /// The fleet's snapshots; version 0 until the first fold.
     pub snapshots: watch::Receiver<Arc<Topology>>,
-    /// The leader lock's epoch while this controller holds it.
-    pub leadership: watch::Receiver<Option<u64>>,
+    /// The leader lock's lease while this controller holds it.
+    pub leadership: watch::Receiver<Option<Lease>>,
+    /// Asked right before every batch with a destructive action.
+    pub lock: Arc<dyn LockCheck>,
     pub actuator: Arc<dyn Actuator>,
 }
 
@@ -35,12 +38,14 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
     let Inputs {
         mut snapshots,
         leadership,
+        lock,
         actuator,
     } = inputs;
     let can = actuator.capabilities();
     tracing::info!(pipeline = %cfg.name, service = %cfg.service, dry_run = cfg.dry_run, file = %cfg.file.display(), "pipeline started");
 
-    let mut history = History::default();
+    let started_s = crate::contract::protocol::unix_ms(std::time::SystemTime::now()) / 1000;
+    let mut history = History::watching_from(i64::try_from(started_s).unwrap_or(i64::MAX));
     let mut tick = tokio::time::interval(DECISION_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report: Option<(Option<Halt>, Vec<Withheld>)> = None;
@@ -57,7 +62,9 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
             continue; // nothing folded yet
         }
         let now = Instant::now();
-        let leads = leadership.borrow().is_some();
+        let lease = leadership.borrow().clone();
+        let epoch = Lease::epoch_at(lease.as_ref(), now);
+        let leads = epoch.is_some();
         if leads && !leading {
             history.restart_settle(); // a new leader judges the fleet afresh
         }
@@ -72,13 +79,19 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
         if plan.is_empty() {
             continue;
         }
-        let mode = if cfg.dry_run {
+        let mut mode = if cfg.dry_run {
             Mode::DryRun
         } else {
-            Mode::Live {
-                epoch: *leadership.borrow(),
-            }
+            Mode::Live { epoch }
         };
+        // Nothing destructive on a lock merely believed held: ask Consul once more.
+        if let (Mode::Live { epoch: Some(e) }, Some(l)) = (mode, &lease) {
+            let destructive = plan.actions.iter().any(|a| a.kind.is_destructive());
+            if destructive && !lock.still_held(l).await {
+                tracing::warn!(pipeline = %cfg.name, epoch = e, "the leader lock is no longer ours: not acting");
+                mode = Mode::Live { epoch: None };
+            }
+        }
         // Remember the plan before acting: a slow or failed action must not be repeated
         // before its round interval or cooldown anyway. A dry run decides as if it had acted,
         // so its log reads true; a follower remembers nothing it did not do.
@@ -109,11 +122,12 @@ mod tests {
 
     use super::*;
     use crate::controller::act::Recording;
+    use crate::controller::leader::AlwaysHeld;
     use crate::fleet::topology::fixtures::{fleet, server};
 
     struct Harness {
         snapshots: watch::Sender<Arc<Topology>>,
-        leadership: watch::Sender<Option<u64>>,
+        leadership: watch::Sender<Option<Lease>>,
         actuator: Arc<Recording>,
         metrics: PrometheusHandle,
         stop: CancellationToken,
@@ -127,6 +141,16 @@ mod tests {
     /// Starts a pipeline named `name` from a file of `toml`; the caller keeps `recorder` as
     /// the thread's default (the paused runtime runs every task on this thread).
     fn start(name: &str, toml: &str, delay: Duration, recorder: &PrometheusRecorder) -> Harness {
+        start_with(name, toml, delay, recorder, Arc::new(AlwaysHeld))
+    }
+
+    fn start_with(
+        name: &str,
+        toml: &str,
+        delay: Duration,
+        recorder: &PrometheusRecorder,
+        lock: Arc<dyn LockCheck>,
+    ) -> Harness {
         let text = format!("name = \"{name}\"\n{toml}");
         let cfg = crate::config::parse(Path::new("p.toml"), &text, &|_| None).expect("valid");
         let (snapshots, snapshots_rx) = watch::channel(Arc::new(Topology::default()));
@@ -139,6 +163,7 @@ mod tests {
         let inputs = Inputs {
             snapshots: snapshots_rx,
             leadership: leadership_rx,
+            lock,
             actuator: actuator.clone(),
         };
         let task = tokio::spawn(run(cfg, inputs, Events::new(name), stop.clone()));
@@ -149,6 +174,15 @@ mod tests {
             metrics: recorder.handle(),
             stop,
             task,
+        }
+    }
+
+    /// A lease on `epoch` valid for an hour.
+    fn lease(epoch: u64) -> Lease {
+        Lease {
+            epoch,
+            valid_until: Instant::now() + Duration::from_secs(3600),
+            session: "s".into(),
         }
     }
 
@@ -184,7 +218,7 @@ mod tests {
         let rec = recorder();
         let _default = metrics::set_default_local_recorder(&rec);
         let h = start("e2a", "", Duration::from_millis(250), &rec);
-        h.leadership.send_replace(Some(3));
+        h.leadership.send_replace(Some(lease(3)));
         // A balanced fleet first, held past the settle time (5 s), then the change.
         h.send(fleet(vec![server("a", 100, 50), server("b", 100, 50)]), 1);
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -233,7 +267,7 @@ mod tests {
 
         // No new snapshot: the decision tick brings the plan back once the lock is held, after
         // the new leader has settled on it.
-        h.leadership.send_replace(Some(9));
+        h.leadership.send_replace(Some(lease(9)));
         tokio::time::sleep(DECISION_TICK + Duration::from_millis(10)).await;
         assert!(
             h.actuator.actions().is_empty(),
@@ -251,7 +285,7 @@ mod tests {
         let rec = recorder();
         let _default = metrics::set_default_local_recorder(&rec);
         let h = start("dry", "dry_run = true\n", Duration::ZERO, &rec);
-        h.leadership.send_replace(Some(1));
+        h.leadership.send_replace(Some(lease(1)));
         h.send(unbalanced(), 1);
         tokio::time::sleep(Duration::from_secs(21)).await;
         assert!(h.actuator.actions().is_empty(), "a dry run acted");
@@ -272,7 +306,7 @@ mod tests {
         let rec = recorder();
         let _default = metrics::set_default_local_recorder(&rec);
         let h = start("cold", "", Duration::ZERO, &rec);
-        h.leadership.send_replace(Some(1));
+        h.leadership.send_replace(Some(lease(1)));
         // U = 0.2, below scale_in_at (0.40), held for the default scale_in_after (60 s).
         h.send(fleet(vec![server("a", 100, 20), server("b", 100, 20)]), 1);
         tokio::time::sleep(Duration::from_secs(59)).await;
@@ -283,6 +317,55 @@ mod tests {
         assert!(
             matches!(done[0].0.kind, ActionKind::Cordon { .. }),
             "{done:?}"
+        );
+        h.stop().await;
+    }
+
+    /// A lock that Consul says is someone else's.
+    struct Lost;
+
+    impl LockCheck for Lost {
+        fn still_held<'a>(&'a self, _: &'a Lease) -> futures::future::BoxFuture<'a, bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_past_its_validity_is_not_acted_on() {
+        // As a leader paused (SIGSTOP) past its session TTL sees it when it resumes.
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start("paused", "", Duration::ZERO, &rec);
+        h.leadership.send_replace(Some(Lease {
+            epoch: 5,
+            valid_until: Instant::now() + Duration::from_secs(2),
+            session: "s".into(),
+        }));
+        h.send(unbalanced(), 1);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(h.actuator.actions().is_empty(), "acted on an expired lease");
+        let not_leader = h.sample(
+            "rebalancer_actions_total",
+            "pipeline=\"paused\",kind=\"shed\",result=\"not_leader\"",
+        );
+        assert!(not_leader >= Some(1.0), "{not_leader:?}");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lock_found_lost_right_before_a_shed_stops_it() {
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start_with("lost", "", Duration::ZERO, &rec, Arc::new(Lost));
+        h.leadership.send_replace(Some(lease(7)));
+        h.send(unbalanced(), 1);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(h.actuator.actions().is_empty(), "shed on a lost lock");
+        assert!(
+            h.sample(
+                "rebalancer_actions_total",
+                "pipeline=\"lost\",kind=\"shed\",result=\"not_leader\""
+            ) >= Some(1.0)
         );
         h.stop().await;
     }

@@ -1,7 +1,7 @@
 //! What past rounds did and how long conditions have held: the memory the pure decisions
 //! are given, updated by the pipeline from each snapshot and each plan.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -27,9 +27,24 @@ pub struct History {
     /// Since when this controller (as leader) has held a complete snapshot.
     complete_since: Option<Instant>,
     last_failure: Option<Instant>,
+    /// Servers of owned containers seen passing at least once: failing ones now are failing,
+    /// never discarded as a provisioning that did not work.
+    passed: HashSet<ServerId>,
+    /// Unix seconds when this controller began watching; containers created longer than a
+    /// provision timeout before may have passed unseen, so they are never discarded.
+    watching_since_s: i64,
+    last_discard: Option<Instant>,
 }
 
 impl History {
+    /// A history for a controller that began watching at `unix_s` (wall-clock seconds).
+    pub fn watching_from(unix_s: i64) -> History {
+        History {
+            watching_since_s: unix_s,
+            ..History::default()
+        }
+    }
+
     /// Notes how long conditions of `t` have held. Call once per decision, before it.
     pub fn observe(&mut self, t: &Topology, cfg: &DecideConfig, now: Instant) {
         let totals = t.totals();
@@ -59,12 +74,16 @@ impl History {
         self.zero_since = zero;
 
         let mut pending = HashMap::with_capacity(self.pending_since.len());
+        self.passed.retain(|id| t.container(id).is_some());
         for c in &t.containers {
             let passing = t.get(&c.server).is_some_and(|s| s.passing);
             if passing {
                 if self.pending_since.contains_key(&c.server) {
                     self.failures = 0; // a container came up: provisioning works again
                 }
+                self.passed.insert(c.server.clone());
+            } else if self.passed.contains(&c.server) {
+                // Passed before: failing (or absent, unknown) now, not pending.
             } else if c.state != crate::fleet::topology::ContainerState::Stopped {
                 pending.insert(
                     c.server.clone(),
@@ -123,6 +142,7 @@ impl History {
                 }
                 ActionKind::Discard { server } => {
                     self.pending_since.remove(server);
+                    self.last_discard = Some(now);
                     self.failed(now);
                 }
             }
@@ -145,6 +165,23 @@ impl History {
                 now.saturating_duration_since(at) < cooldown * (1u32 << (n - 1).min(5))
             }
         }
+    }
+
+    /// The server of an owned container has been seen passing.
+    pub fn has_passed(&self, server: &str) -> bool {
+        self.passed.contains(server)
+    }
+
+    /// A container created at `created_s` has been watched since it was young enough to
+    /// be still provisioning: whether it ever passed is known.
+    pub fn watched_from_birth(&self, created_s: i64, provision_timeout: Duration) -> bool {
+        let timeout = i64::try_from(provision_timeout.as_secs()).unwrap_or(i64::MAX);
+        created_s >= self.watching_since_s.saturating_sub(timeout)
+    }
+
+    pub fn discarded_within(&self, now: Instant, window: Duration) -> bool {
+        self.last_discard
+            .is_some_and(|at| now.saturating_duration_since(at) < window)
     }
 
     /// How long an owned container's server has been pending.

@@ -75,9 +75,10 @@ pub fn decide(
             plan.withheld.push(Withheld::RebalanceCordonsPending);
         } else if let Some(g) = &gate {
             plan.withheld.push(Withheld::RebalanceGated(g.clone()));
-        } else if let Some(left) = history.settling(now, cfg.rebalance.settle) {
+        } else if history.settling(now, cfg.rebalance.settle).is_some() {
+            // The same line each round while it lasts, so it is logged once.
             plan.withheld.push(Withheld::Settling {
-                left_ms: left.as_millis() as u64,
+                settle_ms: cfg.rebalance.settle.as_millis() as u64,
             });
         } else {
             rebalance::plan(t, &totals, &cfg.rebalance, now, history, &mut plan);

@@ -234,6 +234,9 @@ pub enum Gate {
     Unknown { servers: u32 },
     /// With container scaling, the container list is not current.
     ContainersNotSynced,
+    /// Consul lists no server while containers of ours run: a filtered or restored catalog,
+    /// not a fleet that vanished.
+    EmptyHealth { containers: u32 },
 }
 
 impl fmt::Display for Gate {
@@ -249,6 +252,10 @@ impl fmt::Display for Gate {
                 "{servers} passing server(s) have an unknown session count or state; nothing destructive"
             ),
             Gate::ContainersNotSynced => f.write_str("the container list is not synced"),
+            Gate::EmptyHealth { containers } => write!(
+                f,
+                "Consul lists no server while {containers} container(s) of ours run; nothing destructive"
+            ),
         }
     }
 }
@@ -292,12 +299,16 @@ pub enum Withheld {
         server: ServerId,
         gate: Gate,
     },
+    /// Discards are capped per round and spaced by the cooldown.
+    DiscardPaced {
+        server: ServerId,
+    },
     RebalanceScalingOut,
     RebalanceCordonsPending,
     RebalanceGated(Gate),
     /// A complete snapshot has not been held for `rebalance.settle` yet.
     Settling {
-        left_ms: u64,
+        settle_ms: u64,
     },
     ShedRecently {
         servers: usize,
@@ -348,6 +359,10 @@ impl fmt::Display for Withheld {
                 "reap: {servers} cordoned, empty server(s) past reap_after, but no scaler is configured to stop them"
             ),
             Withheld::DiscardGated { server, gate } => write!(f, "discard {server}: {gate}"),
+            Withheld::DiscardPaced { server } => write!(
+                f,
+                "discard {server}: one per round's budget and cooldown, later"
+            ),
             Withheld::RebalanceScalingOut => f.write_str(
                 "rebalance: scale-out pending, new capacity fills through new connections first",
             ),
@@ -355,9 +370,9 @@ impl fmt::Display for Withheld {
                 f.write_str("rebalance: waiting for this round's cordons to show in the snapshot")
             }
             Withheld::RebalanceGated(gate) => write!(f, "rebalance: {gate}"),
-            Withheld::Settling { left_ms } => write!(
+            Withheld::Settling { settle_ms } => write!(
                 f,
-                "rebalance: settling, {left_ms} ms more on a complete snapshot before any shed"
+                "rebalance: settling, no shed before a complete snapshot is {settle_ms} ms old"
             ),
             Withheld::ShedRecently { servers } => write!(
                 f,

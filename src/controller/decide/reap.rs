@@ -64,8 +64,12 @@ impl Round<'_> {
         }
     }
 
-    /// Containers of ours that never became healthy in time, or that stopped: removed.
-    pub(super) fn discard(&self, plan: &mut Plan) {
+    /// Containers of ours whose server never passed within the provision timeout, or that
+    /// stopped, are removed: at most the round's budget, and not within a cooldown of the
+    /// last discard. A server that passed once and fails now is failing, not a provisioning
+    /// that did not work, and its container is kept; so is one created long before this
+    /// controller began watching (whether it passed is not known).
+    pub(super) fn discard(&self, budget: &mut u32, plan: &mut Plan) {
         let (t, now, h) = (self.t, self.now, self.history);
         let Some(timeout) = self.cfg.provision_timeout else {
             return;
@@ -75,14 +79,19 @@ impl Round<'_> {
         }
         for c in &t.containers {
             let passing = t.get(&c.server).is_some_and(|s| s.passing);
-            let reason = if c.state == ContainerState::Stopped && !passing {
+            if passing {
+                continue;
+            }
+            let reason = if c.state == ContainerState::Stopped {
                 Reason::Provision {
                     what: "container stopped",
                     for_s: 0,
                 }
+            } else if h.has_passed(&c.server) || !h.watched_from_birth(c.created_s, timeout) {
+                continue;
             } else {
                 match h.pending_for(&c.server, now) {
-                    Some(d) if d >= timeout && !passing => Reason::Provision {
+                    Some(d) if d >= timeout => Reason::Provision {
                         what: "not passing within provision_timeout",
                         for_s: d.as_secs(),
                     },
@@ -96,6 +105,13 @@ impl Round<'_> {
                 });
                 continue;
             }
+            if *budget == 0 || h.discarded_within(now, self.cfg.cooldown) {
+                plan.withheld.push(Withheld::DiscardPaced {
+                    server: c.server.clone(),
+                });
+                continue;
+            }
+            *budget -= 1;
             plan.actions.push(Action {
                 kind: ActionKind::Discard {
                     server: c.server.clone(),
@@ -115,7 +131,7 @@ mod tests {
     use super::super::scale::tests::{cfg, cordoned, docker_cfg, kinds, owned};
     use crate::controller::decide::{decide, Capabilities, History};
     use crate::fleet::topology::fixtures::{fleet, server};
-    use crate::fleet::topology::ContainerState;
+    use crate::fleet::topology::{ContainerState, Topology};
 
     #[test]
     fn empty_cordoned_servers_are_reaped_after_reap_after_when_a_scaler_can() {
@@ -242,6 +258,130 @@ mod tests {
                 .to_string()
                 .contains("no scaler is configured"),
             "{p:?}"
+        );
+    }
+
+    /// a, b serving; `ours` in a container of ours, passing or not as asked.
+    fn with_ours(passing: bool) -> Topology {
+        let mut t = fleet(vec![server("a", 100, 50), server("b", 100, 50)]);
+        let mut ours = server("ours", 100, 10);
+        ours.passing = passing;
+        t.servers.push(ours);
+        t.servers.sort_by(|x, y| x.id.cmp(&y.id));
+        owned(&mut t, "ours", ContainerState::Running, 1);
+        t
+    }
+
+    fn discards(p: &crate::controller::decide::Plan) -> usize {
+        kinds(p).iter().filter(|k| k.starts_with("discard")).count()
+    }
+
+    #[test]
+    fn a_server_that_passed_then_fails_past_the_timeout_is_kept_as_failing() {
+        let c = docker_cfg();
+        let t0 = Instant::now();
+        let mut h = History::default();
+        h.observe(&with_ours(true), &c, t0);
+        let failing = with_ours(false);
+        for s in [1, 30, 120] {
+            let now = t0 + Duration::from_secs(s);
+            h.observe(&failing, &c, now);
+            let p = decide(&failing, &c, Capabilities::SCALER, now, &h);
+            assert_eq!(discards(&p), 0, "at {s} s: {p:?}");
+        }
+        // Absent from the health answer after passing: unknown, kept too.
+        let mut absent = with_ours(true);
+        absent.servers.retain(|s| &*s.id != "ours");
+        let later = t0 + Duration::from_secs(300);
+        h.observe(&absent, &c, later);
+        assert_eq!(
+            discards(&decide(&absent, &c, Capabilities::SCALER, later, &h)),
+            0
+        );
+    }
+
+    #[test]
+    fn a_container_older_than_this_controllers_watch_is_never_discarded_for_provisioning() {
+        let c = docker_cfg(); // provision_timeout 20 s
+        let t = with_ours(false); // created at 1 (unix s)
+        let t0 = Instant::now();
+        // Watching since long after the container was created: it may well have passed.
+        let mut h = History::watching_from(1_000);
+        h.observe(&t, &c, t0);
+        let p = decide(
+            &t,
+            &c,
+            Capabilities::SCALER,
+            t0 + Duration::from_secs(60),
+            &h,
+        );
+        assert_eq!(discards(&p), 0, "{p:?}");
+        // Watching since just after its creation: it never passed, and it is discarded.
+        let mut h = History::watching_from(10);
+        h.observe(&t, &c, t0);
+        let p = decide(
+            &t,
+            &c,
+            Capabilities::SCALER,
+            t0 + Duration::from_secs(60),
+            &h,
+        );
+        assert_eq!(discards(&p), 1, "{p:?}");
+    }
+
+    #[test]
+    fn an_empty_health_answer_while_our_containers_run_destroys_nothing() {
+        // A 200 [] from Consul (an ACL-filtered token, a catalog restore).
+        let mut t = fleet(vec![]);
+        owned(&mut t, "x1", ContainerState::Running, 1);
+        owned(&mut t, "x2", ContainerState::Running, 1);
+        let c = docker_cfg();
+        let t0 = Instant::now();
+        let mut h = History::default();
+        h.observe(&t, &c, t0);
+        let p = decide(
+            &t,
+            &c,
+            Capabilities::SCALER,
+            t0 + Duration::from_secs(120),
+            &h,
+        );
+        assert_eq!(discards(&p), 0, "{p:?}");
+        assert!(
+            p.withheld.iter().any(|w| w
+                .to_string()
+                .contains("Consul lists no server while 2 container(s)")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn discards_are_capped_per_round_and_spaced_by_the_cooldown() {
+        let mut t = fleet(vec![server("a", 100, 50), server("b", 100, 50)]);
+        for i in 0..8 {
+            owned(&mut t, &format!("x{i}"), ContainerState::Running, 1);
+        }
+        let c = docker_cfg(); // max_per_round 5, cooldown 30 s
+        let t0 = Instant::now();
+        let mut h = History::default();
+        h.observe(&t, &c, t0);
+        let first = t0 + Duration::from_secs(20);
+        let p = decide(&t, &c, Capabilities::SCALER, first, &h);
+        assert_eq!(discards(&p), 5, "{p:?}");
+        h.record(&p, first);
+        let again = decide(
+            &t,
+            &c,
+            Capabilities::SCALER,
+            first + Duration::from_secs(10),
+            &h,
+        );
+        assert_eq!(discards(&again), 0, "within the cooldown: {again:?}");
+        let later = first + c.scale.cooldown;
+        assert_eq!(
+            discards(&decide(&t, &c, Capabilities::SCALER, later, &h)),
+            3,
+            "the other three, after the cooldown"
         );
     }
 }

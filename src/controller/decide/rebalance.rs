@@ -200,7 +200,9 @@ mod tests {
         let p = decide(&t, &c, can, t0 + Duration::from_millis(4900), &h);
         assert!(p.is_empty());
         assert!(
-            p.withheld[0].to_string().contains("settling, 100 ms more"),
+            p.withheld[0]
+                .to_string()
+                .contains("settling, no shed before a complete snapshot is 5000 ms old"),
             "{p:?}"
         );
         let p = decide(&t, &c, can, t0 + c.rebalance.settle, &h);

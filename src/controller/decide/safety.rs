@@ -1,7 +1,7 @@
 //! The safety stage: when to halt everything, and when to withhold destructive actions.
 
 use super::{Gate, Halt, SafetyConfig};
-use crate::fleet::topology::{Topology, Totals};
+use crate::fleet::topology::{ContainerState, Topology, Totals};
 
 /// `Some(why)` when too much of the fleet is failing health to act on anything.
 pub fn halt(totals: &Totals, cfg: &SafetyConfig) -> Option<Halt> {
@@ -23,6 +23,16 @@ pub fn destructive_gate(t: &Topology, totals: &Totals) -> Option<Gate> {
     if t.is_stale() {
         return Some(Gate::Stale {
             missing: t.sources.missing(),
+        });
+    }
+    let running = t
+        .containers
+        .iter()
+        .filter(|c| c.state != ContainerState::Stopped)
+        .count() as u32;
+    if t.servers.is_empty() && t.invalid_instances == 0 && running > 0 {
+        return Some(Gate::EmptyHealth {
+            containers: running,
         });
     }
     if totals.unknown > 0 {

@@ -32,7 +32,7 @@ impl Round<'_> {
             self.scale_in(&mut budget, plan);
         }
         self.reap(&mut budget, plan);
-        self.discard(plan);
+        self.discard(&mut budget, plan);
     }
 
     /// With container scaling, actions on containers need a current container list.
