@@ -201,11 +201,11 @@ async fn a_garbage_count_among_good_ones_makes_only_that_server_unknown() {
         .query_async::<()>(&mut c)
         .await
         .unwrap();
-    let t = until(&r, "six servers, two known", |t| {
-        t.servers.len() == 6 && t.totals().unknown == 4
+    // Bytes that break the batch would leave the sessions source stale for good.
+    let t = until(&r, "six servers, two known, every source synced", |t| {
+        t.servers.len() == 6 && t.totals().unknown == 4 && !t.is_stale()
     })
     .await;
-    assert!(!t.is_stale(), "the sessions source stays synced: {t:?}");
     assert_eq!(count(&t, "s1"), Some(Count::Known(10)));
     assert_eq!(count(&t, "s2"), Some(Count::Known(20)));
     for id in ["s3", "s4", "s5", "s6"] {
@@ -229,6 +229,89 @@ async fn a_garbage_count_among_good_ones_makes_only_that_server_unknown() {
     .await;
     assert!(!t.is_stale());
     assert_eq!(count(&t, "s6"), Some(Count::Unknown));
+}
+
+/// A pipeline whose full resync is ten minutes apart: what it learns sooner, it learns from
+/// notifications or from noticing they stopped.
+fn slow_reconcile(name: &str, redis: &Redis, consul: &ConsulAgent) -> PipelineConfig {
+    let text = pipeline_toml(name, redis, consul, free_port(), "", "");
+    let env = |k: &str| (k == "REBALANCER_REDIS_RECONCILE").then(|| "10m".to_string());
+    config::parse(Path::new("test.toml"), &text, &env).expect("valid test pipeline")
+}
+
+async fn notify_flags(redis: &Redis) -> String {
+    let mut c = redis.conn().await;
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    v.get(1).cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn notifications_turned_off_by_someone_else_are_noticed_turned_back_on_and_caught_up() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let r = topology(&slow_reconcile("frozen", &redis, &consul));
+    consul.register_capacity("ws", "s1", 100).await;
+    redis.report("ws", "s1", "10").await;
+    until(&r, "s1 with 10", |t| {
+        count(t, "s1") == Some(Count::Known(10))
+    })
+    .await;
+    assert!(notify_flags(&redis).await.contains('K'));
+
+    // Another tenant's CONFIG SET: from now on counts would freeze unnoticed.
+    let mut c = redis.conn().await;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    redis.report("ws", "s1", "20").await;
+    // The heartbeat's notification does not come back: the source reconnects, turns them on
+    // again, and its resync reads the count the notification was not sent for.
+    until(
+        &r,
+        "s1's new count, without waiting for the 10-minute resync",
+        |t| count(t, "s1") == Some(Count::Known(20)),
+    )
+    .await;
+    assert!(notify_flags(&redis).await.contains('K'), "turned back on");
+    redis.report("ws", "s1", "30").await;
+    until(&r, "notifications working again", |t| {
+        count(t, "s1") == Some(Count::Known(30))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_subscription_is_noticed_and_counts_resume() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let r = topology(&slow_reconcile("killed", &redis, &consul));
+    consul.register_capacity("ws", "s1", 100).await;
+    redis.report("ws", "s1", "10").await;
+    until(&r, "s1 with 10", |t| {
+        count(t, "s1") == Some(Count::Known(10))
+    })
+    .await;
+    let mut c = redis.conn().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(killed >= 1, "the source's subscription was there to kill");
+    redis.report("ws", "s1", "25").await;
+    until(&r, "s1's count after the subscription came back", |t| {
+        count(t, "s1") == Some(Count::Known(25))
+    })
+    .await;
 }
 
 #[tokio::test]

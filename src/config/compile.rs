@@ -7,6 +7,7 @@ use std::ops::Bound::{Excluded, Included};
 use std::time::Duration;
 
 use super::checker::Checker;
+use super::decide::BUDGET_WINDOW;
 use super::decide::{DecideConfig, RebalanceConfig, SafetyConfig, ScaleConfig};
 use super::raw::{
     RawConsul, RawDebounce, RawPipeline, RawRebalance, RawRedis, RawSafety, RawScale,
@@ -134,6 +135,13 @@ fn rebalance(r: &RawRebalance, ck: &mut Checker) -> (RebalanceConfig, Duration) 
     let disruption_budget = ck.range("rebalance.disruption_budget", r.disruption_budget, SHARE);
     let command_ttl = ck.duration("rebalance.command_ttl", &r.command_ttl);
     let settle = ck.duration("rebalance.settle", &r.settle);
+    let in_transit = ck.duration("rebalance.in_transit", &r.in_transit);
+    if in_transit > BUDGET_WINDOW {
+        ck.err(
+            "rebalance.in_transit",
+            "must not be longer than the disruption budget's window (1m)",
+        );
+    }
     let cfg = RebalanceConfig {
         enabled: r.enabled,
         tolerance,
@@ -144,6 +152,7 @@ fn rebalance(r: &RawRebalance, ck: &mut Checker) -> (RebalanceConfig, Duration) 
         drain_rate,
         disruption_budget,
         settle,
+        in_transit,
     };
     (cfg, command_ttl)
 }

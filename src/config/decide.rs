@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+/// Window of the disruption budget.
+pub const BUDGET_WINDOW: Duration = Duration::from_secs(60);
+
 /// All knobs of the decision stages. `Default` is the documented defaults (those of an
 /// empty pipeline file): the pipeline file's schema takes its defaults from here.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -32,6 +35,9 @@ pub struct RebalanceConfig {
     /// No shed or drain until a complete snapshot has been held this long, after start-up
     /// and after each election: a fleet still filling is not judged on its first seconds.
     pub settle: Duration,
+    /// Sessions shed or drained this recently still count in Σ sessions (the agents' shed
+    /// window plus the time their clients take to reconnect), so U does not dip meanwhile.
+    pub in_transit: Duration,
 }
 
 impl Default for RebalanceConfig {
@@ -46,6 +52,7 @@ impl Default for RebalanceConfig {
             drain_rate: 100,
             disruption_budget: 0.5,
             settle: Duration::from_secs(5),
+            in_transit: Duration::from_secs(5),
         }
     }
 }

@@ -129,7 +129,8 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/0".into(),
-            reconcile: Duration::from_secs(30),
+            // At most half a round interval (15 s): no count is older than that at a round.
+            reconcile: Duration::from_secs(7),
         }
     }
 }

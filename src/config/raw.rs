@@ -200,6 +200,8 @@ pub struct RawRebalance {
     pub command_ttl: String,
     /// No shed until a complete snapshot has been held this long (after start, election).
     pub settle: String,
+    /// Sessions shed this recently still count in U while they reconnect.
+    pub in_transit: String,
 }
 
 impl Default for RawRebalance {
@@ -216,6 +218,7 @@ impl Default for RawRebalance {
             disruption_budget: d.disruption_budget,
             command_ttl: text(DEFAULT_COMMAND_TTL),
             settle: text(d.settle),
+            in_transit: text(d.in_transit),
         }
     }
 }

@@ -153,6 +153,9 @@ pub struct Totals {
     pub registered: u32,
     /// Passing servers whose count or state is unknown.
     pub unknown: u32,
+    /// Sessions recently shed and still reconnecting, included in `sessions` (set by the
+    /// decisions, which know what was shed; zero in a snapshot's own totals).
+    pub in_transit: u64,
 }
 
 impl Totals {

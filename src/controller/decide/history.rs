@@ -9,8 +9,7 @@ use tokio::time::Instant;
 use super::{ActionKind, DecideConfig, Plan};
 use crate::fleet::topology::{ServerId, Topology};
 
-/// Window of the disruption budget.
-pub const BUDGET_WINDOW: Duration = Duration::from_secs(60);
+pub use crate::config::decide::BUDGET_WINDOW;
 
 #[derive(Debug, Clone, Default)]
 pub struct History {
@@ -199,11 +198,16 @@ impl History {
 
     /// Sessions shed or drained within the budget window before `now`.
     pub fn disrupted(&self, now: Instant) -> u64 {
+        self.disrupted_within(now, BUDGET_WINDOW)
+    }
+
+    /// Sessions shed or drained within `window` before `now` (at most the budget window's).
+    pub fn disrupted_within(&self, now: Instant, window: Duration) -> u64 {
         self.disruptions
             .iter()
-            .filter(|(at, _)| now.saturating_duration_since(*at) < BUDGET_WINDOW)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < window)
             .map(|(_, n)| n)
-            .sum()
+            .fold(0u64, |a, n| a.saturating_add(*n))
     }
 
     pub fn scaled_out_within(&self, now: Instant, window: Duration) -> bool {

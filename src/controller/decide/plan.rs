@@ -16,6 +16,11 @@ pub enum Reason {
         tolerance: f64,
         threshold: u64,
         offload: u64,
+        /// The pull rule applied (some server is more than `tolerance` below U, so every
+        /// server above U gives), not `u > U + tolerance`.
+        pull: bool,
+        /// Sessions shed recently and still reconnecting, counted in U.
+        in_transit: u64,
     },
     Draining {
         sessions: u64,
@@ -50,10 +55,18 @@ pub enum Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Reason::Overutilized { u, fleet_u, tolerance, threshold, offload } => write!(
-                f,
-                "u={u:.2} > U={fleet_u:.2}+{tolerance:.2}; threshold {threshold}, offload {offload}"
-            ),
+            Reason::Overutilized { u, fleet_u, tolerance, threshold, offload, pull, in_transit } => {
+                if *pull {
+                    write!(f, "u={u:.2} > U={fleet_u:.2} and a server is more than {tolerance:.2} below U")?;
+                } else {
+                    write!(f, "u={u:.2} > U={fleet_u:.2}+{tolerance:.2}")?;
+                }
+                write!(f, "; threshold {threshold}, offload {offload}")?;
+                if *in_transit > 0 {
+                    write!(f, "; U counts {in_transit} session(s) in transit")?;
+                }
+                Ok(())
+            }
             Reason::Draining { sessions, drain_rate } => {
                 write!(f, "cordoned with {sessions} sessions; draining at drain_rate {drain_rate}")
             }

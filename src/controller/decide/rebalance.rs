@@ -150,6 +150,8 @@ pub fn plan(
                 tolerance: cfg.tolerance,
                 threshold: th,
                 offload,
+                pull: ui <= u + cfg.tolerance,
+                in_transit: totals.in_transit,
             },
         });
     }
@@ -429,6 +431,48 @@ mod tests {
         let p = decide(&t, &cfg(), can, now(), &History::default());
         assert!(p.is_empty());
         assert!(p.halted.unwrap().to_string().contains("2 of 4"));
+    }
+
+    #[test]
+    fn sessions_in_transit_keep_u_from_dipping_and_nobody_is_shed_again_for_the_dip() {
+        let c = cfg();
+        let can = Capabilities::default();
+        let t0 = now();
+        // U = 0.5: a sheds 40 toward its threshold of 50.
+        let before = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 45),
+            server("c", 100, 15),
+        ]);
+        let mut h = History::default();
+        let p = decide(&before, &c, can, t0, &h);
+        assert_eq!(p.shed_total(), 40, "{p:?}");
+        h.record(&p, t0);
+        // A second later the 40 have left a and are still reconnecting: without them U would
+        // be 0.37, c far below it, and b (0.45 > 0.37) shed for a dip that is not real.
+        let during = fleet(vec![
+            server("a", 100, 50),
+            server("b", 100, 45),
+            server("c", 100, 15),
+        ]);
+        let soon = t0 + Duration::from_secs(1);
+        let p = decide(&during, &c, can, soon, &h);
+        assert!(p.is_empty(), "{p:?}");
+        assert!(
+            (p.utilization - 0.5).abs() < 1e-9,
+            "U counts them: {}",
+            p.utilization
+        );
+        // Past in_transit they no longer count, whether or not they came back.
+        let later = t0 + c.rebalance.in_transit;
+        let p = decide(&during, &c, can, later, &h);
+        assert!(
+            p.actions.iter().any(|a| a
+                .reason
+                .to_string()
+                .contains("a server is more than 0.10 below U")),
+            "the reason names the rule that applied: {p:?}"
+        );
     }
 
     /// The snapshot the fold makes of these registrations and counts, as the controller's.

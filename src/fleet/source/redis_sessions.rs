@@ -3,6 +3,13 @@
 //! Subscribe first, then SCAN + MGET (so no change falls in a gap); afterwards read only the
 //! keys that changed, batched into one MGET per burst; resync in full after every reconnect
 //! and on a slow reconcile tick, which also proves the connection is alive.
+//!
+//! Notifications can stop while everything looks connected (another tenant's `CONFIG SET`,
+//! a restarted managed Redis, a half-open subscription), and then counts freeze while the
+//! snapshot says it is synced. So the source writes a heartbeat key of its own every
+//! [`HEARTBEAT`] and expects the notification of that write back within [`HEARTBEAT`]; when
+//! it does not come, the source fails (the snapshot goes stale) and reconnects, which
+//! re-applies `notify-keyspace-events` (or names the setting) and resyncs in full.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -20,6 +27,8 @@ use crate::fleet::topology::ServerId;
 pub const NEEDED_FLAGS: &str = "K$gxe";
 /// Most keys read in one MGET.
 pub const BATCH: usize = 1000;
+/// How often the heartbeat key is written, and how long its notification may take.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A count as read: the integer, or the text that is not one.
@@ -66,6 +75,11 @@ pub enum RedisSourceError {
     },
     #[error("the subscription connection to Redis at {addr} closed")]
     Closed { addr: String },
+    #[error(
+        "Redis at {addr} sent no keyspace notification for the heartbeat key {key} within {HEARTBEAT:?}: \
+         counts may be frozen; reconnecting (notify-keyspace-events must include {NEEDED_FLAGS})"
+    )]
+    NotificationsLost { addr: String, key: String },
 }
 
 /// Parses a count's raw bytes; anything but a non-negative integer is kept as text (unknown,
@@ -92,6 +106,9 @@ struct Live {
     conn: MultiplexedConnection,
     messages: Pin<Box<dyn Stream<Item = redis::Msg> + Send>>,
     reconcile: tokio::time::Interval,
+    heartbeat: tokio::time::Interval,
+    /// The heartbeat written and not yet heard back: by when it must be.
+    awaiting: Option<tokio::time::Instant>,
 }
 
 enum State {
@@ -105,6 +122,8 @@ struct Ctx {
     prefix: String,
     channel_prefix: String,
     reconcile: Duration,
+    /// This source's own heartbeat key, outside the counts' prefix.
+    heartbeat_key: String,
 }
 
 /// Streams session-count updates for `service` from the Redis at `url` (validated beforehand).
@@ -118,12 +137,17 @@ pub fn stream(
     let addr = info.addr().to_string();
     let db = info.redis_settings().db();
     let prefix = sessions_key_prefix(service);
+    let heartbeat_key = format!(
+        "rebalancer:{service}:heartbeat:{}",
+        uuid::Uuid::new_v4().simple()
+    );
     let ctx = Ctx {
         channel_prefix: format!("__keyspace@{db}__:"),
         client,
         addr,
         prefix,
         reconcile,
+        heartbeat_key,
     };
     Ok(futures::stream::unfold(
         (State::Connecting, ctx),
@@ -144,32 +168,61 @@ async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceErr
             Err(e) => (Err(e), State::Connecting),
         },
         State::Live(mut live) => {
-            let first = tokio::select! {
-                m = live.messages.next() => m,
-                _ = live.reconcile.tick() => {
-                    return match resync(ctx, &mut live.conn).await {
-                        Ok(c) => (Ok(SessionsUpdate::Resync(c)), State::Live(live)),
-                        Err(e) => (Err(e), State::Connecting),
-                    };
+            let keys = loop {
+                let first = loop {
+                    let overdue = live.awaiting;
+                    tokio::select! {
+                        m = live.messages.next() => break m,
+                        _ = live.reconcile.tick() => {
+                            return match resync(ctx, &mut live.conn).await {
+                                Ok(c) => (Ok(SessionsUpdate::Resync(c)), State::Live(live)),
+                                Err(e) => (Err(e), State::Connecting),
+                            };
+                        }
+                        _ = live.heartbeat.tick(), if overdue.is_none() => {
+                            if let Err(e) = beat(ctx, &mut live.conn).await {
+                                return (Err(e), State::Connecting);
+                            }
+                            live.awaiting = Some(tokio::time::Instant::now() + HEARTBEAT);
+                        }
+                        () = sleep_until_some(overdue) => {
+                            // Turn them back on if we may; the reconnect resyncs what was missed.
+                            let _ = enable_notifications(ctx, &mut live.conn).await;
+                            return (
+                                Err(RedisSourceError::NotificationsLost {
+                                    addr: ctx.addr.clone(),
+                                    key: ctx.heartbeat_key.clone(),
+                                }),
+                                State::Connecting,
+                            );
+                        }
+                    }
+                };
+                let Some(first) = first else {
+                    return (
+                        Err(RedisSourceError::Closed {
+                            addr: ctx.addr.clone(),
+                        }),
+                        State::Connecting,
+                    );
+                };
+                // Batch everything already delivered into one read.
+                let mut keys = BTreeSet::new();
+                let mut heard = note_key(ctx, &mut keys, &first);
+                while keys.len() < BATCH * 10 {
+                    match live.messages.next().now_or_never() {
+                        Some(Some(m)) => heard |= note_key(ctx, &mut keys, &m),
+                        _ => break,
+                    }
                 }
-            };
-            let Some(first) = first else {
-                return (
-                    Err(RedisSourceError::Closed {
-                        addr: ctx.addr.clone(),
-                    }),
-                    State::Connecting,
-                );
-            };
-            // Batch everything already delivered into one read.
-            let mut keys = BTreeSet::new();
-            note_key(ctx, &mut keys, &first);
-            while keys.len() < BATCH * 10 {
-                match live.messages.next().now_or_never() {
-                    Some(Some(m)) => note_key(ctx, &mut keys, &m),
-                    _ => break,
+                if heard {
+                    live.awaiting = None; // notifications work
                 }
-            }
+                if !keys.is_empty() {
+                    break keys;
+                }
+                // Only our heartbeat: nothing to read, nothing to say; wait on.
+            };
             let keys: Vec<String> = keys.into_iter().collect();
             match mget(ctx, &mut live.conn, &keys).await {
                 Ok(values) => {
@@ -186,11 +239,40 @@ async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceErr
     }
 }
 
-fn note_key(ctx: &Ctx, keys: &mut BTreeSet<String>, m: &redis::Msg) {
+/// Notes a count key that changed; `true` when the message is our heartbeat's.
+fn note_key(ctx: &Ctx, keys: &mut BTreeSet<String>, m: &redis::Msg) -> bool {
     if let Some(k) = m.get_channel_name().strip_prefix(&ctx.channel_prefix) {
         if k.starts_with(&ctx.prefix) {
             keys.insert(k.to_string());
+        } else if k == ctx.heartbeat_key {
+            return true;
         }
+    }
+    false
+}
+
+/// Writes the heartbeat key; its notification must come back.
+async fn beat(ctx: &Ctx, conn: &mut MultiplexedConnection) -> Result<(), RedisSourceError> {
+    redis::cmd("SET")
+        .arg(&ctx.heartbeat_key)
+        .arg(crate::contract::protocol::unix_ms(
+            std::time::SystemTime::now(),
+        ))
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(conn)
+        .await
+        .map_err(|source| RedisSourceError::Read {
+            addr: ctx.addr.clone(),
+            source,
+        })
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -212,33 +294,14 @@ async fn connect(ctx: &Ctx) -> Result<(Live, Vec<(ServerId, Reading)>), RedisSou
             source,
         })?;
 
-    // CONFIG GET may be renamed away on managed Redis; then CONFIG SET below says so.
-    let current: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("notify-keyspace-events")
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    let current = current.get(1).cloned().unwrap_or_default();
-    if let Some(flags) = flags_to_set(&current) {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("notify-keyspace-events")
-            .arg(&flags)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|source| RedisSourceError::Notifications {
-                addr: addr.clone(),
-                current: current.clone(),
-                source,
-            })?;
-        tracing::info!(redis = %addr, from = %current, to = %flags, "enabled keyspace notifications");
-    }
+    enable_notifications(ctx, &mut conn).await?;
 
     let pattern = format!("{}{}*", ctx.channel_prefix, ctx.prefix);
+    let heartbeat = format!("{}{}", ctx.channel_prefix, ctx.heartbeat_key);
     let subscribe = async {
         let mut pubsub = ctx.client.get_async_pubsub().await?;
         pubsub.psubscribe(&pattern).await?;
+        pubsub.subscribe(&heartbeat).await?;
         Ok::<_, RedisError>(pubsub)
     };
     let pubsub = tokio::time::timeout(TIMEOUT, subscribe)
@@ -257,14 +320,49 @@ async fn connect(ctx: &Ctx) -> Result<(Live, Vec<(ServerId, Reading)>), RedisSou
     let mut reconcile = tokio::time::interval(ctx.reconcile);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reconcile.reset();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     Ok((
         Live {
             conn,
             messages: Box::pin(pubsub.into_on_message()),
             reconcile,
+            heartbeat,
+            awaiting: None,
         },
         counts,
     ))
+}
+
+/// Makes sure `notify-keyspace-events` covers what the source needs; where `CONFIG SET` is
+/// refused (managed Redis), the error names the setting to make.
+async fn enable_notifications(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+) -> Result<(), RedisSourceError> {
+    // CONFIG GET may be renamed away on managed Redis; then CONFIG SET below says so.
+    let current: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    let current = current.get(1).cloned().unwrap_or_default();
+    if let Some(flags) = flags_to_set(&current) {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg(&flags)
+            .query_async::<()>(conn)
+            .await
+            .map_err(|source| RedisSourceError::Notifications {
+                addr: ctx.addr.clone(),
+                current: current.clone(),
+                source,
+            })?;
+        tracing::info!(redis = %ctx.addr, from = %current, to = %flags, "enabled keyspace notifications");
+    }
+    Ok(())
 }
 
 async fn resync(
