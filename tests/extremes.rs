@@ -13,7 +13,7 @@ use rebalancer::config::raw::{RawDocker, RawGateway, RawPipeline};
 use rebalancer::config::{env_overrides, parse, PipelineConfig};
 use rebalancer::controller::act::{command_for, ActContext};
 use rebalancer::controller::decide::{decide, Action, ActionKind, Capabilities, History};
-use rebalancer::fleet::topology::{Admin, Count, Server, SourcesSynced, Topology};
+use rebalancer::fleet::topology::fixtures::{fleet, server};
 use rebalancer::stages::StreamStages;
 
 /// Every overridable key's variable with its default, as the file's schema has them.
@@ -32,33 +32,6 @@ fn keys() -> Vec<(String, toml::Value)> {
             (name, v)
         })
         .collect()
-}
-
-fn server(id: &str, capacity: u32, sessions: u64) -> Server {
-    Server {
-        id: id.into(),
-        address: "127.0.0.1".into(),
-        port: 0,
-        capacity,
-        weight: 1.0,
-        passing: true,
-        admin: Admin::Active,
-        sessions: Count::Known(sessions),
-        provisioning: false,
-    }
-}
-
-fn fleet(servers: Vec<Server>) -> Topology {
-    Topology {
-        version: 1,
-        servers,
-        sources: SourcesSynced {
-            health: true,
-            states: true,
-            sessions: true,
-        },
-        ..Topology::default()
-    }
 }
 
 /// Extreme texts for a key whose default is `default`.

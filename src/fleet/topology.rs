@@ -233,10 +233,10 @@ impl Topology {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod fixtures {
-    //! Small builders for tests of the pure stages.
-    use super::*;
+/// Small builders of snapshots, for tests of the pure stages (here and in `tests/`).
+#[doc(hidden)]
+pub mod fixtures {
+    use super::{Admin, Count, Server, SourcesSynced, Topology};
 
     pub fn server(id: &str, capacity: u32, sessions: u64) -> Server {
         Server {
