@@ -483,3 +483,32 @@ async fn a_container_without_the_pipeline_labels_is_never_stopped_even_with_a_ma
         ctl.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_start_adopts_what_an_earlier_attempt_created() {
+    use rebalancer::controller::act::docker::DockerScaler;
+    use rebalancer::controller::act::Scaler;
+
+    let image = docker_image();
+    let name = unique("dkretry");
+    let _janitor = ContainerJanitor {
+        pipeline: name.clone(),
+        names: vec![],
+    };
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let port = free_port();
+    let toml = docker_pipeline(&name, &redis, &consul, port, "21180-21199", image, "");
+    let cfg = rebalancer::config::parse(std::path::Path::new("p.toml"), &toml, &|_| None)
+        .expect("a valid pipeline");
+    let scaler = DockerScaler::new(cfg.docker.clone().unwrap(), &cfg.name, &cfg.service);
+    // One action, its ids chosen once; the first attempt's answer is lost (a timeout), and
+    // the action is tried again with the same ids.
+    let ids = scaler.new_ids(2);
+    scaler.start(&ids).await.expect("the first attempt");
+    scaler.start(&ids).await.expect("the retry");
+    let mut servers: Vec<String> = owned(&name).into_iter().map(|(n, _)| n).collect();
+    servers.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(servers, want, "one container per id, none duplicated");
+}

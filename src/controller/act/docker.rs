@@ -85,7 +85,8 @@ impl DockerScaler {
             })
     }
 
-    async fn start_n(&self, count: u32) -> Result<(), ScaleError> {
+    async fn start_ids(&self, ids: &[String]) -> Result<(), ScaleError> {
+        let count = ids.len() as u32;
         let fail = |message: String| ScaleError::Start { count, message };
         let docker = self.client().await.map_err(fail)?;
         let owned = list_owned(&docker, &self.cfg.socket, &self.pipeline)
@@ -95,16 +96,27 @@ impl DockerScaler {
             .iter()
             .filter_map(|c| c.labels.as_ref()?.get(LABEL_PORT)?.parse().ok())
             .collect();
-        for _ in 0..count.min(self.cfg.max_per_round) {
+        for id in ids.iter().take(self.cfg.max_per_round as usize) {
+            // An earlier attempt at this action got as far as creating it: adopt it.
+            let existing = owned
+                .iter()
+                .find(|c| c.labels.as_ref().and_then(|l| l.get(LABEL_SERVER)) == Some(id));
+            if let Some(c) = existing {
+                let created = c.state == Some(bollard::models::ContainerSummaryStateEnum::CREATED);
+                if let (true, Some(cid)) = (created, c.id.as_deref()) {
+                    docker
+                        .start_container(cid, None)
+                        .await
+                        .map_err(|e| fail(format!("start {id}: {e}")))?;
+                }
+                tracing::info!(pipeline = %self.pipeline, server = %id, "container adopted from an earlier attempt");
+                continue;
+            }
             let port = self
                 .free_port(&used)
                 .ok_or_else(|| fail(format!("no free port left in {:?}", self.cfg.ports)))?;
             used.insert(port);
-            let id = format!(
-                "{}{:06x}",
-                self.cfg.name_prefix,
-                rand::rng().random_range(0..0x100_0000u32)
-            );
+            let id = id.clone();
             let mut labels = self.cfg.labels.clone();
             labels.insert(LABEL_PIPELINE.into(), self.pipeline.clone());
             labels.insert(LABEL_SERVICE.into(), self.service.clone());
@@ -226,9 +238,21 @@ impl Scaler for DockerScaler {
         self.cfg.stop_grace
     }
 
-    fn start(&self, count: u32) -> BoxFuture<'_, Result<(), ScaleError>> {
+    fn new_ids(&self, count: u32) -> Vec<String> {
+        (0..count.min(self.cfg.max_per_round))
+            .map(|_| {
+                format!(
+                    "{}{:06x}",
+                    self.cfg.name_prefix,
+                    rand::rng().random_range(0..0x100_0000u32)
+                )
+            })
+            .collect()
+    }
+
+    fn start<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), ScaleError>> {
         Box::pin(async move {
-            let r = self.start_n(count).await;
+            let r = self.start_ids(ids).await;
             if r.is_err() {
                 self.forget_client().await;
             }

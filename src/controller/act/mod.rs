@@ -201,7 +201,12 @@ impl LiveActuator {
             })
     }
 
-    async fn once(&self, action: &Action, command: Option<&Command>) -> Result<(), ActError> {
+    async fn once(
+        &self,
+        action: &Action,
+        command: Option<&Command>,
+        new_ids: &[String],
+    ) -> Result<(), ActError> {
         match &action.kind {
             ActionKind::Shed { .. } | ActionKind::Drain { .. } => {
                 self.publish(command.expect("a command for every shed and drain"))
@@ -215,8 +220,8 @@ impl LiveActuator {
                 self.write_state(server, AdminState::Active, &action.reason.to_string())
                     .await
             }
-            ActionKind::Start { count } => match &self.scaler {
-                Some(s) => Ok(s.start(*count).await?),
+            ActionKind::Start { .. } => match &self.scaler {
+                Some(s) => Ok(s.start(new_ids).await?),
                 None => Err(ActError::NoScaler("start servers")),
             },
             ActionKind::Reap { server } | ActionKind::Discard { server } => match &self.scaler {
@@ -247,11 +252,15 @@ impl Actuator for LiveActuator {
         ctx: ActContext,
     ) -> BoxFuture<'a, Result<(), ActError>> {
         Box::pin(async move {
-            // One command, one id, for every attempt.
+            // One command, one id, for every attempt; one set of new servers likewise.
             let command = command_for(action, ctx, SystemTime::now(), self.command_ttl);
+            let new_ids = match (&action.kind, &self.scaler) {
+                (ActionKind::Start { count }, Some(s)) => s.new_ids(*count),
+                _ => Vec::new(),
+            };
             let limit = self.attempt_timeout(action);
             let attempt = || async {
-                tokio::time::timeout(limit, self.once(action, command.as_ref()))
+                tokio::time::timeout(limit, self.once(action, command.as_ref(), &new_ids))
                     .await
                     .unwrap_or_else(|_| {
                         Err(ActError::Timeout {

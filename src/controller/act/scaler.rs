@@ -12,8 +12,12 @@ pub enum ScaleError {
 }
 
 pub trait Scaler: Send + Sync {
-    /// Starts `count` new servers; they count as pending until they register and pass.
-    fn start(&self, count: u32) -> BoxFuture<'_, Result<(), ScaleError>>;
+    /// The ids of `count` new servers, chosen once per action so that every attempt at it
+    /// starts the same servers: a retried start adopts what an earlier attempt created.
+    fn new_ids(&self, count: u32) -> Vec<String>;
+    /// Starts the servers `ids` (those not already there); they count as pending until they
+    /// register and pass.
+    fn start<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), ScaleError>>;
     /// Stops the cordoned, empty server `server` (only one this scaler owns).
     fn reap<'a>(&'a self, server: &'a str) -> BoxFuture<'a, Result<(), ScaleError>>;
     /// Removes the container of a server that never became healthy, or that stopped.
