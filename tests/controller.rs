@@ -174,7 +174,7 @@ async fn an_operators_cordon_survives_a_hot_fleet_and_the_shortfall_is_reported(
     .await;
     assert_eq!(shortfall, 1.0);
     // Several more rounds past the cooldown: still the operator's record, word for word.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    ctl.rounds(3).await;
     assert_eq!(
         consul.kv_get("rebalancer/ws/servers/op").await.as_deref(),
         Some(operator)
@@ -359,7 +359,8 @@ async fn of_two_controllers_one_acts_and_after_it_dies_the_other_acts_under_a_ne
     })
     .await;
     // A few more rounds: every command carries the one leader's epoch.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lead = if leader == 0 { &a } else { &b };
+    lead.rounds(3).await;
     while let Ok(c) = commands.try_recv() {
         assert_eq!(c.epoch, first.epoch, "two controllers acted");
     }

@@ -235,6 +235,25 @@ impl Controller {
         sample(&self.metrics().await, name, labels)
     }
 
+    /// Decision rounds made so far, whatever their outcome.
+    async fn decisions(&self) -> f64 {
+        let text = self.metrics().await;
+        ["act", "idle", "halted"]
+            .iter()
+            .filter_map(|o| sample(&text, "rebalancer_decisions_total", &[("outcome", o)]))
+            .sum()
+    }
+
+    /// Waits until the controller has made `n` more decision rounds: an observation window
+    /// counted in rounds, not in seconds.
+    pub async fn rounds(&self, n: u32) {
+        let from = self.decisions().await;
+        eventually(&format!("{n} more decision rounds"), WAIT, || async {
+            (self.decisions().await >= from + f64::from(n)).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until the controller leads and has a synced snapshot of `sessions` sessions.
     pub async fn until_synced(&self, sessions: f64) {
         eventually(
