@@ -305,28 +305,29 @@ mod tests {
         let c = docker_cfg(); // provision_timeout 20 s
         let t = with_ours(false); // created at 1 (unix s)
         let t0 = Instant::now();
-        // Watching since long after the container was created: it may well have passed.
-        let mut h = History::watching_from(1_000);
-        h.observe(&t, &c, t0);
-        let p = decide(
-            &t,
-            &c,
-            Capabilities::SCALER,
-            t0 + Duration::from_secs(60),
-            &h,
+        // Discards a minute on, by a controller watching since `watching_from` (unix s).
+        let discarded = |watching_from: i64| {
+            let mut h = History::watching_from(watching_from);
+            h.observe(&t, &c, t0);
+            let p = decide(
+                &t,
+                &c,
+                Capabilities::SCALER,
+                t0 + Duration::from_secs(60),
+                &h,
+            );
+            discards(&p)
+        };
+        assert_eq!(
+            discarded(1_000),
+            0,
+            "watching since long after: it may well have passed"
         );
-        assert_eq!(discards(&p), 0, "{p:?}");
-        // Watching since just after its creation: it never passed, and it is discarded.
-        let mut h = History::watching_from(10);
-        h.observe(&t, &c, t0);
-        let p = decide(
-            &t,
-            &c,
-            Capabilities::SCALER,
-            t0 + Duration::from_secs(60),
-            &h,
+        assert_eq!(
+            discarded(10),
+            1,
+            "watching since just after its creation: it never passed"
         );
-        assert_eq!(discards(&p), 1, "{p:?}");
     }
 
     #[test]
