@@ -36,6 +36,9 @@ pub const ACTIONS: &str = "rebalancer_actions_total";
 pub const ACTION_DURATION: &str = "rebalancer_action_duration_seconds";
 pub const SHED_REQUESTED: &str = "rebalancer_sessions_shed_requested_total";
 pub const UNHEARD: &str = "rebalancer_commands_unheard_total";
+pub const SHED_ACKED: &str = "rebalancer_sessions_shed_acked_total";
+pub const REFUSED: &str = "rebalancer_commands_refused_total";
+pub const UNACKED: &str = "rebalancer_commands_unacked_total";
 pub const EVENT_TO_ACTION: &str = "rebalancer_event_to_action_seconds";
 pub const LEADER: &str = "rebalancer_leader";
 pub const EPOCH: &str = "rebalancer_leader_epoch";
@@ -192,6 +195,24 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Shed and drain commands published while no server was subscribed (PUBLISH answered 0)",
+    ),
+    (
+        SHED_ACKED,
+        Kind::Counter,
+        Unit::Count,
+        "Sessions the servers closed on this controller's commands, as acked",
+    ),
+    (
+        REFUSED,
+        Kind::Counter,
+        Unit::Count,
+        "This controller's commands refused by their server, by reason (stale_epoch, expired, unknown_version)",
+    ),
+    (
+        UNACKED,
+        Kind::Counter,
+        Unit::Count,
+        "This controller's commands with no ack by their expiry plus rebalance.in_transit",
     ),
     (
         EVENT_TO_ACTION,

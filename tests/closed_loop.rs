@@ -310,9 +310,16 @@ async fn a_server_made_of_raw_redis_and_consul_calls_is_treated_like_an_agent_ba
         .await
         .unwrap();
     eventually(
-        "the controller to see the raw server at 50",
+        "the controller to see the raw server at 50 and take in its ack",
         WAIT,
-        || async { (ctl.metric("rebalancer_sessions", &[]).await == Some(60.0)).then_some(()) },
+        || async {
+            (ctl.metric("rebalancer_sessions", &[]).await == Some(60.0)
+                && ctl
+                    .metric("rebalancer_sessions_shed_acked_total", &[])
+                    .await
+                    == Some(40.0))
+            .then_some(())
+        },
     )
     .await;
     let summary = load.finish();
@@ -321,6 +328,155 @@ async fn a_server_made_of_raw_redis_and_consul_calls_is_treated_like_an_agent_ba
         Some(0),
         "the agent-backed server was not shed: {summary}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_right_after_its_first_shed_and_restarted_sheds_no_excess_twice() {
+    // SIGTERM right after the first shed, a new process 0.2 s later: it takes the lock at
+    // once, and must learn from the acks stream that the excess is already on its way.
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start(id, 100, &redis, &consul))
+        .collect();
+    servers_passing(&consul, 3).await;
+    let pile = servers[0].url();
+    let mut load = Loadgen::start(&[
+        "--connections",
+        "150",
+        "--duration",
+        "180s",
+        "--pile-on",
+        &pile,
+        "--consul",
+        &consul.address(),
+        "--service",
+        "ws",
+        "--backoff-max",
+        "1s",
+    ]);
+    let before = counts_where(&redis, "150 clients, s1 full", |c| {
+        total(c) == 150 && c.get("s1") == Some(&100)
+    })
+    .await;
+    let minimum = minimum_moves(&before);
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut ps = client.get_async_pubsub().await.unwrap();
+    ps.subscribe("rebalancer:ws:commands").await.unwrap();
+    let mut msgs = ps.into_on_message();
+    let dir = temp_dir("restart-ctl");
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[rebalance]\ntolerance = 0.05\nround_interval = \"3s\"\n[scale]\nenabled = false\n",
+    );
+    let mut first = Controller::start(&dir, &toml, port);
+    let m = tokio::time::timeout(WAIT, msgs.next())
+        .await
+        .unwrap_or_else(|_| panic!("a first shed; log:\n{}", first.log()))
+        .unwrap();
+    first.terminate();
+    let first_log = first.log();
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = Controller::start(&temp_dir("restart-ctl-2"), &toml, port);
+    let cmd: rebalancer::contract::protocol::Command =
+        serde_json::from_str(&m.get_payload::<String>().unwrap()).unwrap();
+
+    let after = counts_where(&redis, "the fleet within 0.15 of utilization", |c| {
+        c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
+    })
+    .await;
+    // Past the new leader's settle and several of its rounds: nothing more to move.
+    second.until_synced(150.0).await;
+    second.rounds(8).await;
+    load.until_connected(150).await;
+    let summary = load.finish();
+    let acks = redis.acks("ws").await;
+    let moved = shed_in_acks(&acks);
+    println!(
+        "restart after the first shed ({} of {}): before {before:?} after {after:?} moved {moved} \
+         minimum {minimum} acks {} loadgen {summary}",
+        cmd.count,
+        cmd.server,
+        acks.len()
+    );
+    assert!(
+        moved as f64 <= 1.1 * minimum as f64,
+        "moved {moved} for a minimum of {minimum}: shed twice; first log:\n{first_log}\nsecond log:\n{}",
+        second.log()
+    );
+    assert!(
+        second
+            .log()
+            .contains("another controller's shed, remembered"),
+        "the new process read the first one's ack; log:\n{}",
+        second.log()
+    );
+    assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
+    assert_eq!(summary["reconnects"].as_u64(), Some(moved), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_acks_each_command_it_refuses_with_the_reason() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _s1 = DemoServer::start("s1", 100, &redis, &consul);
+    servers_passing(&consul, 1).await;
+    let now = rebalancer::contract::protocol::unix_ms(std::time::SystemTime::now());
+    let cmd = |id: &str, server: &str, epoch: u64, expires_at_ms: u64| {
+        serde_json::json!({"v": 1, "id": id, "kind": "shed", "server": server, "count": 1,
+            "epoch": epoch, "issued_at_ms": now, "expires_at_ms": expires_at_ms})
+        .to_string()
+    };
+    let mut c = redis.conn().await;
+    let sent = [
+        cmd("ok", "s1", 5, now + 60_000),
+        cmd("old-leader", "s1", 4, now + 60_000),
+        cmd("late", "s1", 5, now - 1),
+        cmd("not-mine", "s2", 5, now + 60_000),
+        cmd("ok", "s1", 5, now + 60_000), // a retry: already done, not acked again
+        cmd("marker", "s1", 5, now - 1),  // acked after the retry was dropped
+    ];
+    eventually("s1 to listen for commands", WAIT, || async {
+        let heard: i64 = redis::cmd("PUBLISH")
+            .arg("rebalancer:ws:commands")
+            .arg(&sent[0])
+            .query_async(&mut c.clone())
+            .await
+            .unwrap();
+        (heard == 1).then_some(())
+    })
+    .await;
+    for payload in &sent[1..] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("rebalancer:ws:commands")
+            .arg(payload)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let acks = eventually("the marker's ack", WAIT, || async {
+        let a = redis.acks("ws").await;
+        a.iter().any(|a| a["id"] == "marker").then_some(a)
+    })
+    .await;
+    let by_id = |id: &str| acks.iter().find(|a| a["id"] == id).cloned();
+    let refused = |id: &str| by_id(id).and_then(|a| a.get("refused").cloned());
+    assert_eq!(
+        refused("old-leader").as_deref(),
+        Some("stale_epoch"),
+        "{acks:?}"
+    );
+    assert_eq!(refused("late").as_deref(), Some("expired"), "{acks:?}");
+    let ok = by_id("ok").expect("the obeyed command is acked");
+    assert_eq!((ok.get("refused"), ok["epoch"].as_str()), (None, "5"));
+    assert_eq!(by_id("not-mine"), None, "{acks:?}");
+    assert_eq!(acks.len(), 4, "one ack per command id: {acks:?}");
 }
 
 #[test]

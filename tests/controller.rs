@@ -428,7 +428,9 @@ async fn epochs_never_go_backwards_when_consul_comes_back_empty() {
 
     // A dev agent restarted comes back with no sessions, no keys, LockIndex from 1 again.
     consul.restart().await;
-    fleet(&consul, &redis, &[("s1", "90"), ("s2", "10"), ("s3", "50")]).await;
+    // s1's count moves too: a server whose command went unacked (nobody acks here) is not
+    // shed again until it does.
+    fleet(&consul, &redis, &[("s1", "91"), ("s2", "10"), ("s3", "50")]).await;
     let after = loop {
         let c = tokio::time::timeout(Duration::from_secs(60), commands.recv())
             .await
@@ -444,4 +446,84 @@ async fn epochs_never_go_backwards_when_consul_comes_back_empty() {
         before.epoch,
         after.epoch
     );
+}
+
+#[tokio::test]
+async fn state_writes_are_check_and_set_and_never_overwrite_a_newer_leader_or_an_operator() {
+    use rebalancer::contract::consul::Consul;
+    use rebalancer::controller::act::{ActContext, Actuator, LiveActuator};
+    use rebalancer::controller::decide::{Action, ActionKind};
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let client = Consul::new(&consul.address(), None);
+    let act = LiveActuator::new(
+        "ws",
+        Duration::from_secs(10),
+        redis::Client::open(redis.url()).unwrap(),
+        client.clone(),
+        None,
+    );
+    let cordon = |s: &str| Action {
+        kind: ActionKind::Cordon { server: s.into() },
+        reason: "test".into(),
+    };
+    let reactivate = |s: &str| Action {
+        kind: ActionKind::Reactivate { server: s.into() },
+        reason: "test".into(),
+    };
+    let under = |epoch| ActContext { epoch, version: 1 };
+    let record = |id: &'static str| {
+        let consul = &consul;
+        async move {
+            let raw = consul.kv_get(&format!("rebalancer/ws/servers/{id}")).await;
+            raw.map(|r| serde_json::from_str::<serde_json::Value>(&r).unwrap())
+        }
+    };
+
+    act.execute(&cordon("s1"), under(10)).await.unwrap();
+    let written = record("s1").await.expect("a record");
+    assert_eq!(
+        (&written["state"], &written["by"], &written["epoch"]),
+        (&"cordoned".into(), &"controller".into(), &10.into())
+    );
+    // A deposed leader (epoch 9) cannot undo a newer one's cordon.
+    let err = act
+        .execute(&reactivate("s1"), under(9))
+        .await
+        .expect_err("a write under an older epoch");
+    assert!(err.fenced(), "{err}");
+    assert!(
+        err.to_string().contains("newer leader (epoch 10 > 9)"),
+        "{err}"
+    );
+    assert_eq!(record("s1").await, Some(written), "kept word for word");
+    act.execute(&reactivate("s1"), under(11)).await.unwrap();
+    assert_eq!(record("s1").await.unwrap()["state"], "active");
+
+    // An operator's cordon is never overwritten, whoever leads.
+    let operator = r#"{"state":"cordoned","reason":"maintenance","by":"operator"}"#;
+    consul.kv_put("rebalancer/ws/servers/s2", operator).await;
+    let err = act.execute(&reactivate("s2"), under(12)).await.unwrap_err();
+    assert!(err.to_string().contains("an operator cordoned it"), "{err}");
+    assert_eq!(
+        consul.kv_get("rebalancer/ws/servers/s2").await.as_deref(),
+        Some(operator)
+    );
+
+    // Check-and-set: a write that lands between the read and the put wins.
+    let key = "rebalancer/ws/servers/s3";
+    assert_eq!(client.kv_get(key).await.unwrap(), None);
+    consul.kv_put(key, r#"{"state":"active"}"#).await;
+    assert!(
+        !client.kv_cas(key, b"x".to_vec(), 0).await.unwrap(),
+        "0: only if absent"
+    );
+    let at = client.kv_get(key).await.unwrap().unwrap().modify_index;
+    consul
+        .kv_put(key, r#"{"state":"cordoned","by":"operator"}"#)
+        .await;
+    assert!(!client.kv_cas(key, b"x".to_vec(), at).await.unwrap());
+    assert!(!client.kv_delete_cas(key, at).await.unwrap());
+    let now = client.kv_get(key).await.unwrap().unwrap();
+    assert_eq!(now.value, br#"{"state":"cordoned","by":"operator"}"#);
+    assert!(client.kv_delete_cas(key, now.modify_index).await.unwrap());
 }

@@ -25,7 +25,7 @@ pub use sessions::{CloseReason, SessionGuard, SessionRegistry, Sessions, VictimP
 use crate::contract::consul::Consul;
 use crate::contract::consul_watch::{consul_fetch, watch};
 use crate::contract::protocol::{
-    acks_stream, commands_channel, sessions_key, state_key, unix_ms, Command, CommandKind,
+    acks_stream, commands_channel, sessions_key, state_key, unix_ms, Ack, Command, CommandKind,
 };
 use crate::contract::states::Admin;
 use crate::stages::{BackoffPolicy, StreamStages};
@@ -412,14 +412,29 @@ impl Agent {
             }
         };
         let verdict = filter.check(&cmd, unix_ms(SystemTime::now()));
-        if verdict != Verdict::Accept {
-            if verdict != Verdict::OtherServer {
-                tracing::info!(id = %cmd.id, verdict = verdict.as_str(), "ignoring command");
+        match verdict {
+            Verdict::Accept => {}
+            Verdict::OtherServer | Verdict::Duplicate => return,
+            Verdict::Expired | Verdict::StaleEpoch | Verdict::UnknownVersion => {
+                // Refused: said on the acks stream, so the controller counts it as refused
+                // and a deposed (or misconfigured) leader hears why.
+                tracing::info!(id = %cmd.id, verdict = verdict.as_str(), epoch = cmd.epoch, "refusing command");
+                let ack = Ack {
+                    id: cmd.id.clone(),
+                    server: self.cfg.id.clone(),
+                    requested: cmd.count,
+                    shed: 0,
+                    at_ms: unix_ms(SystemTime::now()),
+                    epoch: cmd.epoch,
+                    refused: Some(verdict.as_str().to_string()),
+                };
+                let (agent, conn) = (self.clone(), conn.clone());
+                tokio::spawn(async move { agent.ack(&ack, conn).await });
+                return;
             }
-            return;
         }
         tracing::info!(id = %cmd.id, kind = cmd.kind.as_str(), count = cmd.count, epoch = cmd.epoch, "obeying command");
-        let (agent, mut conn) = (self.clone(), conn.clone());
+        let (agent, conn) = (self.clone(), conn.clone());
         tokio::spawn(async move {
             let reason = match cmd.kind {
                 CommandKind::Shed => {
@@ -433,28 +448,33 @@ impl Agent {
             let shed = agent
                 .close_spread(cmd.count, agent.cfg.shed_window, reason)
                 .await;
-            let ack = redis::cmd("XADD")
-                .arg(acks_stream(&agent.cfg.service))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(ACKS_MAXLEN)
-                .arg("*")
-                .arg("id")
-                .arg(&cmd.id)
-                .arg("server")
-                .arg(&agent.cfg.id)
-                .arg("requested")
-                .arg(cmd.count)
-                .arg("shed")
-                .arg(shed)
-                .arg("at_ms")
-                .arg(unix_ms(SystemTime::now()))
-                .query_async::<String>(&mut conn)
-                .await;
-            if let Err(e) = ack {
-                tracing::warn!(id = %cmd.id, error = %e, "cannot ack command");
-            }
+            let ack = Ack {
+                id: cmd.id.clone(),
+                server: agent.cfg.id.clone(),
+                requested: cmd.count,
+                shed,
+                at_ms: unix_ms(SystemTime::now()),
+                epoch: cmd.epoch,
+                refused: None,
+            };
+            agent.ack(&ack, conn).await;
         });
+    }
+
+    /// Appends `ack` to the acks stream (capped).
+    async fn ack(&self, ack: &Ack, mut conn: ConnectionManager) {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(acks_stream(&self.cfg.service))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(ACKS_MAXLEN)
+            .arg("*");
+        for (name, value) in ack.fields() {
+            xadd.arg(name).arg(value);
+        }
+        if let Err(e) = xadd.query_async::<String>(&mut conn).await {
+            tracing::warn!(id = %ack.id, error = %e, "cannot ack command");
+        }
     }
 
     /// Closes `n` sessions at random offsets within `window`; returns how many were closed.

@@ -198,4 +198,59 @@ impl Consul {
     pub async fn kv_delete(&self, key: &str) -> Result<(), ConsulError> {
         self.delete(&format!("/v1/kv/{key}")).await.map(|_| ())
     }
+
+    /// Reads one KV entry with a consistent read, with the index a check-and-set names.
+    pub async fn kv_get(&self, key: &str) -> Result<Option<KvValue>, ConsulError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Entry {
+            modify_index: u64,
+            #[serde(default)]
+            value: Option<String>,
+        }
+        use base64::Engine;
+        let path = format!("/v1/kv/{key}?consistent");
+        let Some(body) = self.get(&path).await? else {
+            return Ok(None);
+        };
+        let entries: Vec<Entry> = Consul::decode(&path, &body)?;
+        let Some(e) = entries.into_iter().next() else {
+            return Ok(None);
+        };
+        let value = match e.value {
+            None => Vec::new(),
+            Some(v) => base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .map_err(|e| ConsulError::Decode {
+                    url: path.clone(),
+                    source: serde::de::Error::custom(format!("value is not base64: {e}")),
+                })?,
+        };
+        Ok(Some(KvValue {
+            modify_index: e.modify_index,
+            value,
+        }))
+    }
+
+    /// Writes a KV value only if the entry is still at `index` (0: only if it does not
+    /// exist). `false`: someone else wrote it first.
+    pub async fn kv_cas(&self, key: &str, value: Vec<u8>, index: u64) -> Result<bool, ConsulError> {
+        let body = self
+            .put(&format!("/v1/kv/{key}?cas={index}"), value)
+            .await?;
+        Ok(body.trim_ascii() == b"true")
+    }
+
+    /// Deletes a KV entry only if it is still at `index`. `false`: it changed meanwhile.
+    pub async fn kv_delete_cas(&self, key: &str, index: u64) -> Result<bool, ConsulError> {
+        let body = self.delete(&format!("/v1/kv/{key}?cas={index}")).await?;
+        Ok(body.trim_ascii() == b"true")
+    }
+}
+
+/// A KV entry read for a check-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvValue {
+    pub modify_index: u64,
+    pub value: Vec<u8>,
 }

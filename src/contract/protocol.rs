@@ -85,6 +85,81 @@ pub struct Command {
     pub sig: Option<String>,
 }
 
+/// One entry of [`acks_stream`]: what a server did with a command addressed to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// The command's `id`.
+    pub id: String,
+    pub server: String,
+    /// The command's `count`.
+    pub requested: u64,
+    /// Sessions closed (0 when refused).
+    pub shed: u64,
+    /// When the server finished (or refused), in Unix milliseconds.
+    pub at_ms: u64,
+    /// The command's `epoch`; 0 in acks of servers older than this field.
+    pub epoch: u64,
+    /// Why the server refused the command (`stale_epoch`, `expired`, `unknown_version`);
+    /// absent when it obeyed.
+    pub refused: Option<String>,
+}
+
+/// Longest `id`, `server` or `refused` value an ack reader keeps; longer entries are not acks.
+pub const ACK_FIELD_MAX: usize = 128;
+
+impl Ack {
+    /// The stream entry's fields, in the documented order.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("id", self.id.clone()),
+            ("server", self.server.clone()),
+            ("requested", self.requested.to_string()),
+            ("shed", self.shed.to_string()),
+            ("at_ms", self.at_ms.to_string()),
+            ("epoch", self.epoch.to_string()),
+        ];
+        if let Some(r) = &self.refused {
+            f.push(("refused", r.clone()));
+        }
+        f
+    }
+
+    /// Reads an entry through `field` (its value by name); says which field is wrong.
+    pub fn from_fields(field: impl Fn(&str) -> Option<String>) -> Result<Ack, String> {
+        let text = |name: &str| -> Result<String, String> {
+            let v = field(name).ok_or_else(|| format!("no field `{name}`"))?;
+            if v.is_empty() || v.len() > ACK_FIELD_MAX {
+                return Err(format!(
+                    "field `{name}` is empty or over {ACK_FIELD_MAX} bytes"
+                ));
+            }
+            Ok(v)
+        };
+        let number = |name: &str| -> Result<u64, String> {
+            text(name)?
+                .parse()
+                .map_err(|_| format!("field `{name}` is not a non-negative integer"))
+        };
+        Ok(Ack {
+            id: text("id")?,
+            server: text("server")?,
+            requested: number("requested")?,
+            shed: number("shed")?,
+            at_ms: number("at_ms")?,
+            epoch: if field("epoch").is_some() {
+                number("epoch")?
+            } else {
+                0
+            },
+            refused: if field("refused").is_some() {
+                Some(text("refused")?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
 /// Administrative state of a server, as stored in Consul KV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,6 +193,9 @@ pub struct StateRecord {
     /// `"controller"` or `"operator"`; absent: the controller (records of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// The epoch of the leader that wrote it; a leader never overwrites a newer one's record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 impl StateRecord {
@@ -198,6 +276,50 @@ mod tests {
             json,
             r#"{"v":1,"id":"abc","kind":"shed","server":"s1","count":40,"epoch":3,"issued_at_ms":10,"expires_at_ms":20}"#
         );
+    }
+
+    #[test]
+    fn an_ack_reads_back_what_it_writes_and_a_bad_field_is_named() {
+        let ack = Ack {
+            id: "abc".into(),
+            server: "s1".into(),
+            requested: 40,
+            shed: 0,
+            at_ms: 12,
+            epoch: 7,
+            refused: Some("stale_epoch".into()),
+        };
+        let fields = ack.fields();
+        let get = |k: &str| fields.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(Ack::from_fields(get), Ok(ack.clone()));
+        // An ack of an older agent: no epoch, no refusal.
+        let old = |k: &str| match k {
+            "epoch" | "refused" => None,
+            _ => get(k),
+        };
+        assert_eq!(
+            Ack::from_fields(old).map(|a| (a.epoch, a.refused)),
+            Ok((0, None))
+        );
+        let bad = |k: &str| {
+            if k == "shed" {
+                Some("-1".into())
+            } else {
+                get(k)
+            }
+        };
+        assert_eq!(
+            Ack::from_fields(bad),
+            Err("field `shed` is not a non-negative integer".into())
+        );
+        let long = |k: &str| {
+            if k == "id" {
+                Some("x".repeat(200))
+            } else {
+                get(k)
+            }
+        };
+        assert!(Ack::from_fields(long).unwrap_err().contains("`id`"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
 use crate::contract::protocol::leader_key;
 use crate::controller::act::{docker::DockerScaler, Actuator, LiveActuator, Scaler};
-use crate::controller::{feed, leader, pipeline};
+use crate::controller::{acks, feed, leader, pipeline};
 use crate::fleet::events::Events;
 use crate::fleet::view::{self, ViewError};
 use crate::telemetry::TelemetryError;
@@ -106,7 +106,13 @@ pub fn spawn_pipeline(
         lease_tx,
         together.clone(),
     ));
+    let redis =
+        redis::Client::open(cfg.redis.url.as_str()).map_err(|source| ViewError::RedisUrl {
+            pipeline: cfg.name.clone(),
+            source,
+        })?;
     let inputs = pipeline::Inputs {
+        acks: acks::spawn(redis, &cfg.service, together.clone()),
         snapshots,
         leadership,
         lock: Arc::new(leader::ConsulLockCheck {

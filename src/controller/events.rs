@@ -5,13 +5,25 @@ use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 
+use crate::contract::protocol::Ack;
 use crate::controller::act::execute::ActResult;
+use crate::controller::decide::history::AckSeen;
 use crate::controller::decide::{Action, ActionKind, Plan};
 use crate::fleet::events::Events;
 use crate::telemetry::{
     ACTIONS, ACTION_DURATION, DECISIONS, DECISION_DURATION, EPOCH, EVENT_TO_ACTION, LEADER,
-    SHED_REQUESTED, SHORTFALL, UNHEARD, UNREAPED,
+    REFUSED, SHED_ACKED, SHED_REQUESTED, SHORTFALL, UNACKED, UNHEARD, UNREAPED,
 };
+
+/// A refusal reason as a bounded label: the agent's own reasons, anything else `other`.
+fn refusal_label(reason: &str) -> &'static str {
+    match reason {
+        "stale_epoch" => "stale_epoch",
+        "expired" => "expired",
+        "unknown_version" => "unknown_version",
+        _ => "other",
+    }
+}
 
 impl Events {
     pub fn decision(&self, plan: &Plan, took: Duration, version: u64, changed: bool) {
@@ -65,6 +77,37 @@ impl Events {
                 tracing::info!(pipeline = %self.pipeline, version, result, action = %a, "action");
             }
         }
+    }
+
+    /// An ack read from the acks stream, as the history saw it.
+    pub fn ack(&self, ack: &Ack, seen: AckSeen) {
+        match (seen, ack.refused.as_deref()) {
+            (AckSeen::Obeyed, _) => {
+                counter!(SHED_ACKED, "pipeline" => self.p()).increment(ack.shed);
+                if ack.shed < ack.requested {
+                    tracing::info!(pipeline = %self.pipeline, id = %ack.id, server = %ack.server, requested = ack.requested, shed = ack.shed, "command acked: fewer sessions closed than asked");
+                }
+            }
+            (AckSeen::Refused, Some(reason)) => {
+                let reason = refusal_label(reason);
+                counter!(REFUSED, "pipeline" => self.p(), "reason" => reason).increment(1);
+                if reason == "stale_epoch" {
+                    tracing::error!(pipeline = %self.pipeline, id = %ack.id, server = %ack.server, epoch = ack.epoch, "a server refused this controller's epoch as stale: another leader has spoken since, or epochs went backwards");
+                } else {
+                    tracing::warn!(pipeline = %self.pipeline, id = %ack.id, server = %ack.server, reason, "command refused by its server");
+                }
+            }
+            (AckSeen::Foreign, _) => {
+                tracing::info!(pipeline = %self.pipeline, id = %ack.id, server = %ack.server, shed = ack.shed, epoch = ack.epoch, "another controller's shed, remembered");
+            }
+            _ => {}
+        }
+    }
+
+    /// A command past its deadline without an ack.
+    pub fn unacked(&self, server: &str) {
+        counter!(UNACKED, "pipeline" => self.p()).increment(1);
+        tracing::warn!(pipeline = %self.pipeline, server, "command unacked past its deadline; that server is not shed again until its count moves");
     }
 
     pub fn event_to_action(&self, latency: Duration) {

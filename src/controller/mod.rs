@@ -3,6 +3,7 @@
 //! functions ([`decide`]) and acts through an [`act::Actuator`] while it holds the leader
 //! lock ([`leader`]); its snapshots are served on the topology [`feed`].
 
+pub mod acks;
 pub mod act;
 pub mod app;
 pub mod decide;

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PipelineConfig;
+use crate::contract::protocol::{unix_ms, Ack};
 use crate::controller::act::execute::{execute, Mode};
 use crate::controller::act::Actuator;
 use crate::controller::decide::{decide, ActionKind, Halt, History, Withheld};
@@ -31,6 +32,8 @@ pub struct Inputs {
     /// Asked right before every batch with a destructive action.
     pub lock: Arc<dyn LockCheck>,
     pub actuator: Arc<dyn Actuator>,
+    /// The acks stream, as read by [`crate::controller::acks`]: what servers did.
+    pub acks: mpsc::Receiver<Ack>,
 }
 
 /// Runs the decision loop of one pipeline until `shutdown` or until its snapshots end.
@@ -40,7 +43,9 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
         leadership,
         lock,
         actuator,
+        mut acks,
     } = inputs;
+    let mut acks_open = true;
     let can = actuator.capabilities();
     tracing::info!(pipeline = %cfg.name, service = %cfg.service, dry_run = cfg.dry_run, file = %cfg.file.display(), "pipeline started");
 
@@ -56,6 +61,16 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
             () = shutdown.cancelled() => break,
             changed = snapshots.changed() => if changed.is_err() { break },
             _ = tick.tick() => {}
+            ack = acks.recv(), if acks_open => {
+                match ack {
+                    Some(ack) => {
+                        let seen = history.acked(&ack, Instant::now(), unix_ms(std::time::SystemTime::now()));
+                        events.ack(&ack, seen);
+                    }
+                    None => acks_open = false,
+                }
+                continue;
+            }
         }
         let t = snapshots.borrow_and_update().clone();
         if t.version == 0 {
@@ -70,6 +85,9 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
         }
         leading = leads;
         history.observe(&t, &cfg.decide, now);
+        for server in history.expire_unacked(now) {
+            events.unacked(&server);
+        }
         let started = std::time::Instant::now();
         let plan = decide(&t, &cfg.decide, can, now, &history);
         let report = (plan.halted.clone(), plan.withheld.clone());
@@ -99,6 +117,12 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
             history.record(&plan, now);
         }
         let done = execute(&plan, mode, actuator.as_ref(), t.version, &events).await;
+        // An ack is due once the command has expired and its sessions have had their window.
+        let ack_due = Instant::now() + cfg.command_ttl + cfg.decide.rebalance.in_transit;
+        for c in &done.commands {
+            let count = t.get(&c.server).and_then(|s| s.sessions.known());
+            history.sent(&c.id, &c.server, count, ack_due);
+        }
         if done.failed(&plan, |a| matches!(a.kind, ActionKind::Start { .. })) {
             history.failed(Instant::now()); // the engine refused: back off, do not wait on it
         }
@@ -129,6 +153,7 @@ mod tests {
         snapshots: watch::Sender<Arc<Topology>>,
         leadership: watch::Sender<Option<Lease>>,
         actuator: Arc<Recording>,
+        acks: mpsc::Sender<Ack>,
         metrics: PrometheusHandle,
         stop: CancellationToken,
         task: tokio::task::JoinHandle<()>,
@@ -160,17 +185,20 @@ mod tests {
             ..Recording::default()
         });
         let stop = CancellationToken::new();
+        let (acks, acks_rx) = mpsc::channel(16);
         let inputs = Inputs {
             snapshots: snapshots_rx,
             leadership: leadership_rx,
             lock,
             actuator: actuator.clone(),
+            acks: acks_rx,
         };
         let task = tokio::spawn(run(cfg, inputs, Events::new(name), stop.clone()));
         Harness {
             snapshots,
             leadership,
             actuator,
+            acks,
             metrics: recorder.handle(),
             stop,
             task,
@@ -367,6 +395,110 @@ mod tests {
                 "pipeline=\"lost\",kind=\"shed\",result=\"not_leader\""
             ) >= Some(1.0)
         );
+        h.stop().await;
+    }
+
+    /// An ack of `shed` sessions from `server` for command `id`, just now.
+    fn ack(id: &str, server: &str, shed: u64, refused: Option<&str>) -> Ack {
+        Ack {
+            id: id.into(),
+            server: server.into(),
+            requested: 40,
+            shed,
+            at_ms: unix_ms(std::time::SystemTime::now()),
+            epoch: 1,
+            refused: refused.map(Into::into),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shed_another_controller_made_is_read_from_the_acks_and_not_made_again() {
+        // A standby (or a restarted leader) reads the old leader's ack: that excess is
+        // already on its way, so `a` is not shed again within round_interval of it.
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start("foreign", "", Duration::ZERO, &rec);
+        h.send(unbalanced(), 1);
+        h.acks.send(ack("old-leader", "a", 40, None)).await.unwrap();
+        h.leadership.send_replace(Some(lease(2)));
+        tokio::time::sleep(Duration::from_secs(14)).await;
+        assert!(
+            h.actuator.actions().is_empty(),
+            "shed the same excess twice"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            h.actuator.actions().len(),
+            1,
+            "shed once round_interval has passed"
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unacked_command_holds_its_server_until_its_count_moves() {
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start("unacked", "", Duration::ZERO, &rec);
+        h.leadership.send_replace(Some(lease(1)));
+        h.send(unbalanced(), 1);
+        // Shed after the settle (5 s); no ack by the command's TTL (10 s) + in_transit (5 s).
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(h.actuator.actions().len(), 1, "shed again with no ack");
+        let labels = "pipeline=\"unacked\"";
+        assert_eq!(
+            h.sample("rebalancer_commands_unacked_total", labels),
+            Some(1.0)
+        );
+        // The count moves: the server is judged again.
+        h.send(fleet(vec![server("a", 100, 85), server("b", 100, 15)]), 2);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(h.actuator.actions().len(), 2);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_are_counted_and_a_refusal_is_counted_by_its_reason_not_as_shed() {
+        let rec = recorder();
+        let _default = metrics::set_default_local_recorder(&rec);
+        let h = start("acked", "", Duration::ZERO, &rec);
+        h.leadership.send_replace(Some(lease(1)));
+        h.send(
+            fleet(vec![
+                server("a", 100, 90),
+                server("b", 100, 90),
+                server("c", 100, 0),
+                server("d", 100, 0),
+            ]),
+            1,
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let sent = h.actuator.commands();
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        h.acks
+            .send(ack(&sent[0].id, &sent[0].server, 0, Some("stale_epoch")))
+            .await
+            .unwrap();
+        h.acks
+            .send(ack(&sent[1].id, &sent[1].server, 17, None))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let p = "pipeline=\"acked\"";
+        assert_eq!(
+            h.sample(
+                "rebalancer_commands_refused_total",
+                &format!("{p},reason=\"stale_epoch\"")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            h.sample("rebalancer_sessions_shed_acked_total", p),
+            Some(17.0)
+        );
+        // Both answered: neither is counted unacked later.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(h.sample("rebalancer_commands_unacked_total", p), None);
         h.stop().await;
     }
 }

@@ -273,6 +273,11 @@ impl Controller {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// A graceful stop: SIGTERM, and up to 15 s to exit.
+    pub fn terminate(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(15));
+    }
 }
 
 impl Drop for Controller {

@@ -7,6 +7,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
 use super::{ActContext, ActError, Actuator};
+use crate::contract::protocol::Command;
 use crate::controller::decide::{Action, Plan};
 use crate::fleet::events::Events;
 
@@ -19,6 +20,9 @@ pub enum ActResult {
     Error,
     /// A command was published and no server was subscribed to hear it.
     Unheard,
+    /// The state record stopped it: an operator's cordon, a newer leader's record, or a
+    /// write that lost its check-and-set.
+    Fenced,
     /// Decided but not done: the pipeline is a dry run.
     DryRun,
     /// Decided but not done: another controller holds the leader lock.
@@ -31,6 +35,7 @@ impl ActResult {
             ActResult::Ok => "ok",
             ActResult::Error => "error",
             ActResult::Unheard => "unheard",
+            ActResult::Fenced => "fenced",
             ActResult::DryRun => "dry_run",
             ActResult::NotLeader => "not_leader",
         }
@@ -60,6 +65,8 @@ pub struct Executed {
     pub results: Vec<ActResult>,
     /// When the first action completed, if any was attempted.
     pub first_done: Option<Instant>,
+    /// The commands published, each awaiting its ack.
+    pub commands: Vec<Command>,
 }
 
 impl Executed {
@@ -103,18 +110,21 @@ pub async fn execute(
         .collect();
     let mut results = vec![ActResult::Error; plan.actions.len()];
     let mut first_done = None;
+    let mut commands = Vec::new();
     // Completions arrive in the order they happen: the first is the earliest.
     while let Some((i, a, t0, r)) = running.next().await {
         let done = Instant::now();
         first_done.get_or_insert(done);
         results[i] = match r {
-            Ok(()) => {
+            Ok(command) => {
                 events.action(a, ActResult::Ok, done - t0, version, None);
+                commands.extend(command);
                 ActResult::Ok
             }
             Err(e) => {
                 let result = match e {
                     ActError::NoReceivers { .. } => ActResult::Unheard,
+                    ref e if e.fenced() => ActResult::Fenced,
                     _ => ActResult::Error,
                 };
                 events.action(a, result, done - t0, version, Some(&e.to_string()));
@@ -125,6 +135,7 @@ pub async fn execute(
     Executed {
         results,
         first_done,
+        commands,
     }
 }
 
@@ -135,5 +146,6 @@ fn skipped(plan: &Plan, result: ActResult, version: u64, events: &Events) -> Exe
     Executed {
         results: vec![result; plan.actions.len()],
         first_done: None,
+        commands: Vec::new(),
     }
 }

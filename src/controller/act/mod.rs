@@ -48,6 +48,10 @@ pub enum ActError {
         #[source]
         source: ConsulError,
     },
+    #[error("will not write the state of {server}: {why}")]
+    StateFenced { server: String, why: String },
+    #[error("the state record of {server} changed while it was being written (check-and-set failed); not overwritten")]
+    StateConflict { server: String },
     #[error("no scaler is configured to {0}")]
     NoScaler(&'static str),
     #[error(transparent)]
@@ -62,12 +66,32 @@ pub enum ActError {
     },
 }
 
+impl ActError {
+    /// Worth another attempt: not a refusal that the same attempt would meet again.
+    pub fn retryable(&self) -> bool {
+        !matches!(
+            self,
+            ActError::NoScaler(_) | ActError::StateFenced { .. } | ActError::StateConflict { .. }
+        )
+    }
+
+    /// The state record stopped the action: a newer leader's, an operator's, or changed.
+    pub fn fenced(&self) -> bool {
+        matches!(
+            self,
+            ActError::StateFenced { .. } | ActError::StateConflict { .. }
+        )
+    }
+}
+
 pub trait Actuator: Send + Sync {
+    /// Carries out `action`; a shed or drain answers with the command it published, whose
+    /// ack the pipeline then awaits.
     fn execute<'a>(
         &'a self,
         action: &'a Action,
         ctx: ActContext,
-    ) -> BoxFuture<'a, Result<(), ActError>>;
+    ) -> BoxFuture<'a, Result<Option<Command>, ActError>>;
 
     /// What it can do besides commands and state writes (a scaler for `Start` and `Reap`).
     fn capabilities(&self) -> Capabilities {
@@ -179,31 +203,76 @@ impl LiveActuator {
         }
     }
 
+    /// Reads `server`'s state record for a check-and-set: its index (0: none), or why it
+    /// must not be touched under `epoch` (an operator's cordon, a newer leader's record, a
+    /// record that cannot be read).
+    async fn fenced_index(&self, server: &str, epoch: u64) -> Result<u64, ActError> {
+        let key = state_key(&self.service, server);
+        let current = self
+            .consul
+            .kv_get(&key)
+            .await
+            .map_err(|source| ActError::WriteState {
+                server: server.to_string(),
+                source,
+            })?;
+        let Some(kv) = current else { return Ok(0) };
+        let fenced = |why: String| ActError::StateFenced {
+            server: server.to_string(),
+            why,
+        };
+        let rec: StateRecord = serde_json::from_slice(&kv.value)
+            .map_err(|e| fenced(format!("its record cannot be read ({e})")))?;
+        if rec.state == AdminState::Cordoned && rec.by_operator() {
+            return Err(fenced("an operator cordoned it".into()));
+        }
+        if let Some(theirs) = rec.epoch.filter(|e| *e > epoch) {
+            return Err(fenced(format!(
+                "its record was written by a newer leader (epoch {theirs} > {epoch})"
+            )));
+        }
+        Ok(kv.modify_index)
+    }
+
+    /// Writes `server`'s state with a check-and-set on the record read just before, so a
+    /// deposed leader never overwrites a newer one's write, nor anyone's concurrent write.
     async fn write_state(
         &self,
         server: &str,
         state: AdminState,
         reason: &str,
+        epoch: u64,
     ) -> Result<(), ActError> {
+        let index = self.fenced_index(server, epoch).await?;
         let record = StateRecord {
             state,
             since_ms: unix_ms(SystemTime::now()),
             reason: reason.to_string(),
             by: Some(BY_CONTROLLER.to_string()),
+            epoch: Some(epoch),
         };
         let body = serde_json::to_vec(&record).expect("state records serialize");
-        self.consul
-            .kv_put(&state_key(&self.service, server), body)
+        let written = self
+            .consul
+            .kv_cas(&state_key(&self.service, server), body, index)
             .await
             .map_err(|source| ActError::WriteState {
                 server: server.to_string(),
                 source,
+            })?;
+        if written {
+            Ok(())
+        } else {
+            Err(ActError::StateConflict {
+                server: server.to_string(),
             })
+        }
     }
 
     async fn once(
         &self,
         action: &Action,
+        ctx: ActContext,
         command: Option<&Command>,
         new_ids: &[String],
     ) -> Result<(), ActError> {
@@ -213,11 +282,13 @@ impl LiveActuator {
                     .await
             }
             ActionKind::Cordon { server } => {
-                self.write_state(server, AdminState::Cordoned, &action.reason.to_string())
+                let reason = action.reason.to_string();
+                self.write_state(server, AdminState::Cordoned, &reason, ctx.epoch)
                     .await
             }
             ActionKind::Reactivate { server } => {
-                self.write_state(server, AdminState::Active, &action.reason.to_string())
+                let reason = action.reason.to_string();
+                self.write_state(server, AdminState::Active, &reason, ctx.epoch)
                     .await
             }
             ActionKind::Start { .. } => match &self.scaler {
@@ -226,18 +297,32 @@ impl LiveActuator {
             },
             ActionKind::Reap { server } | ActionKind::Discard { server } => match &self.scaler {
                 Some(s) => {
+                    // Fenced before anything is stopped; the record goes only if unchanged.
+                    let index = self.fenced_index(server, ctx.epoch).await?;
                     if matches!(action.kind, ActionKind::Reap { .. }) {
                         s.reap(server).await?;
                     } else {
                         s.discard(server).await?;
                     }
-                    self.consul
-                        .kv_delete(&state_key(&self.service, server))
-                        .await
-                        .map_err(|source| ActError::WriteState {
+                    if index == 0 {
+                        return Ok(());
+                    }
+                    let key = state_key(&self.service, server);
+                    let deleted =
+                        self.consul
+                            .kv_delete_cas(&key, index)
+                            .await
+                            .map_err(|source| ActError::WriteState {
+                                server: server.to_string(),
+                                source,
+                            })?;
+                    if deleted {
+                        Ok(())
+                    } else {
+                        Err(ActError::StateConflict {
                             server: server.to_string(),
-                            source,
                         })
+                    }
                 }
                 None => Err(ActError::NoScaler("reap servers")),
             },
@@ -250,7 +335,7 @@ impl Actuator for LiveActuator {
         &'a self,
         action: &'a Action,
         ctx: ActContext,
-    ) -> BoxFuture<'a, Result<(), ActError>> {
+    ) -> BoxFuture<'a, Result<Option<Command>, ActError>> {
         Box::pin(async move {
             // One command, one id, for every attempt; one set of new servers likewise.
             let command = command_for(action, ctx, SystemTime::now(), self.command_ttl);
@@ -260,7 +345,7 @@ impl Actuator for LiveActuator {
             };
             let limit = self.attempt_timeout(action);
             let attempt = || async {
-                tokio::time::timeout(limit, self.once(action, command.as_ref(), &new_ids))
+                tokio::time::timeout(limit, self.once(action, ctx, command.as_ref(), &new_ids))
                     .await
                     .unwrap_or_else(|_| {
                         Err(ActError::Timeout {
@@ -278,8 +363,9 @@ impl Actuator for LiveActuator {
                         .with_jitter(),
                 )
                 .sleep(tokio::time::sleep)
-                .when(|e| !matches!(e, ActError::NoScaler(_)))
-                .await
+                .when(ActError::retryable)
+                .await?;
+            Ok(command)
         })
     }
 
@@ -297,6 +383,7 @@ impl Actuator for LiveActuator {
 #[derive(Default)]
 pub struct Recording {
     pub done: Mutex<Vec<(Action, ActContext)>>,
+    pub published: Mutex<Vec<Command>>,
     pub delay: Duration,
 }
 
@@ -305,6 +392,11 @@ impl Recording {
     pub fn actions(&self) -> Vec<(Action, ActContext)> {
         self.done.lock().expect("not poisoned").clone()
     }
+
+    /// The commands the sheds and drains so far would have published.
+    pub fn commands(&self) -> Vec<Command> {
+        self.published.lock().expect("not poisoned").clone()
+    }
 }
 
 impl Actuator for Recording {
@@ -312,7 +404,7 @@ impl Actuator for Recording {
         &'a self,
         action: &'a Action,
         ctx: ActContext,
-    ) -> BoxFuture<'a, Result<(), ActError>> {
+    ) -> BoxFuture<'a, Result<Option<Command>, ActError>> {
         Box::pin(async move {
             if !self.delay.is_zero() {
                 tokio::time::sleep(self.delay).await;
@@ -321,7 +413,11 @@ impl Actuator for Recording {
                 .lock()
                 .expect("not poisoned")
                 .push((action.clone(), ctx));
-            Ok(())
+            let command = command_for(action, ctx, SystemTime::now(), Duration::from_secs(10));
+            if let Some(c) = &command {
+                self.published.lock().expect("not poisoned").push(c.clone());
+            }
+            Ok(command)
         })
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{ActionKind, DecideConfig, Plan};
+use crate::contract::protocol::Ack;
 use crate::fleet::topology::{ServerId, Topology};
 
 pub use crate::config::decide::BUDGET_WINDOW;
@@ -33,6 +34,37 @@ pub struct History {
     /// provision timeout before may have passed unseen, so they are never discarded.
     watching_since_s: i64,
     last_discard: Option<Instant>,
+    /// Commands this controller published, by id, until acked or past their deadline.
+    outstanding: HashMap<String, Outstanding>,
+    /// Ids of this controller's commands no longer outstanding, so a late ack is not taken
+    /// for another controller's shed (bounded: the newest [`SENT_REMEMBERED`]).
+    sent: VecDeque<String>,
+    /// Servers whose command went unacked, with their count when it was sent: not shed
+    /// again until the count changes (the command may still be in effect, or the server deaf).
+    unacked: HashMap<ServerId, Option<u64>>,
+}
+
+/// How many of its own command ids a controller remembers after they are settled.
+const SENT_REMEMBERED: usize = 1024;
+
+#[derive(Debug, Clone)]
+struct Outstanding {
+    server: ServerId,
+    count_at_send: Option<u64>,
+    deadline: Instant,
+}
+
+/// What an ack read from the acks stream meant to this controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckSeen {
+    /// One of this controller's commands, obeyed.
+    Obeyed,
+    /// One of this controller's commands, refused by its server.
+    Refused,
+    /// Another controller's (or an earlier run's) shed, now part of this history.
+    Foreign,
+    /// Another controller's refusal, or too old to matter.
+    Ignored,
 }
 
 impl History {
@@ -91,6 +123,11 @@ impl History {
             }
         }
         self.pending_since = pending;
+        // A held-back server is judged again once its count has moved.
+        self.unacked.retain(|id, held| {
+            t.get(id)
+                .is_some_and(|s| s.sessions.known() == *held || s.sessions.known().is_none())
+        });
 
         let horizon = cfg.rebalance.round_interval.max(BUDGET_WINDOW);
         self.last_shed
@@ -146,6 +183,87 @@ impl History {
                 }
             }
         }
+    }
+
+    /// Remembers a command this controller published: acked, or counted unacked after
+    /// `deadline`. `count` is its server's session count when it was sent.
+    pub fn sent(&mut self, id: &str, server: &str, count: Option<u64>, deadline: Instant) {
+        self.outstanding.insert(
+            id.to_string(),
+            Outstanding {
+                server: server.into(),
+                count_at_send: count,
+                deadline,
+            },
+        );
+    }
+
+    fn settle_sent(&mut self, id: String) {
+        if self.sent.len() == SENT_REMEMBERED {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(id);
+    }
+
+    /// Takes in an ack read from the acks stream at `now` (`now_ms` on the wall clock).
+    /// Another controller's shed, or one of an earlier run of this one, becomes this
+    /// history's own, at the time the server finished it: a new leader does not shed the
+    /// same excess again, nor spend the budget twice.
+    pub fn acked(&mut self, ack: &Ack, now: Instant, now_ms: u64) -> AckSeen {
+        if let Some(o) = self.outstanding.remove(&ack.id) {
+            self.settle_sent(ack.id.clone());
+            if ack.refused.is_some() {
+                return AckSeen::Refused;
+            }
+            self.unacked.remove(&o.server);
+            return AckSeen::Obeyed;
+        }
+        if self.sent.contains(&ack.id) {
+            // Ours, acked after its deadline: already counted unacked; the count will tell.
+            return if ack.refused.is_some() {
+                AckSeen::Refused
+            } else {
+                AckSeen::Obeyed
+            };
+        }
+        let age = Duration::from_millis(now_ms.saturating_sub(ack.at_ms));
+        if ack.refused.is_some() || ack.shed == 0 || age >= BUDGET_WINDOW {
+            return AckSeen::Ignored;
+        }
+        let at = now.checked_sub(age).unwrap_or(now);
+        let last = self
+            .last_shed
+            .entry(ack.server.as_str().into())
+            .or_insert(at);
+        *last = (*last).max(at);
+        let i = self.disruptions.partition_point(|(t, _)| *t <= at);
+        self.disruptions.insert(i, (at, ack.shed));
+        AckSeen::Foreign
+    }
+
+    /// Commands past their deadline with no ack: their servers are held until their count
+    /// changes. Returns those servers, each once.
+    pub fn expire_unacked(&mut self, now: Instant) -> Vec<ServerId> {
+        let late: Vec<String> = self
+            .outstanding
+            .iter()
+            .filter(|(_, o)| o.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut servers = Vec::with_capacity(late.len());
+        for id in late {
+            if let Some(o) = self.outstanding.remove(&id) {
+                self.unacked.insert(o.server.clone(), o.count_at_send);
+                servers.push(o.server);
+            }
+            self.settle_sent(id);
+        }
+        servers
+    }
+
+    /// Whether `server`'s last command went unacked and its count has not moved since.
+    pub fn held_unacked(&self, server: &str) -> bool {
+        self.unacked.contains_key(server)
     }
 
     /// A provision failed (a start refused, a container that never came up): scale-out

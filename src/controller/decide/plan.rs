@@ -326,6 +326,10 @@ pub enum Withheld {
     ShedRecently {
         servers: usize,
     },
+    /// Their last command went unacked and their count has not moved since.
+    Unacked {
+        servers: usize,
+    },
     NoBudget {
         servers: usize,
         per_minute: u64,
@@ -390,6 +394,10 @@ impl fmt::Display for Withheld {
             Withheld::ShedRecently { servers } => write!(
                 f,
                 "shed: {servers} server(s) already shed within round_interval"
+            ),
+            Withheld::Unacked { servers } => write!(
+                f,
+                "shed/drain: {servers} server(s) held back, their last command went unacked and their count has not moved"
             ),
             Withheld::NoBudget { servers, per_minute } => write!(
                 f,

@@ -56,7 +56,7 @@ pub fn plan(
     let allowed = (cfg.disruption_budget * totals.sessions as f64).ceil() as u64;
     let mut budget = allowed.saturating_sub(h.disrupted(now));
     // Withheld servers are summarized, not listed one line each: fleets can be large.
-    let (mut recent, mut no_budget, mut no_room) = (0usize, 0usize, 0usize);
+    let (mut recent, mut no_budget, mut no_room, mut unacked) = (0usize, 0usize, 0usize, 0usize);
 
     // Cordoned servers have target 0: drain them first, at drain_rate.
     let mut cordoned: Vec<&Server> = t
@@ -72,6 +72,10 @@ pub fn plan(
     });
     for s in cordoned {
         if h.shed_within(&s.id, now, cfg.round_interval) {
+            continue;
+        }
+        if h.held_unacked(&s.id) {
+            unacked += 1;
             continue;
         }
         let sessions = s.sessions.known().unwrap_or(0);
@@ -124,6 +128,10 @@ pub fn plan(
             recent += 1;
             continue;
         }
+        if h.held_unacked(&s.id) {
+            unacked += 1;
+            continue;
+        }
         let paced = ((offload as f64 * cfg.shed_fraction).ceil() as u64).min(cfg.max_shed);
         if paced < cfg.min_shed {
             continue; // dead band: not worth disconnecting anyone for
@@ -158,6 +166,9 @@ pub fn plan(
     if recent > 0 {
         plan.withheld
             .push(Withheld::ShedRecently { servers: recent });
+    }
+    if unacked > 0 {
+        plan.withheld.push(Withheld::Unacked { servers: unacked });
     }
     if no_budget > 0 {
         plan.withheld.push(Withheld::NoBudget {
