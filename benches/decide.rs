@@ -38,6 +38,7 @@ fn inputs(n: usize) -> (HealthList, Counts) {
             capacity,
             weight: 1.0,
             passing: true,
+            starting: false,
         });
         counts.push((id, Ok(sessions)));
     }
@@ -128,10 +129,11 @@ fn bench_fold_one_change(c: &mut Criterion) {
         g.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter(|| {
                 v += 1;
-                let change = Change::Sessions(SessionsUpdate::Patch(vec![(
-                    "server-000001".into(),
-                    Some(Ok(v)),
-                )]));
+                let change = Change::Sessions(SessionsUpdate::Patch {
+                    changes: vec![("server-000001".into(), Some(Ok(v)))],
+                    noticed_at: Instant::now(),
+                    notifications: 1,
+                });
                 black_box(fold.apply(vec![Stamped {
                     at: Instant::now(),
                     change,

@@ -31,6 +31,7 @@ fn main() {
             capacity: 1000,
             weight: 1.0,
             passing: true,
+            starting: false,
         })
         .collect();
     let counts = instances.iter().map(|i| (i.id.clone(), Ok(500))).collect();

@@ -18,6 +18,8 @@ pub const SOURCE_EVENTS: &str = "rebalancer_source_events_total";
 pub const SOURCE_ERRORS: &str = "rebalancer_source_errors_total";
 pub const SOURCE_RESYNCS: &str = "rebalancer_source_resyncs_total";
 pub const SOURCE_UP: &str = "rebalancer_source_up";
+pub const SOURCE_LAG: &str = "rebalancer_source_lag_seconds";
+pub const NOTIFICATIONS: &str = "rebalancer_source_notifications_total";
 pub const INVALID_META: &str = "rebalancer_invalid_meta_total";
 pub const INVALID_STATES: &str = "rebalancer_invalid_states_total";
 pub const INVALID_COUNTS: &str = "rebalancer_invalid_counts_total";
@@ -68,7 +70,19 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         SOURCE_EVENTS,
         Kind::Counter,
         Unit::Count,
-        "Changes received, by source",
+        "Changes received, by source (for redis-sessions: reads of the changed counts)",
+    ),
+    (
+        NOTIFICATIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Keyspace notifications of counts, coalesced into reads (a key changed twice before it is read is read once)",
+    ),
+    (
+        SOURCE_LAG,
+        Kind::Gauge,
+        Unit::Seconds,
+        "From a source's oldest change in a batch (for counts: its first notification) to the fold of that batch, by source",
     ),
     (
         SOURCE_ERRORS,

@@ -15,15 +15,55 @@ const CAPACITY: u64 = 100;
 /// server is over (every u ≤ U + 0.05 around U = 0.5), and short rounds keep the tests quick.
 fn controller(redis: &Redis, consul: &ConsulAgent) -> Controller {
     let port = free_port();
-    let toml = pipeline_toml(
+    Controller::start(
+        &temp_dir("loop-ctl"),
+        &controller_toml(redis, consul, port),
+        port,
+    )
+}
+
+fn controller_toml(redis: &Redis, consul: &ConsulAgent, port: u16) -> String {
+    pipeline_toml(
         "ws",
         redis,
         consul,
         port,
         "",
         "[rebalance]\ntolerance = 0.05\nround_interval = \"3s\"\n[scale]\nenabled = false\n",
-    );
-    Controller::start(&temp_dir("loop-ctl"), &toml, port)
+    )
+}
+
+/// Three demo servers and 150 clients piled on the first until it is full: the servers,
+/// the load and the counts then.
+async fn piled_up(
+    redis: &Redis,
+    consul: &ConsulAgent,
+) -> (Vec<DemoServer>, Loadgen, BTreeMap<String, u64>) {
+    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start(id, 100, redis, consul))
+        .collect();
+    servers_passing(consul, 3).await;
+    let pile = servers[0].url();
+    let load = Loadgen::start(&[
+        "--connections",
+        "150",
+        "--duration",
+        "180s",
+        "--pile-on",
+        &pile,
+        "--consul",
+        &consul.address(),
+        "--service",
+        "ws",
+        "--backoff-max",
+        "1s",
+    ]);
+    let before = counts_where(redis, "150 clients, s1 full", |c| {
+        total(c) == 150 && c.get("s1") == Some(&100)
+    })
+    .await;
+    (servers, load, before)
 }
 
 fn spread(counts: &BTreeMap<String, u64>) -> f64 {
@@ -58,30 +98,7 @@ fn shed_in_acks(acks: &[std::collections::HashMap<String, String>]) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_piled_up_fleet_converges_moving_close_to_the_minimum_and_losing_no_client() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
-        .iter()
-        .map(|id| DemoServer::start(id, 100, &redis, &consul))
-        .collect();
-    servers_passing(&consul, 3).await;
-    let pile = servers[0].url();
-    let mut load = Loadgen::start(&[
-        "--connections",
-        "150",
-        "--duration",
-        "180s",
-        "--pile-on",
-        &pile,
-        "--consul",
-        &consul.address(),
-        "--service",
-        "ws",
-        "--backoff-max",
-        "1s",
-    ]);
-    let before = counts_where(&redis, "150 clients, s1 full", |c| {
-        total(c) == 150 && c.get("s1") == Some(&100)
-    })
-    .await;
+    let (_servers, mut load, before) = piled_up(&redis, &consul).await;
     let minimum = minimum_moves(&before);
 
     let ctl = controller(&redis, &consul);
@@ -335,47 +352,16 @@ async fn a_leader_stopped_right_after_its_first_shed_and_restarted_sheds_no_exce
     // SIGTERM right after the first shed, a new process 0.2 s later: it takes the lock at
     // once, and must learn from the acks stream that the excess is already on its way.
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
-        .iter()
-        .map(|id| DemoServer::start(id, 100, &redis, &consul))
-        .collect();
-    servers_passing(&consul, 3).await;
-    let pile = servers[0].url();
-    let mut load = Loadgen::start(&[
-        "--connections",
-        "150",
-        "--duration",
-        "180s",
-        "--pile-on",
-        &pile,
-        "--consul",
-        &consul.address(),
-        "--service",
-        "ws",
-        "--backoff-max",
-        "1s",
-    ]);
-    let before = counts_where(&redis, "150 clients, s1 full", |c| {
-        total(c) == 150 && c.get("s1") == Some(&100)
-    })
-    .await;
+    let (_servers, mut load, before) = piled_up(&redis, &consul).await;
     let minimum = minimum_moves(&before);
 
     let client = redis::Client::open(redis.url()).unwrap();
     let mut ps = client.get_async_pubsub().await.unwrap();
     ps.subscribe("rebalancer:ws:commands").await.unwrap();
     let mut msgs = ps.into_on_message();
-    let dir = temp_dir("restart-ctl");
     let port = free_port();
-    let toml = pipeline_toml(
-        "ws",
-        &redis,
-        &consul,
-        port,
-        "",
-        "[rebalance]\ntolerance = 0.05\nround_interval = \"3s\"\n[scale]\nenabled = false\n",
-    );
-    let mut first = Controller::start(&dir, &toml, port);
+    let toml = controller_toml(&redis, &consul, port);
+    let mut first = Controller::start(&temp_dir("restart-ctl"), &toml, port);
     let m = tokio::time::timeout(WAIT, msgs.next())
         .await
         .unwrap_or_else(|_| panic!("a first shed; log:\n{}", first.log()))
@@ -460,9 +446,13 @@ async fn a_server_acks_each_command_it_refuses_with_the_reason() {
             .await
             .unwrap();
     }
-    let acks = eventually("the marker's ack", WAIT, || async {
+    // Each ack is written by a task of its own: they may land in any order.
+    let acks = eventually("an ack of each command for s1", WAIT, || async {
         let a = redis.acks("ws").await;
-        a.iter().any(|a| a["id"] == "marker").then_some(a)
+        ["ok", "old-leader", "late", "marker"]
+            .iter()
+            .all(|id| a.iter().any(|a| a["id"] == *id))
+            .then_some(a)
     })
     .await;
     let by_id = |id: &str| acks.iter().find(|a| a["id"] == id).cloned();

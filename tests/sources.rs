@@ -403,6 +403,20 @@ async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() 
         async move { (sample(&text, "rebalancer_snapshot_stale", &labels) == Some(1.0)).then_some(()) }
     })
     .await;
+    // Past the counts' TTL (3 s) the last readings are not believed: every server unknown.
+    eventually("the counts to age out", WAIT, || {
+        let text = handle.render();
+        async move {
+            (sample(
+                &text,
+                "rebalancer_servers",
+                &[("pipeline", "gap"), ("state", "unknown")],
+            ) == Some(3.0)
+                && sample(&text, "rebalancer_sessions", &labels) == Some(0.0))
+            .then_some(())
+        }
+    })
+    .await;
     // Longer than scale_in_after: on stale data nothing may be cordoned.
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(
@@ -425,6 +439,161 @@ async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() 
         "{done:?}"
     );
     assert!(done[0].1.epoch >= 1, "acted under a held lock");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_storm_is_coalesced_into_few_reads_and_ends_on_the_last_values() {
+    use futures::StreamExt;
+    use rebalancer::fleet::source::SessionsUpdate;
+    let redis = Redis::start().await;
+    let source = rebalancer::fleet::source::redis_sessions::stream(
+        &redis.url(),
+        "ws",
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let mut source = std::pin::pin!(source);
+    let first = tokio::time::timeout(WAIT, source.next()).await.unwrap();
+    assert!(
+        matches!(first, Some(Ok(SessionsUpdate::Resync(_)))),
+        "{first:?}"
+    );
+
+    // 50 servers, 2,000 changes each, pipelined as fast as Redis takes them.
+    let (servers, rounds) = (50u64, 2_000u64);
+    let mut c = redis.conn().await;
+    for round in 0..rounds {
+        let mut p = redis::pipe();
+        for s in 0..servers {
+            p.cmd("SET")
+                .arg(format!("rebalancer:ws:sessions:s{s}"))
+                .arg(round * 100 + s)
+                .ignore();
+        }
+        p.query_async::<()>(&mut c).await.unwrap();
+    }
+    // Notifications come in order: once this one is read, every earlier one was counted.
+    redis::cmd("SET")
+        .arg("rebalancer:ws:sessions:end")
+        .arg(1)
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let last = |s: u64| (rounds - 1) * 100 + s;
+    let (mut notifications, mut read, mut latest) =
+        (0u64, 0usize, std::collections::HashMap::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !latest.contains_key("end") {
+        let next = tokio::time::timeout_at(deadline, source.next())
+            .await
+            .expect("every server's last value read before the deadline")
+            .unwrap();
+        match next {
+            Ok(SessionsUpdate::Patch {
+                changes,
+                notifications: n,
+                ..
+            }) => {
+                notifications += n;
+                read += changes.len();
+                for (id, r) in changes {
+                    if let Some(Ok(v)) = r {
+                        latest.insert(id.to_string(), v);
+                    }
+                }
+            }
+            other => panic!("only reads of changed counts expected: {other:?}"),
+        }
+    }
+    println!("storm: {notifications} notifications, {read} keys read");
+    for s in 0..servers {
+        assert_eq!(latest.get(&format!("s{s}")), Some(&last(s)), "s{s}");
+    }
+    assert_eq!(
+        notifications,
+        servers * rounds + 1,
+        "every notification counted, none lost"
+    );
+    assert!(
+        (read as u64) * 10 < notifications,
+        "a key changed many times before it is read is read once: {read} keys read for {notifications} notifications"
+    );
+}
+
+#[tokio::test]
+async fn a_paused_redis_makes_the_snapshot_stale_and_nothing_is_done_until_it_resumes() {
+    let handle = metrics();
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    // A cold fleet: scale-in would cordon after 4 s of trustworthy low utilization.
+    let c = cfg(
+        "paused",
+        &redis,
+        &consul,
+        "",
+        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
+    );
+    for id in ["s1", "s2", "s3"] {
+        consul.register_capacity("ws", id, 100).await;
+        redis
+            .set(&format!("rebalancer:ws:sessions:{id}"), "10", 3600)
+            .await;
+    }
+    let rec = Arc::new(Recording::default());
+    let stop = CancellationToken::new();
+    let task = rebalancer::controller::app::spawn_pipeline(c, rec.clone(), None, &stop).unwrap();
+    let labels = [("pipeline", "paused")];
+    let stale = || sample(&handle.render(), "rebalancer_snapshot_stale", &labels);
+    eventually("a synced snapshot of 30 sessions", WAIT, || async {
+        (sample(&handle.render(), "rebalancer_sessions", &labels) == Some(30.0)
+            && stale() == Some(0.0))
+        .then_some(())
+    })
+    .await;
+
+    // Paused for 10 s: connections stay open, nothing answers.
+    redis.signal("STOP");
+    let paused = tokio::time::Instant::now();
+    eventually(
+        "the snapshot to go stale while Redis is paused",
+        WAIT,
+        || async { (stale() == Some(1.0)).then_some(()) },
+    )
+    .await;
+    let noticed = paused.elapsed();
+    tokio::time::sleep_until(paused + Duration::from_secs(10)).await;
+    assert!(
+        rec.actions().is_empty(),
+        "acted while Redis was paused: {:?}",
+        rec.actions()
+    );
+    redis.signal("CONT");
+    let resumed = tokio::time::Instant::now();
+    eventually("a synced snapshot again", WAIT, || async {
+        (stale() == Some(0.0)
+            && sample(&handle.render(), "rebalancer_sessions", &labels) == Some(30.0))
+        .then_some(())
+    })
+    .await;
+    println!(
+        "redis paused: stale after {noticed:?}, synced {:?} after it resumed",
+        resumed.elapsed()
+    );
+    assert!(
+        noticed <= Duration::from_secs(3),
+        "a paused Redis is noticed by the heartbeat within about a second, not after {noticed:?}"
+    );
+    // Trustworthy again: the cold fleet is cordoned after scale_in_after, as before the pause.
+    let done = eventually("a cordon once the data is trustworthy again", WAIT, || {
+        let d = rec.actions();
+        async move { (!d.is_empty()).then_some(d) }
+    })
+    .await;
+    assert!(
+        matches!(done[0].0.kind, ActionKind::Cordon { .. }),
+        "{done:?}"
+    );
     stop.cancel();
     task.await.unwrap();
 }

@@ -106,6 +106,7 @@ fn redis(r: &RawRedis, ck: &mut Checker) -> RedisConfig {
     RedisConfig {
         url: r.url.clone(),
         reconcile: ck.duration("redis.reconcile", &r.reconcile),
+        count_ttl: ck.duration("redis.count_ttl", &r.count_ttl),
     }
 }
 

@@ -97,6 +97,9 @@ pub struct ConsulConfig {
 pub struct RedisConfig {
     pub url: String,
     pub reconcile: Duration,
+    /// How long a count lives in Redis (servers set it with this TTL): while the sessions
+    /// source is down for longer, no count read before is believed.
+    pub count_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -131,6 +134,8 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379/0".into(),
             // At most half a round interval (15 s): no count is older than that at a round.
             reconcile: Duration::from_secs(7),
+            // The agent's: `SET … PX` three report intervals of 1 s.
+            count_ttl: Duration::from_secs(3),
         }
     }
 }

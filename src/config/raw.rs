@@ -154,6 +154,8 @@ pub struct RawRedis {
     pub url: String,
     /// Full SCAN + MGET resync period, on top of the one after every reconnect.
     pub reconcile: String,
+    /// The TTL servers give their counts; after the source is down this long, counts are unknown.
+    pub count_ttl: String,
 }
 
 impl Default for RawRedis {
@@ -162,6 +164,7 @@ impl Default for RawRedis {
         RawRedis {
             url: d.url,
             reconcile: text(d.reconcile),
+            count_ttl: text(d.count_ttl),
         }
     }
 }

@@ -10,9 +10,9 @@ use metrics::{counter, gauge, histogram};
 use crate::fleet::source::SourceKind;
 use crate::fleet::topology::Topology;
 use crate::telemetry::{
-    CAPACITY, CONTAINERS, GHOSTS, INVALID_COUNTS, INVALID_META, INVALID_STATES, PROVISION, SERVERS,
-    SESSIONS, SNAPSHOT_STALE, SNAPSHOT_VERSION, SOURCE_ERRORS, SOURCE_EVENTS, SOURCE_RESYNCS,
-    SOURCE_UP, UTILIZATION,
+    CAPACITY, CONTAINERS, GHOSTS, INVALID_COUNTS, INVALID_META, INVALID_STATES, NOTIFICATIONS,
+    PROVISION, SERVERS, SESSIONS, SNAPSHOT_STALE, SNAPSHOT_VERSION, SOURCE_ERRORS, SOURCE_EVENTS,
+    SOURCE_LAG, SOURCE_RESYNCS, SOURCE_UP, UTILIZATION,
 };
 
 /// The named events of one pipeline.
@@ -46,6 +46,17 @@ impl Events {
         counter!(SOURCE_ERRORS, "pipeline" => self.p(), "source" => kind.as_str()).increment(1);
         gauge!(SOURCE_UP, "pipeline" => self.p(), "source" => kind.as_str()).set(0.0);
         tracing::warn!(pipeline = %self.pipeline, source = kind.as_str(), error = %error, "source failed; retrying with backoff");
+    }
+
+    /// Keyspace notifications coalesced into one read of the counts.
+    pub fn notifications(&self, n: u64) {
+        counter!(NOTIFICATIONS, "pipeline" => self.p()).increment(n);
+    }
+
+    /// From a source's oldest change in a batch to the fold of that batch.
+    pub fn source_lag(&self, kind: SourceKind, lag: Duration) {
+        gauge!(SOURCE_LAG, "pipeline" => self.p(), "source" => kind.as_str())
+            .set(lag.as_secs_f64());
     }
 
     pub fn invalid_meta(&self, server: &str, why: &str) {

@@ -5,8 +5,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::decide::SafetyConfig;
 use crate::fleet::events::Events;
@@ -26,6 +28,9 @@ pub struct Limits {
     pub max_capacity: u32,
     /// So is one with more than this many times the fleet's median `max_sessions`.
     pub capacity_outlier_ratio: u32,
+    /// While the sessions source is down longer than this, every count read before is
+    /// unknown: in Redis it would have expired by now (`redis.count_ttl`).
+    pub count_ttl: Duration,
 }
 
 impl From<&SafetyConfig> for Limits {
@@ -34,6 +39,7 @@ impl From<&SafetyConfig> for Limits {
             max_count_ratio: s.max_count_ratio,
             max_capacity: s.max_capacity,
             capacity_outlier_ratio: s.capacity_outlier_ratio,
+            count_ttl: crate::config::RedisConfig::default().count_ttl,
         }
     }
 }
@@ -62,6 +68,8 @@ pub struct Fold {
     provisioned: HashSet<ServerId>,
     /// Sources that have failed since they last synced (for the resync event).
     failed: HashSet<SourceKind>,
+    /// Since when the sessions source has been down, until it resyncs.
+    sessions_down_since: Option<Instant>,
     current: Arc<Topology>,
     tx: watch::Sender<Arc<Topology>>,
 }
@@ -85,6 +93,7 @@ impl Fold {
             containers_synced: false,
             provisioned: HashSet::new(),
             failed: HashSet::new(),
+            sessions_down_since: None,
             current,
             tx,
         };
@@ -98,9 +107,41 @@ impl Fold {
     /// Applies a batch; publishes and returns the new snapshot if its content changed.
     pub fn apply(&mut self, batch: Vec<Stamped>) -> Option<Arc<Topology>> {
         let changed_at = batch.iter().map(|s| s.at).min();
+        let now = Instant::now();
+        let mut lag: HashMap<SourceKind, Duration> = HashMap::new();
+        for s in &batch {
+            if !matches!(s.change, Change::Down(_)) {
+                let l = lag.entry(s.change.kind()).or_default();
+                *l = (*l).max(now.saturating_duration_since(s.at));
+            }
+        }
+        for (kind, l) in lag {
+            self.events.source_lag(kind, l);
+        }
         for s in batch {
+            if matches!(s.change, Change::Down(SourceKind::Sessions)) {
+                self.sessions_down_since.get_or_insert(s.at);
+            }
             self.apply_one(s.change);
         }
+        self.publish(changed_at)
+    }
+
+    /// Forgets the counts once the sessions source has been down longer than their TTL:
+    /// they have expired in Redis, whatever the last reading said. Call it on a timer.
+    pub fn expire(&mut self, now: Instant) -> Option<Arc<Topology>> {
+        let down_for = now.saturating_duration_since(self.sessions_down_since?);
+        if down_for < self.limits.count_ttl {
+            return None;
+        }
+        for c in self.counts.values_mut() {
+            *c = Count::Unknown;
+        }
+        self.publish(None)
+    }
+
+    /// Publishes the snapshot of what is folded so far, if its content changed.
+    fn publish(&mut self, changed_at: Option<Instant>) -> Option<Arc<Topology>> {
         let mut next = self.build();
         self.note_absurd(&next);
         self.note_provisioned(&next);
@@ -150,8 +191,14 @@ impl Fold {
                 }
                 self.invalid_counts = garbage;
                 self.synced.sessions = true;
+                self.sessions_down_since = None;
             }
-            Change::Sessions(SessionsUpdate::Patch(changes)) => {
+            Change::Sessions(SessionsUpdate::Patch {
+                changes,
+                notifications,
+                ..
+            }) => {
+                self.events.notifications(notifications);
                 for (id, r) in changes {
                     match r {
                         None => {
@@ -308,6 +355,7 @@ impl Fold {
                     None => Count::Unknown,
                 },
                 provisioning: false,
+                starting: i.starting,
             })
             .collect();
         let mut servers = servers;
@@ -359,6 +407,7 @@ mod tests {
             capacity: cap,
             weight: 1.0,
             passing: true,
+            starting: false,
         }
     }
 
@@ -406,21 +455,24 @@ mod tests {
     #[tokio::test]
     async fn only_changed_content_publishes_a_new_version() {
         let (mut f, rx) = synced_fold();
-        let same = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
-            "a".into(),
-            Some(Ok(10)),
-        )])))];
+        let same = vec![at(Change::Sessions(SessionsUpdate::Patch {
+            changes: vec![("a".into(), Some(Ok(10)))],
+            noticed_at: Instant::now(),
+            notifications: 1,
+        }))];
         assert!(f.apply(same).is_none());
         assert_eq!(rx.borrow().version, 1);
-        let changed = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
-            "a".into(),
-            Some(Ok(11)),
-        )])))];
+        let changed = vec![at(Change::Sessions(SessionsUpdate::Patch {
+            changes: vec![("a".into(), Some(Ok(11)))],
+            noticed_at: Instant::now(),
+            notifications: 1,
+        }))];
         assert_eq!(f.apply(changed).unwrap().version, 2);
-        let gone = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
-            "a".into(),
-            None,
-        )])))];
+        let gone = vec![at(Change::Sessions(SessionsUpdate::Patch {
+            changes: vec![("a".into(), None)],
+            noticed_at: Instant::now(),
+            notifications: 1,
+        }))];
         let t = f.apply(gone).unwrap();
         assert_eq!(
             t.get("a").unwrap().sessions,
@@ -435,20 +487,23 @@ mod tests {
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             let (mut f, _rx) = synced_fold(); // resync with b = "lots"
-            let same = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
-                "b".into(),
-                Some(Err("lots".into())),
-            )])))];
+            let same = vec![at(Change::Sessions(SessionsUpdate::Patch {
+                changes: vec![("b".into(), Some(Err("lots".into())))],
+                noticed_at: Instant::now(),
+                notifications: 1,
+            }))];
             f.apply(same);
-            let fixed = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
-                "b".into(),
-                Some(Ok(3)),
-            )])))];
+            let fixed = vec![at(Change::Sessions(SessionsUpdate::Patch {
+                changes: vec![("b".into(), Some(Ok(3)))],
+                noticed_at: Instant::now(),
+                notifications: 1,
+            }))];
             f.apply(fixed);
-            let again = vec![at(Change::Sessions(SessionsUpdate::Patch(vec![(
-                "b".into(),
-                Some(Err("x".into())),
-            )])))];
+            let again = vec![at(Change::Sessions(SessionsUpdate::Patch {
+                changes: vec![("b".into(), Some(Err("x".into())))],
+                noticed_at: Instant::now(),
+                notifications: 1,
+            }))];
             f.apply(again);
         });
         let text = handle.render();
@@ -484,6 +539,32 @@ mod tests {
             "a resync replaces, it does not merge"
         );
         assert_eq!(t.ghosts, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counts_older_than_their_ttl_are_unknown_while_redis_is_down() {
+        let (mut f, _rx) = synced_fold();
+        f.apply(vec![at(Change::Down(SourceKind::Sessions))]);
+        let down = Instant::now();
+        let ttl = Limits::default().count_ttl;
+        assert!(f.expire(down + ttl - Duration::from_millis(1)).is_none());
+        assert_eq!(f.current().get("a").unwrap().sessions, Count::Known(10));
+        let t = f.expire(down + ttl).expect("a new snapshot");
+        assert_eq!(
+            t.get("a").unwrap().sessions,
+            Count::Unknown,
+            "it would have expired in Redis by now"
+        );
+        assert!(f.expire(down + ttl * 2).is_none(), "said once");
+        // Back: the resync brings the counts back.
+        let t = f
+            .apply(vec![at(Change::Sessions(SessionsUpdate::Resync(vec![(
+                "a".into(),
+                Ok(4),
+            )])))])
+            .unwrap();
+        assert_eq!(t.get("a").unwrap().sessions, Count::Known(4));
+        assert!(f.expire(down + ttl * 3).is_none(), "up: nothing ages out");
     }
 
     #[tokio::test]

@@ -97,6 +97,7 @@ pub fn from_doc(d: &TopologyDoc) -> Topology {
             },
             sessions: s.sessions.map_or(Count::Unknown, Count::Known),
             provisioning: s.provisioning,
+            starting: false,
         })
         .collect();
     servers.sort_by(|a, b| a.id.cmp(&b.id));

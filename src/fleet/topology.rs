@@ -58,6 +58,8 @@ pub struct Server {
     pub sessions: Count,
     /// Runs in a container of ours that has not passed yet: pending, not failing.
     pub provisioning: bool,
+    /// Registered, and a check has never run yet: neither passing nor failing.
+    pub starting: bool,
 }
 
 impl Server {
@@ -191,6 +193,9 @@ impl Topology {
             if s.provisioning && !s.passing {
                 continue; // counted in `pending`, not as failing
             }
+            if s.starting {
+                continue; // its checks have not run yet: not failing, not live
+            }
             t.registered += 1;
             if !s.passing {
                 t.failing += 1;
@@ -249,6 +254,7 @@ pub mod fixtures {
             admin: Admin::Active,
             sessions: Count::Known(sessions),
             provisioning: false,
+            starting: false,
         }
     }
 

@@ -17,13 +17,15 @@ use crate::contract::consul::Consul;
 use crate::fleet::events::Events;
 use crate::fleet::fold::{Fold, Limits};
 use crate::fleet::source::{
-    consul_health, consul_kv, docker, redis_sessions, Change, SourceKind, Stamped,
+    consul_health, consul_kv, docker, redis_sessions, Change, SessionsUpdate, SourceKind, Stamped,
 };
 use crate::fleet::topology::Topology;
 use crate::stages::{BackoffPolicy, StreamStages};
 
 /// Full relist of owned containers, besides the one after each Docker event.
 pub const DOCKER_RECONCILE: Duration = Duration::from_secs(5);
+/// How often the fold is asked whether counts have aged out while Redis is unreachable.
+const COUNT_EXPIRY_CHECK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
@@ -95,19 +97,37 @@ pub fn spawn(
     }
     let ev = events.clone();
     let batches = sources
-        .map(move |(kind, r)| Stamped {
-            at: Instant::now(),
-            change: r.unwrap_or_else(|e| {
+        .map(move |(kind, r)| {
+            let change = r.unwrap_or_else(|e| {
                 ev.source_error(kind, &e);
                 Change::Down(kind)
-            }),
+            });
+            // A read of changed counts dates from its first notification, not its answer.
+            let at = match &change {
+                Change::Sessions(SessionsUpdate::Patch { noticed_at, .. }) => *noticed_at,
+                _ => Instant::now(),
+            };
+            Stamped { at, change }
         })
         .debounce(cfg.debounce.quiet, cfg.debounce.max_delay);
-    let (mut fold, rx) = Fold::new(events, Limits::from(&cfg.decide.safety));
+    let limits = Limits {
+        count_ttl: cfg.redis.count_ttl,
+        ..Limits::from(&cfg.decide.safety)
+    };
+    let (mut fold, rx) = Fold::new(events, limits);
     let task = tokio::spawn(async move {
         let mut batches = std::pin::pin!(batches.take_until(shutdown.cancelled()));
-        while let Some(batch) = batches.next().await {
-            fold.apply(batch);
+        // Counts age out while the sessions source is down: looked at every so often.
+        let mut expiry = tokio::time::interval(COUNT_EXPIRY_CHECK);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = batches.next() => match batch {
+                    Some(batch) => { fold.apply(batch); }
+                    None => break,
+                },
+                _ = expiry.tick() => { fold.expire(Instant::now()); }
+            }
         }
     });
     Ok((rx, task))

@@ -422,6 +422,7 @@ impl Sim<'_> {
                     },
                     sessions: Count::Known(s.sessions),
                     provisioning,
+                    starting: false,
                 }
             })
             .collect();

@@ -34,6 +34,18 @@ impl Redis {
         self.proc = None;
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the server: a paused Redis keeps its connections
+    /// open and answers nothing, as one stuck on a slow disk or a long fork does.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.proc.as_ref().expect("redis is running").0.id();
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
     /// Stops and starts again on the same port, empty.
     pub async fn restart(&mut self) {
         self.stop();

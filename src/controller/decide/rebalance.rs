@@ -501,6 +501,7 @@ mod tests {
                 capacity: *cap,
                 weight: 1.0,
                 passing: true,
+                starting: false,
             })
             .collect();
         let counts = servers

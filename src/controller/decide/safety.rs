@@ -74,4 +74,30 @@ mod tests {
         };
         assert!(halt(&totals(2, 1), &one).is_some());
     }
+
+    #[test]
+    fn servers_whose_checks_have_never_run_do_not_count_toward_the_halt() {
+        use crate::fleet::topology::fixtures::{fleet, server};
+        // Everything registered at once, as at start-up: the checks start critical.
+        let starting = |id: &str| {
+            let mut s = server(id, 100, 0);
+            s.passing = false;
+            s.starting = true;
+            s
+        };
+        let t = fleet(vec![
+            server("a", 100, 10),
+            starting("b"),
+            starting("c"),
+            starting("d"),
+        ]);
+        assert_eq!((t.totals().registered, t.totals().failing), (1, 0));
+        assert!(halt(&t.totals(), &SafetyConfig::default()).is_none());
+        // The same servers once their checks have run and failed: an outage.
+        let mut t = t;
+        for s in &mut t.servers[1..] {
+            s.starting = false;
+        }
+        assert!(halt(&t.totals(), &SafetyConfig::default()).is_some());
+    }
 }

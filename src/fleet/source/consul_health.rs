@@ -21,6 +21,9 @@ pub struct Instance {
     pub capacity: u32,
     pub weight: f32,
     pub passing: bool,
+    /// Not passing only because a check has never run since it was registered (Consul
+    /// starts checks critical with no output): starting, not failing.
+    pub starting: bool,
 }
 
 /// Every instance of the service, split into usable ones and those excluded for bad meta.
@@ -64,6 +67,8 @@ struct Service {
 #[serde(rename_all = "PascalCase")]
 struct Check {
     status: String,
+    #[serde(default)]
+    output: String,
 }
 
 /// Reads `Meta.max_sessions` and `Meta.weight`, or says what is wrong with them.
@@ -121,6 +126,10 @@ pub fn parse(path: &str, f: &Fetched) -> Result<HealthList, ConsulError> {
                     capacity,
                     weight,
                     passing: e.checks.iter().all(|c| c.status == "passing"),
+                    starting: e.checks.iter().any(|c| c.status != "passing")
+                        && e.checks
+                            .iter()
+                            .all(|c| c.status == "passing" || c.output.is_empty()),
                 });
             }
             Err(why) => out.invalid.push((id, why)),
@@ -183,6 +192,46 @@ mod tests {
             .1
             .contains("\"lots\" is not a positive integer"));
         assert!(h.invalid[1].1.contains("missing"));
+    }
+
+    #[test]
+    fn a_check_that_has_never_run_is_starting_not_failing() {
+        // As Consul 1.8 answers right after a registration: critical, with no output yet.
+        let entry = |id: &str, checks: &str| {
+            format!(
+                r#"{{"Node":{{"Address":"127.0.0.1"}},"Service":{{"ID":"{id}","Port":1,"Meta":{{"max_sessions":"10"}}}},"Checks":{checks}}}"#
+            )
+        };
+        let serf = r#"{"Status":"passing","Output":"Agent alive and reachable"}"#;
+        let body = format!(
+            "[{},{},{}]",
+            entry(
+                "fresh",
+                &format!(r#"[{serf},{{"Status":"critical","Output":""}}]"#)
+            ),
+            entry(
+                "failing",
+                &format!(r#"[{serf},{{"Status":"critical","Output":"HTTP GET: 503"}}]"#)
+            ),
+            entry(
+                "up",
+                &format!(r#"[{serf},{{"Status":"passing","Output":"200"}}]"#)
+            ),
+        );
+        let h = parse("/v1/health/service/ws", &fetched(&body)).unwrap();
+        let got: Vec<(&str, bool, bool)> = h
+            .instances
+            .iter()
+            .map(|i| (&*i.id, i.passing, i.starting))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("failing", false, false),
+                ("fresh", false, true),
+                ("up", true, false)
+            ]
+        );
     }
 
     #[test]

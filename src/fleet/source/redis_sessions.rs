@@ -4,6 +4,12 @@
 //! keys that changed, batched into one MGET per burst; resync in full after every reconnect
 //! and on a slow reconcile tick, which also proves the connection is alive.
 //!
+//! A notification only says "this key changed". A task of its own drains them as they
+//! arrive into a set of dirty keys, so a key changed a thousand times before it is read is
+//! read once, and memory is bounded by the number of keys, not by the update rate: nothing
+//! piles up in the client's queue while the reader waits on Redis or the fold is busy.
+//! Past [`MAX_DIRTY`] distinct keys the set gives up and the next read is a full resync.
+//!
 //! Notifications can stop while everything looks connected (another tenant's `CONFIG SET`,
 //! a restarted managed Redis, a half-open subscription), and then counts freeze while the
 //! snapshot says it is synced. So the source writes a heartbeat key of its own every
@@ -11,13 +17,16 @@
 //! it does not come, the source fails (the snapshot goes stale) and reconnects, which
 //! re-applies `notify-keyspace-events` (or names the setting) and resyncs in full.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, AsyncTypedCommands, Client, RedisError};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::contract::protocol::sessions_key_prefix;
 use crate::fleet::topology::ServerId;
@@ -27,6 +36,8 @@ use crate::fleet::topology::ServerId;
 pub const NEEDED_FLAGS: &str = "K$gxe";
 /// Most keys read in one MGET.
 pub const BATCH: usize = 1000;
+/// Most distinct dirty keys held between two reads; past it, the next read is a full resync.
+pub const MAX_DIRTY: usize = 100_000;
 /// How often the heartbeat key is written, and how long its notification may take.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,7 +50,13 @@ pub enum SessionsUpdate {
     /// Every count there is (after a connect, or on the reconcile tick).
     Resync(Vec<(ServerId, Reading)>),
     /// Counts that changed; `None` for a key that is gone (deleted, expired).
-    Patch(Vec<(ServerId, Option<Reading>)>),
+    Patch {
+        changes: Vec<(ServerId, Option<Reading>)>,
+        /// When the oldest notification of this read arrived.
+        noticed_at: Instant,
+        /// Notifications coalesced into this read.
+        notifications: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +97,8 @@ pub enum RedisSourceError {
          counts may be frozen; reconnecting (notify-keyspace-events must include {NEEDED_FLAGS})"
     )]
     NotificationsLost { addr: String, key: String },
+    #[error("Redis at {addr} did not answer the {what} in time: paused or overloaded; the counts are stale until it does")]
+    Unanswered { addr: String, what: String },
 }
 
 /// Parses a count's raw bytes; anything but a non-negative integer is kept as text (unknown,
@@ -102,9 +121,88 @@ pub fn flags_to_set(current: &str) -> Option<String> {
     (!missing.is_empty()).then(|| format!("{current}{missing}"))
 }
 
+/// Keys changed since the last read, filled by the drain task.
+#[derive(Debug, Default)]
+struct Dirty {
+    keys: HashSet<String>,
+    /// More than [`MAX_DIRTY`] distinct keys: read everything instead.
+    overflow: bool,
+    /// The heartbeat's notification came back.
+    heartbeat: bool,
+    notifications: u64,
+    /// When the first notification since the last read arrived.
+    since: Option<Instant>,
+    /// The subscription ended.
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    dirty: Mutex<Dirty>,
+    ready: Notify,
+}
+
+impl Inbox {
+    fn take(&self) -> Dirty {
+        std::mem::take(&mut *self.dirty.lock().expect("not poisoned"))
+    }
+
+    /// Whether the heartbeat came back since the last look (and forgets it).
+    fn take_heartbeat(&self) -> bool {
+        std::mem::take(&mut self.dirty.lock().expect("not poisoned").heartbeat)
+    }
+}
+
+/// The drain task; stopped (and the subscription dropped) with the connection.
+struct Drain(tokio::task::JoinHandle<()>);
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Drains `messages` into `inbox` as fast as they come, until the subscription ends.
+fn drain(
+    mut messages: Pin<Box<dyn Stream<Item = redis::Msg> + Send>>,
+    inbox: Arc<Inbox>,
+    channel_prefix: String,
+    prefix: String,
+    heartbeat_key: String,
+) -> Drain {
+    Drain(tokio::spawn(async move {
+        while let Some(first) = messages.next().await {
+            let mut d = inbox.dirty.lock().expect("not poisoned");
+            d.since.get_or_insert_with(Instant::now);
+            let mut next = Some(first);
+            // Everything already delivered, under one lock.
+            while let Some(m) = next {
+                if let Some(k) = m.get_channel_name().strip_prefix(&channel_prefix) {
+                    if k.starts_with(&prefix) {
+                        d.notifications += 1;
+                        if d.keys.len() < MAX_DIRTY {
+                            d.keys.insert(k.to_string());
+                        } else if !d.keys.contains(k) {
+                            d.overflow = true;
+                        }
+                    } else if k == heartbeat_key {
+                        d.heartbeat = true;
+                    }
+                }
+                next = messages.next().now_or_never().flatten();
+            }
+            drop(d);
+            inbox.ready.notify_one();
+        }
+        inbox.dirty.lock().expect("not poisoned").closed = true;
+        inbox.ready.notify_one();
+    }))
+}
+
 struct Live {
     conn: MultiplexedConnection,
-    messages: Pin<Box<dyn Stream<Item = redis::Msg> + Send>>,
+    inbox: Arc<Inbox>,
+    _drain: Drain,
     reconcile: tokio::time::Interval,
     heartbeat: tokio::time::Interval,
     /// The heartbeat written and not yet heard back: by when it must be.
@@ -124,6 +222,16 @@ struct Ctx {
     reconcile: Duration,
     /// This source's own heartbeat key, outside the counts' prefix.
     heartbeat_key: String,
+}
+
+impl Ctx {
+    /// Redis did not answer `what` in time.
+    fn unanswered(&self, what: &str) -> RedisSourceError {
+        RedisSourceError::Unanswered {
+            addr: self.addr.clone(),
+            what: what.to_string(),
+        }
+    }
 }
 
 /// Streams session-count updates for `service` from the Redis at `url` (validated beforehand).
@@ -168,87 +276,87 @@ async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceErr
             Err(e) => (Err(e), State::Connecting),
         },
         State::Live(mut live) => {
-            let keys = loop {
-                let first = loop {
-                    let overdue = live.awaiting;
-                    tokio::select! {
-                        m = live.messages.next() => break m,
-                        _ = live.reconcile.tick() => {
-                            return match resync(ctx, &mut live.conn).await {
-                                Ok(c) => (Ok(SessionsUpdate::Resync(c)), State::Live(live)),
-                                Err(e) => (Err(e), State::Connecting),
-                            };
-                        }
-                        _ = live.heartbeat.tick(), if overdue.is_none() => {
-                            if let Err(e) = beat(ctx, &mut live.conn).await {
-                                return (Err(e), State::Connecting);
-                            }
-                            live.awaiting = Some(tokio::time::Instant::now() + HEARTBEAT);
-                        }
-                        () = sleep_until_some(overdue) => {
-                            // Turn them back on if we may; the reconnect resyncs what was missed.
-                            let _ = enable_notifications(ctx, &mut live.conn).await;
-                            return (
-                                Err(RedisSourceError::NotificationsLost {
-                                    addr: ctx.addr.clone(),
-                                    key: ctx.heartbeat_key.clone(),
-                                }),
-                                State::Connecting,
-                            );
-                        }
+            let dirty = loop {
+                let overdue = live.awaiting;
+                tokio::select! {
+                    () = live.inbox.ready.notified() => {}
+                    _ = live.reconcile.tick() => {
+                        return match resync(ctx, &mut live.conn).await {
+                            Ok(c) => (Ok(SessionsUpdate::Resync(c)), State::Live(live)),
+                            Err(e) => (Err(e), State::Connecting),
+                        };
                     }
-                };
-                let Some(first) = first else {
+                    _ = live.heartbeat.tick(), if overdue.is_none() => {
+                        // A Redis that does not answer (paused, stuck) is as bad as one whose
+                        // notifications stopped: noticed within a heartbeat, not a timeout.
+                        let wrote = tokio::time::timeout(HEARTBEAT, beat(ctx, &mut live.conn)).await;
+                        if let Err(e) = wrote.unwrap_or_else(|_| Err(ctx.unanswered("SET of the heartbeat key"))) {
+                            return (Err(e), State::Connecting);
+                        }
+                        live.awaiting = Some(Instant::now() + HEARTBEAT);
+                        continue;
+                    }
+                    () = sleep_until_some(overdue) => {
+                        if live.inbox.take_heartbeat() {
+                            // It came back; this reader was only late to look (a busy fold).
+                            live.awaiting = None;
+                            continue;
+                        }
+                        // Turn them back on if we may; the reconnect resyncs what was missed.
+                        let _ = enable_notifications(ctx, &mut live.conn).await;
+                        return (
+                            Err(RedisSourceError::NotificationsLost {
+                                addr: ctx.addr.clone(),
+                                key: ctx.heartbeat_key.clone(),
+                            }),
+                            State::Connecting,
+                        );
+                    }
+                }
+                let dirty = live.inbox.take();
+                if dirty.closed {
                     return (
                         Err(RedisSourceError::Closed {
                             addr: ctx.addr.clone(),
                         }),
                         State::Connecting,
                     );
-                };
-                // Batch everything already delivered into one read.
-                let mut keys = BTreeSet::new();
-                let mut heard = note_key(ctx, &mut keys, &first);
-                while keys.len() < BATCH * 10 {
-                    match live.messages.next().now_or_never() {
-                        Some(Some(m)) => heard |= note_key(ctx, &mut keys, &m),
-                        _ => break,
-                    }
                 }
-                if heard {
+                if dirty.heartbeat {
                     live.awaiting = None; // notifications work
                 }
-                if !keys.is_empty() {
-                    break keys;
+                if dirty.overflow {
+                    return match resync(ctx, &mut live.conn).await {
+                        Ok(c) => (Ok(SessionsUpdate::Resync(c)), State::Live(live)),
+                        Err(e) => (Err(e), State::Connecting),
+                    };
+                }
+                if !dirty.keys.is_empty() {
+                    break dirty;
                 }
                 // Only our heartbeat: nothing to read, nothing to say; wait on.
             };
-            let keys: Vec<String> = keys.into_iter().collect();
-            match mget(ctx, &mut live.conn, &keys).await {
+            let mut keys: Vec<String> = dirty.keys.into_iter().collect();
+            keys.sort_unstable();
+            let read = tokio::time::timeout(HEARTBEAT * 2, mget(ctx, &mut live.conn, &keys)).await;
+            match read.unwrap_or_else(|_| Err(ctx.unanswered("MGET of the changed counts"))) {
                 Ok(values) => {
-                    let patch = keys
+                    let changes = keys
                         .iter()
                         .zip(values)
                         .map(|(k, v)| (id_of(ctx, k), v.as_deref().map(read_count)))
                         .collect();
-                    (Ok(SessionsUpdate::Patch(patch)), State::Live(live))
+                    let update = SessionsUpdate::Patch {
+                        changes,
+                        noticed_at: dirty.since.unwrap_or_else(Instant::now),
+                        notifications: dirty.notifications,
+                    };
+                    (Ok(update), State::Live(live))
                 }
                 Err(e) => (Err(e), State::Connecting),
             }
         }
     }
-}
-
-/// Notes a count key that changed; `true` when the message is our heartbeat's.
-fn note_key(ctx: &Ctx, keys: &mut BTreeSet<String>, m: &redis::Msg) -> bool {
-    if let Some(k) = m.get_channel_name().strip_prefix(&ctx.channel_prefix) {
-        if k.starts_with(&ctx.prefix) {
-            keys.insert(k.to_string());
-        } else if k == ctx.heartbeat_key {
-            return true;
-        }
-    }
-    false
 }
 
 /// Writes the heartbeat key; its notification must come back.
@@ -269,7 +377,7 @@ async fn beat(ctx: &Ctx, conn: &mut MultiplexedConnection) -> Result<(), RedisSo
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -322,10 +430,19 @@ async fn connect(ctx: &Ctx) -> Result<(Live, Vec<(ServerId, Reading)>), RedisSou
     reconcile.reset();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let inbox = Arc::new(Inbox::default());
+    let drain = drain(
+        Box::pin(pubsub.into_on_message()),
+        inbox.clone(),
+        ctx.channel_prefix.clone(),
+        ctx.prefix.clone(),
+        ctx.heartbeat_key.clone(),
+    );
     Ok((
         Live {
             conn,
-            messages: Box::pin(pubsub.into_on_message()),
+            inbox,
+            _drain: drain,
             reconcile,
             heartbeat,
             awaiting: None,
