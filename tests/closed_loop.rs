@@ -387,14 +387,22 @@ async fn a_leader_stopped_right_after_its_first_shed_and_restarted_sheds_no_exce
     let moved = shed_in_acks(&acks);
     println!(
         "restart after the first shed ({} of {}): before {before:?} after {after:?} moved {moved} \
-         minimum {minimum} acks {} loadgen {summary}",
-        cmd.count,
-        cmd.server,
-        acks.len()
+         minimum {minimum} acks {acks:?} loadgen {summary}",
+        cmd.count, cmd.server,
     );
+    // Shed twice shows on the server shed first: its excess taken again by the new leader.
+    // The clients it shed reconnect at random, so rounds that even out where they landed
+    // may move a few more elsewhere (the piled-up test allows 1.5 × for that).
+    let from_first: u64 = acks
+        .iter()
+        .filter(|a| a["server"] == cmd.server)
+        .map(|a| a["shed"].parse::<u64>().unwrap())
+        .sum();
     assert!(
-        moved as f64 <= 1.1 * minimum as f64,
-        "moved {moved} for a minimum of {minimum}: shed twice; first log:\n{first_log}\nsecond log:\n{}",
+        from_first as f64 <= 1.1 * minimum as f64 && moved as f64 <= 1.5 * minimum as f64,
+        "moved {from_first} from {} ({moved} in all) for a minimum of {minimum}: shed twice; \
+         first log:\n{first_log}\nsecond log:\n{}",
+        cmd.server,
         second.log()
     );
     assert!(
