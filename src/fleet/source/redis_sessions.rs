@@ -140,6 +140,8 @@ struct Dirty {
 struct Inbox {
     dirty: Mutex<Dirty>,
     ready: Notify,
+    /// Messages drained since the connection was made.
+    drained: std::sync::atomic::AtomicU64,
 }
 
 impl Inbox {
@@ -192,6 +194,9 @@ fn drain(
                 next = messages.next().now_or_never().flatten();
             }
             drop(d);
+            inbox
+                .drained
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             inbox.ready.notify_one();
         }
         inbox.dirty.lock().expect("not poisoned").closed = true;
@@ -207,6 +212,8 @@ struct Live {
     heartbeat: tokio::time::Interval,
     /// The heartbeat written and not yet heard back: by when it must be.
     awaiting: Option<tokio::time::Instant>,
+    /// Drained batches when the heartbeat was written.
+    drained_at_beat: u64,
 }
 
 enum State {
@@ -294,12 +301,20 @@ async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceErr
                             return (Err(e), State::Connecting);
                         }
                         live.awaiting = Some(Instant::now() + HEARTBEAT);
+                        live.drained_at_beat = live.inbox.drained.load(std::sync::atomic::Ordering::Relaxed);
                         continue;
                     }
                     () = sleep_until_some(overdue) => {
                         if live.inbox.take_heartbeat() {
                             // It came back; this reader was only late to look (a busy fold).
                             live.awaiting = None;
+                            continue;
+                        }
+                        let drained = live.inbox.drained.load(std::sync::atomic::Ordering::Relaxed);
+                        if drained != live.drained_at_beat {
+                            // Notifications flow: the heartbeat's waits behind a storm of them.
+                            live.drained_at_beat = drained;
+                            live.awaiting = Some(Instant::now() + HEARTBEAT);
                             continue;
                         }
                         // Turn them back on if we may; the reconnect resyncs what was missed.
@@ -446,6 +461,7 @@ async fn connect(ctx: &Ctx) -> Result<(Live, Vec<(ServerId, Reading)>), RedisSou
             reconcile,
             heartbeat,
             awaiting: None,
+            drained_at_beat: 0,
         },
         counts,
     ))
