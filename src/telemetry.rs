@@ -55,6 +55,7 @@ pub const GW_FEED_CONNECTED: &str = "rebalancer_gateway_feed_connected";
 pub const GW_SERVER_CONNECTIONS: &str = "rebalancer_gateway_server_connections_total";
 pub const GW_CACHE: &str = "rebalancer_gateway_cache_total";
 pub const PROVISION: &str = "rebalancer_provision_seconds";
+pub const RUNTIME_TASKS: &str = "rebalancer_runtime_tasks";
 
 /// What a metric is, so it is described as what it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,12 @@ pub enum Kind {
 
 /// `(name, kind, unit, description)` of every metric, for registration and the README.
 pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
+    (
+        RUNTIME_TASKS,
+        Kind::Gauge,
+        Unit::Count,
+        "Tasks alive in the controller's runtime, sampled at each scrape",
+    ),
     (
         SOURCE_EVENTS,
         Kind::Counter,

@@ -33,17 +33,22 @@ fn controller_toml(redis: &Redis, consul: &ConsulAgent, port: u16) -> String {
     )
 }
 
-/// Three demo servers and 150 clients piled on the first until it is full: the servers,
-/// the load and the counts then.
-async fn piled_up(
-    redis: &Redis,
-    consul: &ConsulAgent,
-) -> (Vec<DemoServer>, Loadgen, BTreeMap<String, u64>) {
+/// Three demo servers, `s1` to `s3`, each of capacity 100, passing their checks.
+async fn three_servers(redis: &Redis, consul: &ConsulAgent) -> Vec<DemoServer> {
     let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
         .iter()
         .map(|id| DemoServer::start(id, 100, redis, consul))
         .collect();
     servers_passing(consul, 3).await;
+    servers
+}
+
+/// 150 clients piled on `servers[0]` until it is full: the load and the counts then.
+async fn pile_on(
+    redis: &Redis,
+    consul: &ConsulAgent,
+    servers: &[DemoServer],
+) -> (Loadgen, BTreeMap<String, u64>) {
     let pile = servers[0].url();
     let load = Loadgen::start(&[
         "--connections",
@@ -63,6 +68,17 @@ async fn piled_up(
         total(c) == 150 && c.get("s1") == Some(&100)
     })
     .await;
+    (load, before)
+}
+
+/// Three demo servers and 150 clients piled on the first until it is full: the servers,
+/// the load and the counts then.
+async fn piled_up(
+    redis: &Redis,
+    consul: &ConsulAgent,
+) -> (Vec<DemoServer>, Loadgen, BTreeMap<String, u64>) {
+    let servers = three_servers(redis, consul).await;
+    let (load, before) = pile_on(redis, consul, &servers).await;
     (servers, load, before)
 }
 
@@ -414,6 +430,80 @@ async fn a_leader_stopped_right_after_its_first_shed_and_restarted_sheds_no_exce
     );
     assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
     assert_eq!(summary["reconnects"].as_u64(), Some(moved), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_twice_its_ttl_never_acts_on_its_old_lease_when_resumed() {
+    // The leader is SIGSTOPped (a frozen VM, a long pause) past 2 × TTL: the standby takes
+    // over. The fleet piles up while it is away, and it is resumed as the pile completes,
+    // with its cached lease and a snapshot that catches up at once: it must not publish.
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let servers = three_servers(&redis, &consul).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut ps = client.get_async_pubsub().await.unwrap();
+    ps.subscribe("rebalancer:ws:commands").await.unwrap();
+    let mut msgs = ps.into_on_message();
+    let ctls = [controller(&redis, &consul), controller(&redis, &consul)];
+    let refs = [&ctls[0], &ctls[1]];
+    let l = eventually("exactly one leader", WAIT, || the_leader(&refs)).await;
+    let (old, new) = (&ctls[l], &ctls[1 - l]);
+    let old_epoch = old.metric("rebalancer_leader_epoch", &[]).await.unwrap() as u64;
+
+    old.signal("STOP");
+    let paused = std::time::Instant::now();
+    // Consul keeps a session up to 2 × TTL (10 s here), then the lock delay (1 s).
+    eventually(
+        "the standby to lead",
+        Duration::from_secs(2 * 10 + 1 + 5),
+        || async { (new.metric("rebalancer_leader", &[]).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    let took_over = paused.elapsed();
+    let new_epoch = new.metric("rebalancer_leader_epoch", &[]).await.unwrap() as u64;
+    assert!(new_epoch > old_epoch, "{old_epoch} then {new_epoch}");
+
+    let (mut load, before) = pile_on(&redis, &consul, &servers).await;
+    old.signal("CONT");
+    let after = counts_where(&redis, "the fleet within 0.15 of utilization", |c| {
+        c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
+    })
+    .await;
+    new.rounds(5).await;
+    old.rounds(5).await;
+    load.until_connected(150).await;
+    let summary = load.finish();
+
+    let mut epochs = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), msgs.next()).await {
+        let c: rebalancer::contract::protocol::Command =
+            serde_json::from_str(&m.get_payload::<String>().unwrap()).unwrap();
+        epochs.push(c.epoch);
+    }
+    let acks = redis.acks("ws").await;
+    println!(
+        "paused leader: took over in {took_over:?}; before {before:?} after {after:?} \
+         command epochs {epochs:?} (old {old_epoch}, new {new_epoch}) acks {acks:?} \
+         loadgen {summary}"
+    );
+    assert!(!epochs.is_empty(), "the new leader shed the pile");
+    assert!(
+        epochs.iter().all(|e| *e == new_epoch),
+        "a command under another epoch than the new leader's {new_epoch}: {epochs:?}; \
+         resumed leader's log:\n{}",
+        old.log()
+    );
+    assert!(
+        acks.iter()
+            .all(|a| a["epoch"] == new_epoch.to_string() && !a.contains_key("refused")),
+        "{acks:?}"
+    );
+    assert_eq!(old.metric("rebalancer_leader", &[]).await, Some(0.0));
+    assert!(
+        old.log().contains("not the leader"),
+        "the resumed leader said it gave up; log:\n{}",
+        old.log()
+    );
+    assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

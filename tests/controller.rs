@@ -194,6 +194,170 @@ async fn an_operators_cordon_survives_a_hot_fleet_and_the_shortfall_is_reported(
     );
 }
 
+/// Scale actions made so far (every kind, carried out).
+async fn scale_actions(ctl: &Controller) -> f64 {
+    let text = ctl.metrics().await;
+    ["reactivate", "cordon", "start", "reap"]
+        .iter()
+        .filter_map(|k| {
+            sample(
+                &text,
+                "rebalancer_actions_total",
+                &[("kind", k), ("result", "ok")],
+            )
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn load_oscillating_around_the_scale_out_threshold_makes_at_most_one_scale_action_per_cooldown(
+) {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    // One active server, seven cordoned by the controller: room for many scale-outs.
+    let ids: Vec<String> = (1..=8).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        consul.register_capacity("ws", id, 100).await;
+        redis.report("ws", id, "0").await;
+        if id != "s1" {
+            consul
+                .kv_put(
+                    &format!("rebalancer/ws/servers/{id}"),
+                    r#"{"state":"cordoned","since_ms":1,"reason":"scale-in","by":"controller"}"#,
+                )
+                .await;
+        }
+    }
+    let cooldown = Duration::from_secs(3);
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[rebalance]\nenabled = false\n[scale]\ncooldown = \"3s\"\n",
+    );
+    let ctl = Controller::start(&temp_dir("e2e-oscillate"), &toml, port);
+    ctl.until_synced(0.0).await;
+
+    // U on the active servers flips between 0.65 and 0.75 around scale_out_at (0.70)
+    // every 400 ms, for five cooldowns.
+    let began = std::time::Instant::now();
+    let (mut seen, mut acted_at) = (0.0, Vec::new());
+    let mut tick = 0u32;
+    while began.elapsed() < 5 * cooldown {
+        if tick.is_multiple_of(4) {
+            let per_server = if (tick / 4).is_multiple_of(2) {
+                "75"
+            } else {
+                "65"
+            };
+            for id in &ids {
+                let cordoned = consul.server_state("ws", id).await.as_deref() == Some("cordoned");
+                redis
+                    .report("ws", id, if cordoned { "0" } else { per_server })
+                    .await;
+            }
+        }
+        let n = scale_actions(&ctl).await;
+        if n > seen {
+            acted_at.push(began.elapsed());
+            seen = n;
+        }
+        tick += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("oscillating load: scale actions at {acted_at:?} ({seen} servers)");
+    assert!(
+        acted_at.len() >= 2,
+        "the hot phases scaled out more than once: {acted_at:?}; log:\n{}",
+        ctl.log()
+    );
+    for pair in acted_at.windows(2) {
+        // Seen by polling every 100 ms (plus a scrape): allow that much.
+        assert!(
+            pair[1].saturating_sub(pair[0]) >= cooldown.saturating_sub(Duration::from_millis(300)),
+            "two scale actions within one cooldown: {acted_at:?}; log:\n{}",
+            ctl.log()
+        );
+    }
+    assert!(acted_at.len() <= 6, "{acted_at:?}");
+}
+
+#[tokio::test]
+async fn with_a_fifth_of_the_counts_missing_nothing_is_shed_or_cordoned_but_scale_out_goes_on() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let mut commands = subscribe(&redis).await;
+    // Ten live servers, two of them (s9, s10) with no count at all; two cordoned spares.
+    for i in 1..=12 {
+        consul.register_capacity("ws", &format!("s{i}"), 100).await;
+    }
+    for id in ["s11", "s12"] {
+        redis.report("ws", id, "0").await;
+        consul
+            .kv_put(
+                &format!("rebalancer/ws/servers/{id}"),
+                r#"{"state":"cordoned","since_ms":1,"reason":"scale-in","by":"controller"}"#,
+            )
+            .await;
+    }
+    // Cold and uneven: scale-in (after 4 s) and a shed from s1 would both be due.
+    redis.report("ws", "s1", "60").await;
+    for i in 2..=8 {
+        redis.report("ws", &format!("s{i}"), "5").await;
+    }
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\n",
+    );
+    let ctl = Controller::start(&temp_dir("e2e-missing"), &toml, port);
+    ctl.until_synced(95.0).await;
+    // Past scale_in_after, the settle and a cooldown, in decision rounds.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    ctl.rounds(3).await;
+    for i in 1..=10 {
+        assert_eq!(
+            consul.server_state("ws", &format!("s{i}")).await,
+            None,
+            "s{i} cordoned"
+        );
+    }
+    assert!(commands.try_recv().is_err(), "a shed with counts missing");
+
+    // Hot and uneven: U ≥ 0.76 on what is known. Scale-out is not destructive: it goes on.
+    redis.report("ws", "s1", "100").await;
+    for i in 2..=8 {
+        redis.report("ws", &format!("s{i}"), "95").await;
+    }
+    eventually("a spare reactivated", WAIT, || async {
+        let mut any = false;
+        for id in ["s11", "s12"] {
+            any |= consul.server_state("ws", id).await.as_deref() == Some("active");
+        }
+        any.then_some(())
+    })
+    .await;
+    ctl.rounds(3).await;
+    assert!(commands.try_recv().is_err(), "a shed with counts missing");
+    for i in 1..=10 {
+        assert_eq!(
+            consul.server_state("ws", &format!("s{i}")).await,
+            None,
+            "s{i} cordoned"
+        );
+    }
+    assert_eq!(
+        ctl.metric("rebalancer_servers", &[("state", "unknown")])
+            .await,
+        Some(2.0)
+    );
+}
+
 #[tokio::test]
 async fn dry_run_decides_and_counts_but_touches_nothing() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
@@ -322,17 +486,6 @@ fn check_accepts_good_files_and_lists_every_error_of_bad_ones() {
     assert_eq!(out.status.code(), Some(64));
 }
 
-/// The controller whose `rebalancer_leader` is 1, if exactly one of `ctls` is leader.
-async fn the_leader(ctls: &[&Controller]) -> Option<usize> {
-    let mut leaders = Vec::new();
-    for (i, c) in ctls.iter().enumerate() {
-        if c.metric("rebalancer_leader", &[]).await == Some(1.0) {
-            leaders.push(i);
-        }
-    }
-    (leaders.len() == 1).then(|| leaders[0])
-}
-
 #[tokio::test]
 async fn of_two_controllers_one_acts_and_after_it_dies_the_other_acts_under_a_newer_epoch() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
@@ -404,6 +557,41 @@ async fn of_two_controllers_one_acts_and_after_it_dies_the_other_acts_under_a_ne
         "took over after {took:?} (settle included)"
     );
     assert_eq!(alive.metric("rebalancer_leader", &[]).await, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_graceful_stop_the_standby_leads_within_a_second() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(&consul, &redis, &[("s1", "50"), ("s2", "50")]).await;
+    let sections = "[scale]\nenabled = false\n";
+    let start = |tag: &str| {
+        let port = free_port();
+        let toml = pipeline_toml("ws", &redis, &consul, port, "", sections);
+        Controller::start(&temp_dir(tag), &toml, port)
+    };
+    let mut ctls = vec![start("handover-0"), start("handover-1")];
+    // Three handovers: a standby that only polled (every third of the TTL, 3.3 s here)
+    // would make all three within a second by luck about once in forty.
+    for round in 0..3 {
+        let refs: Vec<&Controller> = ctls.iter().collect();
+        let leader = eventually("exactly one leader", WAIT, || the_leader(&refs)).await;
+        let mut old = ctls.remove(leader);
+        let stopped = std::time::Instant::now();
+        old.terminate();
+        let standby = &ctls[0];
+        eventually("the standby to lead", WAIT, || async {
+            (standby.metric("rebalancer_leader", &[]).await == Some(1.0)).then_some(())
+        })
+        .await;
+        let took = stopped.elapsed();
+        eprintln!("handover {round}: {took:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "handover {round} took {took:?}; standby log:\n{}",
+            standby.log()
+        );
+        ctls.push(start(&format!("handover-{}", round + 2)));
+    }
 }
 
 #[tokio::test]

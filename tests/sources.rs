@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rebalancer::config::{self, PipelineConfig};
+use rebalancer::contract::consul::{Consul, ConsulError};
+use rebalancer::contract::consul_watch::{consul_fetch, Restarts, RESTART_PROBE_EVERY};
 use rebalancer::controller::act::Recording;
 use rebalancer::controller::decide::ActionKind;
 use rebalancer::fleet::events::Events;
@@ -339,26 +341,58 @@ async fn a_redis_restart_is_survived_with_a_full_resync() {
 }
 
 #[tokio::test]
-async fn a_consul_restart_is_survived_with_a_full_resync() {
+async fn a_consul_restart_mid_query_is_survived_with_a_full_resync_though_the_index_goes_backwards()
+{
     let (redis, mut consul) = (Redis::start().await, ConsulAgent::start().await);
-    let r = topology(&cfg("consul-restart", &redis, &consul, "", ""));
+    // The default wait (5 min): a watch that missed the restart would hang that long.
+    let mut c = cfg("consul-restart", &redis, &consul, "", "");
+    c.consul.wait = config::parse(Path::new("default.toml"), "", &|_| None)
+        .unwrap()
+        .consul
+        .wait;
+    assert_eq!(c.consul.wait, Duration::from_secs(300));
+    let r = topology(&c);
     consul.register_capacity("ws", "s1", 100).await;
-    consul
-        .kv_put("rebalancer/ws/servers/s1", r#"{"state":"cordoned"}"#)
-        .await;
     redis.report("ws", "s1", "10").await;
+    // Indexes well above where a fresh agent starts.
+    for i in 0..30 {
+        let state = if i % 2 == 0 { "active" } else { "cordoned" };
+        consul
+            .kv_put(
+                "rebalancer/ws/servers/s1",
+                &format!(r#"{{"state":"{state}"}}"#),
+            )
+            .await;
+        consul.set_passing("s1", i % 2 == 0).await;
+    }
+    consul.set_passing("s1", true).await;
+    let (health, states) = ("/v1/health/service/ws", "/v1/kv/rebalancer/ws/?recurse");
+    let before = (consul.index(health).await, consul.index(states).await);
     until(&r, "s1 cordoned with 10", |t| {
         t.get("s1").is_some_and(|s| s.is_live() && s.is_cordoned())
     })
     .await;
+    // Both watches are now blocked in a query at those indexes, and the restart probe has
+    // read its index since (a running controller's has always read it within 2 s).
+    tokio::time::sleep(RESTART_PROBE_EVERY + Duration::from_millis(500)).await;
 
     consul.restart().await; // a dev agent comes back empty, with its indexes reset
+    let restarted = std::time::Instant::now();
     until(&r, "the empty fleet after the restart", |t| {
         !t.is_stale() && t.servers.is_empty()
     })
     .await;
+    let resynced = restarted.elapsed();
     consul.register_capacity("ws", "s1", 100).await;
     let t = until(&r, "s1 registered again", |t| t.get("s1").is_some()).await;
+    let after = (consul.index(health).await, consul.index(states).await);
+    println!(
+        "consul restart mid-query: resynced {resynced:?} after; indexes {before:?} then {after:?}"
+    );
+    assert!(
+        after.0 < before.0 && after.1 < before.1,
+        "the indexes went backwards: {before:?} then {after:?}"
+    );
     assert_eq!(
         t.get("s1").unwrap().admin,
         Admin::Active,
@@ -587,6 +621,135 @@ async fn a_paused_redis_makes_the_snapshot_stale_and_nothing_is_done_until_it_re
     // Trustworthy again: the cold fleet is cordoned after scale_in_after, as before the pause.
     let done = eventually("a cordon once the data is trustworthy again", WAIT, || {
         let d = rec.actions();
+        async move { (!d.is_empty()).then_some(d) }
+    })
+    .await;
+    assert!(
+        matches!(done[0].0.kind, ActionKind::Cordon { .. }),
+        "{done:?}"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_read_at_an_index_a_restarted_agent_never_reached_is_cut_short() {
+    // A watch between two reads when the agent restarts empty: its next read carries the
+    // old index, which Consul would hold for the whole wait (5 min by default).
+    let mut consul = ConsulAgent::start().await;
+    for i in 0..30 {
+        consul
+            .kv_put("rebalancer/ws/servers/s1", &i.to_string())
+            .await;
+    }
+    let path = "/v1/kv/rebalancer/ws/servers/?recurse=true".to_string();
+    let old = consul.index(&path).await;
+    let client = Consul::new(&consul.address(), None);
+    let stop = CancellationToken::new();
+    let restarts = Restarts::probe(
+        client.clone(),
+        "/v1/kv/rebalancer/ws/leader".into(),
+        Duration::from_millis(200),
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // the probe has read the index
+    consul.restart().await;
+    let fetch = consul_fetch(client, path.clone(), Duration::from_secs(300), restarts);
+    let asked = std::time::Instant::now();
+    let answer = tokio::time::timeout(WAIT, fetch(old))
+        .await
+        .expect("a read at an index the new agent never reached is cut short");
+    println!("cut short after {:?}: {answer:?}", asked.elapsed());
+    assert!(
+        matches!(answer, Err(ConsulError::DataLost { .. })),
+        "{answer:?}"
+    );
+    assert!(consul.index(&path).await < old);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn consul_answering_500_or_429_is_backed_off_destroys_nothing_and_resyncs_after() {
+    let handle = metrics();
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let proxy = FaultyProxy::start(consul.http_port).await;
+    // A cold fleet, reached through the proxy: scale-in would cordon after 4 s of
+    // trustworthy low utilization.
+    let mut c = cfg(
+        "consul-5xx",
+        &redis,
+        &consul,
+        "",
+        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
+    );
+    c.consul.address = proxy.address();
+    for id in ["s1", "s2", "s3"] {
+        consul.register_capacity("ws", id, 100).await;
+        redis.report("ws", id, "10").await;
+    }
+    let labels = [("pipeline", "consul-5xx")];
+    let stale = |want: f64| {
+        move || {
+            let text = handle.render();
+            async move {
+                (sample(&text, "rebalancer_snapshot_stale", &labels) == Some(want)).then_some(())
+            }
+        }
+    };
+    let rec = Arc::new(Recording::default());
+    let stop = CancellationToken::new();
+    let task = rebalancer::controller::app::spawn_pipeline(c, rec.clone(), None, &stop).unwrap();
+    eventually("a synced snapshot", WAIT, stale(0.0)).await;
+
+    let mut answered = Vec::new();
+    for code in [500, 429] {
+        let from = proxy.faults();
+        proxy.fail_with(code);
+        let failing = std::time::Instant::now();
+        eventually(&format!("stale on {code}"), WAIT, stale(1.0)).await;
+        let went_stale = failing.elapsed();
+        // Longer than scale_in_after: nothing may be cordoned on what is left.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        answered.push((code, went_stale, proxy.faults() - from));
+        assert!(
+            rec.done.lock().unwrap().is_empty(),
+            "acted while Consul answered {code}: {:?}",
+            rec.done.lock().unwrap()
+        );
+        proxy.pass();
+        eventually(
+            &format!("synced after {code}"),
+            Duration::from_secs(30),
+            stale(0.0),
+        )
+        .await;
+    }
+    // Meanwhile a server joined: the resync reads it.
+    proxy.fail_with(500);
+    consul.register_capacity("ws", "s4", 100).await;
+    redis.report("ws", "s4", "10").await;
+    eventually("stale again", WAIT, stale(1.0)).await;
+    proxy.pass();
+    let resumed = std::time::Instant::now();
+    eventually("s4 read by the resync", Duration::from_secs(30), || {
+        let text = handle.render();
+        async move { (sample(&text, "rebalancer_sessions", &labels) == Some(40.0)).then_some(()) }
+    })
+    .await;
+    println!(
+        "consul 5xx: (status, stale after, error answers in 8 s): {answered:?}; s4 read {:?} after",
+        resumed.elapsed()
+    );
+    for (code, _, n) in &answered {
+        // Two watches and the election, each backed off (200 ms doubling, with jitter): a
+        // loop paced only by its rate limit would make 80 requests in these 8 s.
+        assert!(
+            *n <= 30,
+            "{n} requests answered {code} in 8 s: not backed off"
+        );
+    }
+    let done = eventually("a cordon once Consul answers again", WAIT, || {
+        let d = rec.done.lock().unwrap().clone();
         async move { (!d.is_empty()).then_some(d) }
     })
     .await;

@@ -23,7 +23,7 @@ pub use commands::{CommandFilter, Verdict};
 pub use sessions::{CloseReason, SessionGuard, SessionRegistry, Sessions, VictimPolicy};
 
 use crate::contract::consul::Consul;
-use crate::contract::consul_watch::{consul_fetch, watch};
+use crate::contract::consul_watch::{consul_fetch, watch, Restarts};
 use crate::contract::protocol::{
     acks_stream, commands_channel, sessions_key, state_key, unix_ms, Ack, Command, CommandKind,
 };
@@ -301,7 +301,9 @@ impl Agent {
         let path = format!("/v1/kv/{}", state_key(&self.cfg.service, &self.cfg.id));
         let (svc, id, p2) = (self.cfg.service.clone(), self.cfg.id.clone(), path.clone());
         let states = watch(
-            consul_fetch(consul, path, Duration::from_secs(30)),
+            // A short wait bounds the hang a Consul restarted empty causes; a probe per
+            // server would cost Consul more than it saves.
+            consul_fetch(consul, path, Duration::from_secs(30), Restarts::none()),
             move |f| {
                 let list = crate::contract::states::parse(&svc, &p2, f)?;
                 Ok(list

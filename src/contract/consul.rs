@@ -26,6 +26,8 @@ pub enum ConsulError {
         status: StatusCode,
         body: String,
     },
+    #[error("Consul lost its data (its index went backwards): reading {url} again in full")]
+    DataLost { url: String },
     #[error("Consul answer to {url} has no valid X-Consul-Index header")]
     NoIndex { url: String },
     #[error("Consul answer to {url} is not the expected JSON: {source}")]

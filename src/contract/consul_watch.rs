@@ -2,12 +2,21 @@
 //! reset the index when it goes backwards, never block on an index below 1, rate-limit the
 //! loop with a token bucket, bound each poll (in [`Consul::blocking_get`]), and drop answers
 //! that change nothing. One implementation serves both the health and the KV source.
+//!
+//! One hazard Consul's rules leave open: an agent restarted without its data (a dev agent,
+//! a lost raft store) between two of our reads. The next read carries an index the new
+//! agent has not reached, and Consul holds it for the whole wait (5 minutes by default)
+//! while the old answer still looks current. [`Restarts`] probes an index that only grows
+//! and cuts every watch short when it goes backwards.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::Stream;
+use tokio::sync::watch as signal;
+use tokio_util::sync::CancellationToken;
 
 use crate::contract::consul::{Consul, ConsulError, Fetched};
 use crate::stages::rate::TokenBucket;
@@ -27,12 +36,82 @@ pub fn next_index(previous: u64, returned: u64) -> u64 {
 /// Fetches `path` at an index; in production a Consul blocking read.
 pub type Fetch = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<Fetched, ConsulError>> + Send + Sync>;
 
-/// A blocking read of `path` against `consul`, for [`watch`].
-pub fn consul_fetch(consul: Consul, path: String, wait: Duration) -> Fetch {
+/// How often [`Restarts::probe`] reads its index.
+pub const RESTART_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// The generations of a Consul agent: bumped each time it is seen to have lost its data.
+#[derive(Clone, Debug)]
+pub struct Restarts(signal::Receiver<u64>);
+
+impl Restarts {
+    /// Never bumped: for watches whose wait is short enough to bound the hang.
+    pub fn none() -> Restarts {
+        Restarts(signal::channel(0).1)
+    }
+
+    /// Reads `path` (a KV key: its index, or the KV table's when it is missing, only grows
+    /// while Consul keeps its data) every `every` until `shutdown`, and bumps the generation
+    /// when the index goes backwards.
+    pub fn probe(
+        consul: Consul,
+        path: String,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> Restarts {
+        let (tx, rx) = signal::channel(0u64);
+        tokio::spawn(async move {
+            let mut last = 0u64;
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let Ok(f) = consul.blocking_get(&path, 0, every).await else {
+                    continue; // unreachable: the watches see that themselves
+                };
+                if f.index < last {
+                    tracing::warn!(
+                        consul = consul.base(),
+                        from = last,
+                        to = f.index,
+                        "Consul's index went backwards: it lost its data; every watch resyncs"
+                    );
+                    tx.send_modify(|g| *g += 1);
+                }
+                last = f.index;
+            }
+        });
+        Restarts(rx)
+    }
+}
+
+/// A blocking read of `path` against `consul`, for [`watch`]; cut short with an error when
+/// `restarts` moves on (and failing at once when it moved between two reads).
+pub fn consul_fetch(consul: Consul, path: String, wait: Duration, restarts: Restarts) -> Fetch {
+    let acted = Arc::new(AtomicU64::new(*restarts.0.borrow()));
     Arc::new(move |index| {
         let consul = consul.clone();
         let path = path.clone();
-        Box::pin(async move { consul.blocking_get(&path, index, wait).await })
+        let mut rx = restarts.0.clone();
+        let acted = acted.clone();
+        Box::pin(async move {
+            let lost = |url: &str| ConsulError::DataLost {
+                url: url.to_string(),
+            };
+            let generation = *rx.borrow_and_update();
+            if acted.swap(generation, Ordering::SeqCst) != generation && index > 0 {
+                return Err(lost(&path));
+            }
+            tokio::select! {
+                r = consul.blocking_get(&path, index, wait) => r,
+                Ok(()) = rx.changed() => {
+                    acted.store(*rx.borrow(), Ordering::SeqCst);
+                    Err(lost(&path))
+                }
+            }
+        })
     })
 }
 

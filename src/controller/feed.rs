@@ -118,6 +118,11 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(api): State<Api>) -> String {
+    // Sampled when scraped: a task leak shows as a count that only grows.
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    metrics::gauge!(crate::telemetry::RUNTIME_TASKS).set(tasks as f64);
     api.metrics.render()
 }
 

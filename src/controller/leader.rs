@@ -24,6 +24,13 @@ use crate::contract::consul::{Consul, ConsulError};
 use crate::contract::protocol::{leader_key, unix_ms};
 use crate::fleet::events::Events;
 
+/// Consul's lock delay on our sessions: after a session is invalidated (it expired), its
+/// locks cannot be taken for this long. A release (a graceful stop) has none.
+const LOCK_DELAY: Duration = Duration::from_secs(1);
+
+/// A standby watching the lock never runs rounds closer together than this.
+const MIN_STANDBY_GAP: Duration = Duration::from_millis(100);
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct SessionCreated {
@@ -114,7 +121,7 @@ impl Election {
             "Name": self.name,
             "TTL": format!("{}s", self.ttl.as_secs()),
             "Behavior": "release",
-            "LockDelay": "1s",
+            "LockDelay": format!("{}ms", LOCK_DELAY.as_millis()),
         });
         let out = self
             .consul
@@ -193,6 +200,39 @@ impl Election {
             .map(|e| (sid.clone(), e.lock_index)))
     }
 
+    /// A standby's wait between rounds: a blocking read of the lock key, so a release wakes
+    /// it at once (a graceful stop hands over in well under a second), and so does the
+    /// release of a holder whose session expired (then the lock delay is waited out). At
+    /// most `period`, so the session is renewed in time.
+    async fn wait_as_standby(&mut self, period: Duration) {
+        let started = Instant::now();
+        let deadline = started + period;
+        let path = format!("/v1/kv/{}", self.key);
+        // Where the lock is now (the round just failed to take it).
+        let (index, held) = match self.consul.blocking_get(&path, 0, period).await {
+            Ok(f) => (f.index, lock_held(&path, &f)),
+            Err(e) => {
+                tracing::debug!(key = %self.key, error = %e, "cannot read the leader lock");
+                tokio::time::sleep_until(deadline).await;
+                return;
+            }
+        };
+        if !held {
+            // Free, yet not ours: within the lock delay of a session that expired.
+            tokio::time::sleep_until((Instant::now() + LOCK_DELAY).min(deadline)).await;
+            return;
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if let Ok(f) = self.consul.blocking_get(&path, index.max(1), wait).await {
+            if f.index != index {
+                // Released or taken over: a round at once, never a busy loop.
+                tokio::time::sleep_until(started + MIN_STANDBY_GAP).await;
+                return;
+            }
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+
     async fn resign(&mut self) {
         if let Some(sid) = self.session.take() {
             let _ = self
@@ -205,6 +245,15 @@ impl Election {
                 .await;
         }
     }
+}
+
+/// Whether a read of the lock key shows a holder.
+fn lock_held(path: &str, f: &crate::contract::consul::Fetched) -> bool {
+    f.found
+        && Consul::decode::<Vec<LockEntry>>(path, &f.body)
+            .ok()
+            .and_then(|e| e.into_iter().next())
+            .is_some_and(|e| e.session.is_some())
 }
 
 /// Runs the election until `shutdown`, publishing the held lease (or `None`) on `tx`.
@@ -239,10 +288,17 @@ pub async fn run(
         if tx.borrow().as_ref().map(|l| l.epoch) != epoch {
             events.leadership(epoch);
         }
+        let standby = lease.is_none();
         tx.send_replace(lease);
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(period) => {}
+            () = async {
+                if standby {
+                    e.wait_as_standby(period).await;
+                } else {
+                    tokio::time::sleep(period).await;
+                }
+            } => {}
         }
     }
     tx.send_replace(None);

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
+use crate::contract::consul_watch::{Restarts, RESTART_PROBE_EVERY};
+use crate::contract::protocol::leader_key;
 use crate::fleet::events::Events;
 use crate::fleet::fold::{Fold, Limits};
 use crate::fleet::source::{
@@ -64,6 +66,12 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> Result<(watch::Receiver<Arc<Topology>>, JoinHandle<()>), ViewError> {
     let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
+    let restarts = Restarts::probe(
+        consul.clone(),
+        format!("/v1/kv/{}", leader_key(&cfg.name)),
+        RESTART_PROBE_EVERY,
+        shutdown.clone(),
+    );
     let sessions = redis_sessions::stream(&cfg.redis.url, &cfg.service, cfg.redis.reconcile)
         .map_err(|source| ViewError::RedisUrl {
             pipeline: cfg.name.clone(),
@@ -74,14 +82,19 @@ pub fn spawn(
     sources.insert(
         SourceKind::Health,
         source(
-            consul_health::stream(consul.clone(), &cfg.service, cfg.consul.wait),
+            consul_health::stream(
+                consul.clone(),
+                &cfg.service,
+                cfg.consul.wait,
+                restarts.clone(),
+            ),
             Change::Health,
         ),
     );
     sources.insert(
         SourceKind::States,
         source(
-            consul_kv::stream(consul, &cfg.service, cfg.consul.wait),
+            consul_kv::stream(consul, &cfg.service, cfg.consul.wait, restarts),
             Change::States,
         ),
     );

@@ -115,6 +115,21 @@ impl ConsulAgent {
         r.text().await.ok()
     }
 
+    /// The `X-Consul-Index` of a read of `path`: where a blocking query on it would wait.
+    pub async fn index(&self, path: &str) -> u64 {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.address()))
+            .send()
+            .await
+            .expect("reach the test consul");
+        r.headers()["X-Consul-Index"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     /// The `state` field of a server's KV record (`None`: no record).
     pub async fn server_state(&self, service: &str, id: &str) -> Option<String> {
         let raw = self

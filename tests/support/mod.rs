@@ -5,6 +5,7 @@
 
 mod consul;
 mod docker;
+mod faulty;
 mod procs;
 mod prometheus;
 mod redis;
@@ -12,6 +13,7 @@ mod wait;
 
 pub use consul::*;
 pub use docker::*;
+pub use faulty::*;
 pub use procs::*;
 pub use prometheus::*;
 pub use redis::*;

@@ -196,6 +196,17 @@ listen = "127.0.0.1:{metrics_port}"
     )
 }
 
+/// The controller whose `rebalancer_leader` is 1, if exactly one of `ctls` is leader.
+pub async fn the_leader(ctls: &[&Controller]) -> Option<usize> {
+    let mut leaders = Vec::new();
+    for (i, c) in ctls.iter().enumerate() {
+        if c.metric("rebalancer_leader", &[]).await == Some(1.0) {
+            leaders.push(i);
+        }
+    }
+    (leaders.len() == 1).then(|| leaders[0])
+}
+
 /// The built `rebalancer` binary running one pipeline; killed when dropped.
 pub struct Controller {
     child: std::process::Child,
@@ -272,6 +283,23 @@ impl Controller {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the process: a stopped controller holds its
+    /// connections and its cached lease, and does nothing, as one stuck in a long GC-like
+    /// pause or a frozen VM does.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id();
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {pid}");
     }
 
     /// A graceful stop: SIGTERM, and up to 15 s to exit.

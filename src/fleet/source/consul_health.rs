@@ -8,7 +8,7 @@ use futures::Stream;
 use serde::Deserialize;
 
 use crate::contract::consul::{Consul, ConsulError, Fetched};
-use crate::contract::consul_watch::{consul_fetch, watch};
+use crate::contract::consul_watch::{consul_fetch, watch, Restarts};
 use crate::contract::protocol::{META_MAX_SESSIONS, META_WEIGHT};
 use crate::fleet::topology::ServerId;
 
@@ -146,10 +146,13 @@ pub fn stream(
     consul: Consul,
     service: &str,
     wait: Duration,
+    restarts: Restarts,
 ) -> impl Stream<Item = Result<HealthList, ConsulError>> {
     let path = format!("/v1/health/service/{service}");
     let p2 = path.clone();
-    watch(consul_fetch(consul, path, wait), move |f| parse(&p2, f))
+    watch(consul_fetch(consul, path, wait, restarts), move |f| {
+        parse(&p2, f)
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::Stream;
 
 use crate::contract::consul::{Consul, ConsulError};
-use crate::contract::consul_watch::{consul_fetch, watch};
+use crate::contract::consul_watch::{consul_fetch, watch, Restarts};
 use crate::contract::protocol::state_prefix;
 pub use crate::contract::states::{parse, read_state, StateList};
 
@@ -15,11 +15,12 @@ pub fn stream(
     consul: Consul,
     service: &str,
     wait: Duration,
+    restarts: Restarts,
 ) -> impl Stream<Item = Result<StateList, ConsulError>> {
     let path = format!("/v1/kv/{}?recurse=true", state_prefix(service));
     let p2 = path.clone();
     let svc = service.to_string();
-    watch(consul_fetch(consul, path, wait), move |f| {
+    watch(consul_fetch(consul, path, wait, restarts), move |f| {
         parse(&svc, &p2, f)
     })
 }
