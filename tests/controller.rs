@@ -359,6 +359,66 @@ async fn with_a_fifth_of_the_counts_missing_nothing_is_shed_or_cordoned_but_scal
 }
 
 #[tokio::test]
+async fn with_more_than_45_percent_of_the_servers_failing_everything_halts_until_they_recover() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    // Uneven and cold: a shed from s1 and a scale-in are both due, but three of five
+    // servers fail their checks (an outage, not five bad servers).
+    fleet(
+        &consul,
+        &redis,
+        &[
+            ("s1", "90"),
+            ("s2", "10"),
+            ("s3", "10"),
+            ("s4", "10"),
+            ("s5", "10"),
+        ],
+    )
+    .await;
+    for id in ["s3", "s4", "s5"] {
+        consul.set_passing(id, false).await;
+    }
+    let mut commands = subscribe(&redis).await;
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[scale]\nscale_in_after = \"2s\"\ncooldown = \"1s\"\n",
+    );
+    let ctl = Controller::start(&temp_dir("e2e-halt"), &toml, port);
+    eventually("halted rounds", WAIT, || async {
+        (ctl.metric("rebalancer_decisions_total", &[("outcome", "halted")])
+            .await
+            >= Some(3.0))
+        .then_some(())
+    })
+    .await;
+    // Past the settle (5 s) and scale_in_after, in rounds.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ctl.rounds(3).await;
+    assert!(commands.try_recv().is_err(), "a shed while halted");
+    for id in ["s1", "s2", "s3", "s4", "s5"] {
+        assert_eq!(
+            consul.server_state("ws", id).await,
+            None,
+            "{id} cordoned while halted"
+        );
+    }
+    // Healthy again: the shed that was due follows.
+    for id in ["s3", "s4", "s5"] {
+        consul.set_passing(id, true).await;
+    }
+    let shed = tokio::time::timeout(Duration::from_secs(20), commands.recv())
+        .await
+        .unwrap_or_else(|_| panic!("a shed once the servers recover; log:\n{}", ctl.log()))
+        .unwrap();
+    assert_eq!(shed.server, "s1");
+}
+
+#[tokio::test]
 async fn dry_run_decides_and_counts_but_touches_nothing() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     fleet(&consul, &redis, &[("s1", "90"), ("s2", "50"), ("s3", "10")]).await;

@@ -512,3 +512,122 @@ async fn a_retried_start_adopts_what_an_earlier_attempt_created() {
     want.sort();
     assert_eq!(servers, want, "one container per id, none duplicated");
 }
+
+fn discards(text: &str) -> f64 {
+    sample(
+        text,
+        "rebalancer_actions_total",
+        &[("kind", "discard"), ("result", "ok")],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_passed_then_fails_past_the_provision_timeout_is_kept() {
+    let image = docker_image();
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    for (id, n) in [("s1", "100"), ("s2", "90")] {
+        consul.register_capacity("ws", id, 100).await;
+        redis.report("ws", id, n).await;
+    }
+    let name = unique("dkfails");
+    let _janitor = ContainerJanitor {
+        pipeline: name.clone(),
+        names: vec![],
+    };
+    let port = free_port();
+    let toml = docker_pipeline(&name, &redis, &consul, port, "21160-21179", image, "")
+        .replace("provision_timeout = \"20s\"", "provision_timeout = \"4s\"");
+    let ctl = Controller::start(&temp_dir("dk-fails"), &toml, port);
+    // The hot fleet starts a container; its server registers and passes.
+    let started = eventually("a started container's server passing", LONG, || async {
+        consul
+            .passing("ws")
+            .await
+            .into_iter()
+            .find(|id| id != "s1" && id != "s2")
+    })
+    .await;
+    eventually("the controller to see it pass", WAIT, || async {
+        ctl.log()
+            .contains(&format!(
+                "container's server passing pipeline={name} server=\"{started}\""
+            ))
+            .then_some(())
+    })
+    .await;
+    // Then it fails (maintenance: critical in every health answer) for longer than the
+    // provision timeout, several rounds over.
+    consul.maintenance(&started, true).await;
+    eventually("it to fail", WAIT, || async {
+        (!consul.passing("ws").await.contains(&started)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let running: Vec<_> = owned(&name)
+        .into_iter()
+        .filter(|(_, state)| state == "running")
+        .collect();
+    assert!(
+        running
+            .iter()
+            .any(|(n, _)| n.contains(&started) || started.contains(n.as_str())),
+        "{started} kept: {running:?}; log:\n{}",
+        ctl.log()
+    );
+    assert_eq!(discards(&ctl.metrics().await), 0.0, "log:\n{}", ctl.log());
+    consul.maintenance(&started, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_health_answer_while_a_container_runs_stops_nothing_until_servers_are_listed_again(
+) {
+    let image = docker_image();
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    for (id, n) in [("s1", "100"), ("s2", "90")] {
+        consul.register_capacity("ws", id, 100).await;
+        redis.report("ws", id, n).await;
+    }
+    let name = unique("dkempty");
+    let _janitor = ContainerJanitor {
+        pipeline: name.clone(),
+        names: vec![],
+    };
+    let port = free_port();
+    // Its server never registers: past the provision timeout it is due for discarding.
+    let toml = docker_pipeline(
+        &name,
+        &redis,
+        &consul,
+        port,
+        "21180-21199",
+        image,
+        r#", "--start-delay", "1h""#,
+    )
+    .replace("provision_timeout = \"20s\"", "provision_timeout = \"4s\"");
+    let ctl = Controller::start(&temp_dir("dk-empty"), &toml, port);
+    eventually("a container that never passes", LONG, || async {
+        (!owned(&name).is_empty()).then_some(())
+    })
+    .await;
+    // Consul lists no server at all (as an ACL-filtered token or a catalog restore would
+    // answer): not a reason to remove what runs.
+    consul.deregister("s1").await;
+    consul.deregister("s2").await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!owned(&name).is_empty(), "log:\n{}", ctl.log());
+    assert_eq!(discards(&ctl.metrics().await), 0.0, "log:\n{}", ctl.log());
+    assert!(
+        ctl.log().contains("Consul lists no server while"),
+        "the log says why; log:\n{}",
+        ctl.log()
+    );
+    // Servers listed again: the container that never passed is discarded as before.
+    for id in ["s1", "s2"] {
+        consul.register_capacity("ws", id, 100).await;
+    }
+    eventually("the discard once servers are listed", LONG, || async {
+        (discards(&ctl.metrics().await) >= 1.0).then_some(())
+    })
+    .await;
+}

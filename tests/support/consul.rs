@@ -86,8 +86,12 @@ impl ConsulAgent {
 
     pub async fn set_passing(&self, id: &str, passing: bool) {
         let verb = if passing { "pass" } else { "fail" };
-        self.put(&format!("/v1/agent/check/{verb}/service:{id}"), json!(null))
-            .await;
+        // A note, as a real check has output: a critical check with none has never run.
+        self.put(
+            &format!("/v1/agent/check/{verb}/service:{id}?note=set-by-test"),
+            json!(null),
+        )
+        .await;
     }
 
     pub async fn kv_put(&self, key: &str, value: &str) {
@@ -99,6 +103,15 @@ impl ConsulAgent {
             .await
             .unwrap();
         assert!(r.status().is_success());
+    }
+
+    /// Puts a service in maintenance (critical in every health answer) or takes it out.
+    pub async fn maintenance(&self, id: &str, on: bool) {
+        self.put(
+            &format!("/v1/agent/service/maintenance/{id}?enable={on}&reason=test"),
+            json!(null),
+        )
+        .await;
     }
 
     /// The raw value at `key`, if any.
