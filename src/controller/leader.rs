@@ -113,6 +113,8 @@ struct Election {
     held: Option<(String, u64, u64)>,
     /// The highest epoch this process has held.
     last_epoch: u64,
+    /// The standby found the lock free at its last wait (and then failed to take it).
+    saw_free: bool,
 }
 
 impl Election {
@@ -218,10 +220,19 @@ impl Election {
             }
         };
         if !held {
-            // Free, yet not ours: within the lock delay of a session that expired.
-            tokio::time::sleep_until((Instant::now() + LOCK_DELAY).min(deadline)).await;
+            // Free, yet not ours. Released just after our try (a graceful stop): try again at
+            // once. Free at two tries in a row: within the lock delay of a session that
+            // expired, so try once it has passed.
+            let next = if self.saw_free {
+                Instant::now() + LOCK_DELAY
+            } else {
+                started + MIN_STANDBY_GAP
+            };
+            self.saw_free = true;
+            tokio::time::sleep_until(next.min(deadline)).await;
             return;
         }
+        self.saw_free = false;
         let wait = deadline.saturating_duration_since(Instant::now());
         if let Ok(f) = self.consul.blocking_get(&path, index.max(1), wait).await {
             if f.index != index {
@@ -274,6 +285,7 @@ pub async fn run(
         session: None,
         held: None,
         last_epoch: 0,
+        saw_free: false,
     };
     let period = ttl / 3;
     loop {
