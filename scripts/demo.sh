@@ -52,6 +52,10 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
+# Signed commands: one fresh key for the controller and every server.
+REBALANCER_COMMAND_KEYS="demo:$(head -c 32 /dev/urandom | od -An -tx1 | tr -d " \n")"
+export REBALANCER_COMMAND_KEYS
+
 i=0
 for port in "${SERVER_PORTS[@]}"; do
   i=$((i + 1))

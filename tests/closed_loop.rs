@@ -507,6 +507,136 @@ async fn a_leader_paused_past_twice_its_ttl_never_acts_on_its_old_lease_when_res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_command_keys_servers_obey_only_signed_commands_and_forgeries_pin_nothing() {
+    const KEY: &str = "k1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    const WRONG: &str = "k1:ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    let env = [("REBALANCER_COMMAND_KEYS", KEY)];
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start_with_env(id, 100, &redis, &consul, &env))
+        .collect();
+    servers_passing(&consul, 3).await;
+    let (mut load, before) = pile_on(&redis, &consul, &servers).await;
+
+    // Forgeries for the full s1: unsigned with the highest epoch (it would refuse every
+    // later command if it were learned), and signed under the right id with a wrong secret.
+    let now = rebalancer::contract::protocol::unix_ms(std::time::SystemTime::now());
+    let forged = |id: &str| rebalancer::contract::protocol::Command {
+        v: 1,
+        id: id.into(),
+        kind: rebalancer::contract::protocol::CommandKind::Shed,
+        server: "s1".into(),
+        count: 100,
+        epoch: u64::MAX,
+        issued_at_ms: now,
+        expires_at_ms: now + 60_000,
+        kid: None,
+        sig: None,
+    };
+    let unsigned = forged("forged-unsigned");
+    let mut wrong = forged("forged-wrong-key");
+    rebalancer::contract::signing::CommandKeys::parse("test", WRONG)
+        .unwrap()
+        .sign(&mut wrong);
+    let mut c = redis.conn().await;
+    for cmd in [&unsigned, &wrong] {
+        let heard: i64 = redis::cmd("PUBLISH")
+            .arg("rebalancer:ws:commands")
+            .arg(serde_json::to_string(cmd).unwrap())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(heard, 3);
+    }
+    eventually(
+        "both forgeries refused on the acks stream",
+        WAIT,
+        || async {
+            let a = redis.acks("ws").await;
+            (a.len() >= 2).then_some(a)
+        },
+    )
+    .await;
+    // Every server saw them; only the one addressed says so on the acks stream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acks = redis.acks("ws").await;
+    assert!(
+        acks.len() == 2 && acks.iter().all(|a| a["server"] == "s1"),
+        "acked by the server addressed only: {acks:?}"
+    );
+    let reason = |id: &str| {
+        acks.iter()
+            .find(|a| a["id"] == id)
+            .and_then(|a| a.get("refused").cloned())
+    };
+    assert_eq!(
+        reason("forged-unsigned").as_deref(),
+        Some("unsigned"),
+        "{acks:?}"
+    );
+    assert_eq!(
+        reason("forged-wrong-key").as_deref(),
+        Some("bad_signature"),
+        "{acks:?}"
+    );
+    assert_eq!(
+        redis.counts("ws").await.get("s1"),
+        Some(&100),
+        "nothing shed"
+    );
+    // Every server counted both (and logged each reason once: once a minute at most).
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", servers[1].port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["unsigned", "bad_signature"] {
+        assert_eq!(
+            sample(
+                &text,
+                "rebalancer_agent_commands_refused_total",
+                &[("reason", reason)]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+
+    // The controller signs: its commands are obeyed, under its own epoch, and the fleet
+    // evens out.
+    let port = free_port();
+    let ctl = Controller::start_with_env(
+        &temp_dir("signed-ctl"),
+        &controller_toml(&redis, &consul, port),
+        port,
+        &env,
+    );
+    let after = counts_where(&redis, "the fleet within 0.15 of utilization", |c| {
+        c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
+    })
+    .await;
+    load.until_connected(150).await;
+    let summary = load.finish();
+    let acks = redis.acks("ws").await;
+    println!("signed commands: before {before:?} after {after:?} acks {acks:?}");
+    assert!(
+        acks.iter()
+            .filter(|a| !a["id"].starts_with("forged"))
+            .all(|a| !a.contains_key("refused")),
+        "{acks:?}"
+    );
+    assert!(ctl.log().contains("commands are signed"), "{}", ctl.log());
+    assert!(
+        servers[0].log().contains("obeying only signed commands"),
+        "{}",
+        servers[0].log()
+    );
+    assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_acks_each_command_it_refuses_with_the_reason() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     let _s1 = DemoServer::start("s1", 100, &redis, &consul);

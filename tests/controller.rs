@@ -709,6 +709,7 @@ async fn state_writes_are_check_and_set_and_never_overwrite_a_newer_leader_or_an
         redis::Client::open(redis.url()).unwrap(),
         client.clone(),
         None,
+        None,
     );
     let cordon = |s: &str| Action {
         kind: ActionKind::Cordon { server: s.into() },

@@ -14,21 +14,30 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use metrics::counter;
 use redis::aio::ConnectionManager;
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use commands::{CommandFilter, Verdict};
+pub use commands::{CommandFilter, Here, RefusalLog, Verdict};
 pub use sessions::{CloseReason, SessionGuard, SessionRegistry, Sessions, VictimPolicy};
 
 use crate::contract::consul::Consul;
 use crate::contract::consul_watch::{consul_fetch, watch, Restarts};
 use crate::contract::protocol::{
     acks_stream, commands_channel, sessions_key, state_key, unix_ms, Ack, Command, CommandKind,
+    MAX_COMMAND_BYTES,
 };
+use crate::contract::signing::{CommandKeys, KEYS_ENV};
 use crate::contract::states::Admin;
 use crate::stages::{BackoffPolicy, StreamStages};
+
+/// Commands refused by this server, by reason.
+pub const AGENT_REFUSED: &str = "rebalancer_agent_commands_refused_total";
+
+/// Each refusal reason is logged at most this often.
+const REFUSAL_LOG_EVERY_MS: u64 = 60_000;
 
 /// Entries kept in the acks stream (approximately: `XADD MAXLEN ~`).
 pub const ACKS_MAXLEN: usize = 10_000;
@@ -57,6 +66,9 @@ pub struct AgentConfig {
     pub policy: VictimPolicy,
     /// On shutdown, sessions are closed over this window after deregistering.
     pub shutdown_drain: Duration,
+    /// With keys, only commands signed by one of them are obeyed; without, unsigned ones
+    /// are (said once at start). See [`CommandKeys::from_env`].
+    pub keys: Option<CommandKeys>,
 }
 
 impl AgentConfig {
@@ -82,6 +94,7 @@ impl AgentConfig {
             shed_window: Duration::from_secs(2),
             policy: VictimPolicy::Random,
             shutdown_drain: Duration::from_secs(2),
+            keys: None,
         }
     }
 
@@ -368,7 +381,14 @@ impl Agent {
         stop: CancellationToken,
     ) {
         let channel = commands_channel(&self.cfg.service);
-        let mut filter = CommandFilter::new(&self.cfg.id, 4096);
+        let mut filter = CommandFilter::new(&self.cfg.id, 4096).with_keys(self.cfg.keys.clone());
+        let mut refusals = RefusalLog::default();
+        if let Some(k) = &self.cfg.keys {
+            tracing::info!(server = %self.cfg.id, keys = ?k.ids(), "obeying only signed commands");
+        } else {
+            tracing::warn!(server = %self.cfg.id,
+                "no command keys ({KEYS_ENV}): obeying unsigned commands, from anyone who can PUBLISH");
+        }
         let policy = BackoffPolicy::default();
         let mut delays = policy.delays();
         loop {
@@ -391,7 +411,7 @@ impl Agent {
                         let Ok(payload) = m.get_payload::<String>() else {
                             continue;
                         };
-                        self.on_command(&payload, &mut filter, &conn);
+                        self.on_command(&payload, &mut filter, &mut refusals, &conn);
                     }
                     tracing::warn!(server = %self.cfg.id, "command subscription lost; resubscribing");
                 }
@@ -405,33 +425,56 @@ impl Agent {
         }
     }
 
-    fn on_command(&self, payload: &str, filter: &mut CommandFilter, conn: &ConnectionManager) {
-        let cmd: Command = match serde_json::from_str(payload) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, payload, "ignoring a command that is not protocol v1 JSON");
-                return;
+    fn on_command(
+        &self,
+        payload: &str,
+        filter: &mut CommandFilter,
+        refusals: &mut RefusalLog,
+        conn: &ConnectionManager,
+    ) {
+        let now = unix_ms(SystemTime::now());
+        let mut refuse = |reason: &'static str, epoch: u64| {
+            counter!(AGENT_REFUSED, "reason" => reason).increment(1);
+            if refusals.should_log(reason, now, REFUSAL_LOG_EVERY_MS) {
+                let shown: String = payload.chars().take(200).collect();
+                tracing::warn!(server = %self.cfg.id, reason, epoch, payload = %shown,
+                    "refusing a command (logged once a minute per reason)");
             }
         };
-        let verdict = filter.check(&cmd, unix_ms(SystemTime::now()));
+        if payload.len() > MAX_COMMAND_BYTES {
+            refuse("oversized", 0);
+            return;
+        }
+        let Ok(cmd) = serde_json::from_str::<Command>(payload) else {
+            refuse("not_json", 0);
+            return;
+        };
+        let here = Here {
+            sessions: self.sessions.count(),
+            capacity: u64::from(self.cfg.max_sessions),
+            cordoned: self.state.cordoned.load(Ordering::Relaxed),
+        };
+        let verdict = filter.check(&cmd, now, here);
         match verdict {
             Verdict::Accept => {}
             Verdict::OtherServer | Verdict::Duplicate => return,
-            Verdict::Expired | Verdict::StaleEpoch | Verdict::UnknownVersion => {
-                // Refused: said on the acks stream, so the controller counts it as refused
-                // and a deposed (or misconfigured) leader hears why.
-                tracing::info!(id = %cmd.id, verdict = verdict.as_str(), epoch = cmd.epoch, "refusing command");
-                let ack = Ack {
-                    id: cmd.id.clone(),
-                    server: self.cfg.id.clone(),
-                    requested: cmd.count,
-                    shed: 0,
-                    at_ms: unix_ms(SystemTime::now()),
-                    epoch: cmd.epoch,
-                    refused: Some(verdict.as_str().to_string()),
-                };
-                let (agent, conn) = (self.clone(), conn.clone());
-                tokio::spawn(async move { agent.ack(&ack, conn).await });
+            _ => {
+                refuse(verdict.as_str(), cmd.epoch);
+                if verdict.is_acked_refusal() && cmd.server == self.cfg.id {
+                    // Said on the acks stream, so the controller counts it as refused and a
+                    // deposed (or misconfigured) leader hears why.
+                    let ack = Ack {
+                        id: cmd.id.clone(),
+                        server: self.cfg.id.clone(),
+                        requested: cmd.count,
+                        shed: 0,
+                        at_ms: now,
+                        epoch: cmd.epoch,
+                        refused: Some(verdict.as_str().to_string()),
+                    };
+                    let (agent, conn) = (self.clone(), conn.clone());
+                    tokio::spawn(async move { agent.ack(&ack, conn).await });
+                }
                 return;
             }
         }

@@ -135,6 +135,12 @@ fn rebalance(r: &RawRebalance, ck: &mut Checker) -> (RebalanceConfig, Duration) 
     let drain_rate = ck.count("rebalance.drain_rate", r.drain_rate, 1..=1_000_000);
     let disruption_budget = ck.range("rebalance.disruption_budget", r.disruption_budget, SHARE);
     let command_ttl = ck.duration("rebalance.command_ttl", &r.command_ttl);
+    if command_ttl > crate::contract::protocol::MAX_COMMAND_LIFETIME {
+        ck.err(
+            "rebalance.command_ttl",
+            "is longer than servers accept a command to live (10m)",
+        );
+    }
     let settle = ck.duration("rebalance.settle", &r.settle);
     let in_transit = ck.duration("rebalance.in_transit", &r.in_transit);
     if in_transit > BUDGET_WINDOW {

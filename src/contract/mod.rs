@@ -7,5 +7,6 @@ pub mod consul;
 pub mod consul_watch;
 pub mod labels;
 pub mod protocol;
+pub mod signing;
 pub mod states;
 pub mod urls;

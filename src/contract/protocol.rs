@@ -67,6 +67,18 @@ impl CommandKind {
     }
 }
 
+/// Longest command payload a server reads; longer ones are refused unread.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+/// Longest command `id`.
+pub const MAX_COMMAND_ID_BYTES: usize = 64;
+/// Longest `server` (a Consul service ID, as the controller accepts them).
+pub const MAX_SERVER_ID_BYTES: usize = 128;
+/// Longest a command may stay valid (`expires_at_ms − issued_at_ms`); `rebalance.command_ttl`
+/// may not be longer.
+pub const MAX_COMMAND_LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
+/// How far in the future a command's `issued_at_ms` may be (clock skew allowance).
+pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
+
 /// A command published on [`commands_channel`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
@@ -81,6 +93,10 @@ pub struct Command {
     pub epoch: u64,
     pub issued_at_ms: u64,
     pub expires_at_ms: u64,
+    /// The id of the key that signed the command (see `contract::signing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    /// Hex HMAC-SHA256 over the canonical encoding of every other field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sig: Option<String>,
 }
@@ -269,6 +285,7 @@ mod tests {
             epoch: 3,
             issued_at_ms: 10,
             expires_at_ms: 20,
+            kid: None,
             sig: None,
         };
         let json = serde_json::to_string(&c).unwrap();

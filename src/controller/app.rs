@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
 use crate::contract::protocol::leader_key;
+use crate::contract::signing::{CommandKeys, KeyError, KEYS_ENV, KEYS_FILE_ENV};
 use crate::controller::act::{docker::DockerScaler, Actuator, LiveActuator, Scaler};
 use crate::controller::{acks, feed, leader, pipeline};
 use crate::fleet::events::Events;
@@ -40,6 +41,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     View(#[from] ViewError),
+    #[error("command keys: {0}")]
+    Keys(#[from] KeyError),
     #[error("a pipeline task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("pipelines did not stop within {0:?}")]
@@ -49,13 +52,19 @@ pub enum AppError {
 impl AppError {
     /// A configuration the services refuse, as opposed to a resource that cannot be had.
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::RedisUrl { .. } | AppError::View(_))
+        matches!(
+            self,
+            AppError::RedisUrl { .. } | AppError::View(_) | AppError::Keys(_)
+        )
     }
 }
 
 /// The real actuator of one pipeline: Redis for commands, Consul for states, Docker when
 /// the pipeline scales with it.
-fn actuator(cfg: &PipelineConfig) -> Result<Arc<dyn Actuator>, AppError> {
+fn actuator(
+    cfg: &PipelineConfig,
+    keys: Option<&CommandKeys>,
+) -> Result<Arc<dyn Actuator>, AppError> {
     let redis =
         redis::Client::open(cfg.redis.url.as_str()).map_err(|source| AppError::RedisUrl {
             file: cfg.file.display().to_string(),
@@ -72,6 +81,7 @@ fn actuator(cfg: &PipelineConfig) -> Result<Arc<dyn Actuator>, AppError> {
         redis,
         consul,
         scaler,
+        keys.cloned(),
     )))
 }
 
@@ -158,6 +168,15 @@ pub async fn run(cfgs: Vec<PipelineConfig>, shutdown: CancellationToken) -> Resu
             "metrics.listen differs from the first pipeline's; one endpoint serves all pipelines");
     }
     let metrics = crate::telemetry::install_recorder(listen)?;
+    let keys = CommandKeys::from_env(&|k| std::env::var(k).ok())?;
+    if let Some(k) = &keys {
+        tracing::info!(signing_key = k.ids()[0], verify = ?k.ids(), "commands are signed");
+    } else {
+        tracing::warn!(
+            "{KEYS_ENV} and {KEYS_FILE_ENV} are not set: commands are unsigned, so anyone who \
+             can PUBLISH on the commands channel can make servers shed"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| AppError::Listen {
@@ -172,7 +191,7 @@ pub async fn run(cfgs: Vec<PipelineConfig>, shutdown: CancellationToken) -> Resu
 
     let mut tasks = Vec::new();
     for cfg in cfgs {
-        let actuator = actuator(&cfg)?;
+        let actuator = actuator(&cfg, keys.as_ref())?;
         tasks.push(spawn_pipeline(cfg, actuator, Some(&feeds), &stop)?);
     }
 

@@ -21,6 +21,13 @@ fn refusal_label(reason: &str) -> &'static str {
         "stale_epoch" => "stale_epoch",
         "expired" => "expired",
         "unknown_version" => "unknown_version",
+        "unsigned" => "unsigned",
+        "unknown_key" => "unknown_key",
+        "bad_signature" => "bad_signature",
+        "issued_in_future" => "issued_in_future",
+        "lives_too_long" => "lives_too_long",
+        "count_too_large" => "count_too_large",
+        "not_cordoned" => "not_cordoned",
         _ => "other",
     }
 }
@@ -91,7 +98,9 @@ impl Events {
             (AckSeen::Refused, Some(reason)) => {
                 let reason = refusal_label(reason);
                 counter!(REFUSED, "pipeline" => self.p(), "reason" => reason).increment(1);
-                if reason == "stale_epoch" {
+                if matches!(reason, "unsigned" | "unknown_key" | "bad_signature") {
+                    tracing::error!(pipeline = %self.pipeline, id = %ack.id, server = %ack.server, reason, "a server refused this controller's signature: give the controller and every server the same REBALANCER_COMMAND_KEYS");
+                } else if reason == "stale_epoch" {
                     tracing::error!(pipeline = %self.pipeline, id = %ack.id, server = %ack.server, epoch = ack.epoch, "a server refused this controller's epoch as stale: another leader has spoken since, or epochs went backwards");
                 } else {
                     tracing::warn!(pipeline = %self.pipeline, id = %ack.id, server = %ack.server, reason, "command refused by its server");

@@ -107,6 +107,8 @@ impl DemoServerArgs {
         cfg.policy = self.policy;
         cfg.shed_window = self.shed_window;
         cfg.report_interval = self.report_interval;
+        cfg.keys = crate::contract::signing::CommandKeys::from_env(&|k| std::env::var(k).ok())
+            .map_err(|e| DemoError::Config(format!("command keys: {e}")))?;
         Ok(cfg)
     }
 }
@@ -133,6 +135,8 @@ struct App {
     registry: SessionRegistry,
     id: Arc<str>,
     max: u64,
+    /// The agent's metrics (`rebalancer_agent_*`), when this process holds the recorder.
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Serves until `shutdown`; then the agent deregisters and drains before the listener closes.
@@ -151,9 +155,14 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
         registry,
         id: cfg.id.as_str().into(),
         max: u64::from(cfg.max_sessions),
+        // One recorder per process: embedded in a test, the test's own is kept.
+        metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .ok(),
     };
     let router = Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(render_metrics))
         .route("/", get(upgrade))
         .route("/ws", get(upgrade))
         .route("/hello", get(hello))
@@ -184,6 +193,17 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
     result.map_err(DemoError::from)
+}
+
+async fn render_metrics(State(app): State<App>) -> Response {
+    match &app.metrics {
+        Some(h) => h.render().into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics are recorded elsewhere in this process",
+        )
+            .into_response(),
+    }
 }
 
 async fn health(State(app): State<App>) -> Response {

@@ -216,12 +216,23 @@ pub struct Controller {
 
 impl Controller {
     pub fn start(dir: &Path, toml: &str, metrics_port: u16) -> Controller {
+        Controller::start_with_env(dir, toml, metrics_port, &[])
+    }
+
+    /// Started with `env` set (command keys, say).
+    pub fn start_with_env(
+        dir: &Path,
+        toml: &str,
+        metrics_port: u16,
+        env: &[(&str, &str)],
+    ) -> Controller {
         let file = dir.join("pipeline.toml");
         std::fs::write(&file, toml).unwrap();
         let log = dir.join("controller.log");
         let child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
             .args(["run", "--pipeline"])
             .arg(&file)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -321,11 +332,23 @@ pub struct DemoServer {
     pub port: u16,
     child: Option<Child>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
 }
 
 impl DemoServer {
     pub fn start(id: &str, max: u32, redis: &Redis, consul: &ConsulAgent) -> DemoServer {
+        DemoServer::start_with_env(id, max, redis, consul, &[])
+    }
+
+    /// Started with `env` set (command keys, say).
+    pub fn start_with_env(
+        id: &str,
+        max: u32,
+        redis: &Redis,
+        consul: &ConsulAgent,
+        env: &[(&str, &str)],
+    ) -> DemoServer {
         let port = free_port();
         let args = vec![
             "demo-server".into(),
@@ -350,6 +373,10 @@ impl DemoServer {
             port,
             child: None,
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
             log,
         };
         s.spawn();
@@ -365,6 +392,7 @@ impl DemoServer {
         self.child = Some(
             Command::new(env!("CARGO_BIN_EXE_rebalancer"))
                 .args(&self.args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(log)

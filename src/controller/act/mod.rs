@@ -21,6 +21,7 @@ use crate::contract::protocol::{
     commands_channel, state_key, unix_ms, AdminState, Command, CommandKind, StateRecord,
     BY_CONTROLLER, PROTOCOL_VERSION,
 };
+use crate::contract::signing::CommandKeys;
 use crate::controller::decide::{Action, ActionKind, Capabilities};
 
 /// What an action is done under: the leader's epoch and the snapshot that caused it.
@@ -121,6 +122,7 @@ pub fn command_for(
         epoch: ctx.epoch,
         issued_at_ms: issued,
         expires_at_ms: issued + ttl.as_millis() as u64,
+        kid: None,
         sig: None,
     })
 }
@@ -133,6 +135,8 @@ pub struct LiveActuator {
     conn: OnceCell<ConnectionManager>,
     consul: Consul,
     scaler: Option<Arc<dyn Scaler>>,
+    /// Signs every command when set.
+    keys: Option<CommandKeys>,
 }
 
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -144,8 +148,10 @@ impl LiveActuator {
         redis: redis::Client,
         consul: Consul,
         scaler: Option<Arc<dyn Scaler>>,
+        keys: Option<CommandKeys>,
     ) -> LiveActuator {
         LiveActuator {
+            keys,
             service: service.to_string(),
             command_ttl,
             redis,
@@ -338,7 +344,10 @@ impl Actuator for LiveActuator {
     ) -> BoxFuture<'a, Result<Option<Command>, ActError>> {
         Box::pin(async move {
             // One command, one id, for every attempt; one set of new servers likewise.
-            let command = command_for(action, ctx, SystemTime::now(), self.command_ttl);
+            let mut command = command_for(action, ctx, SystemTime::now(), self.command_ttl);
+            if let (Some(c), Some(keys)) = (command.as_mut(), &self.keys) {
+                keys.sign(c);
+            }
             let new_ids = match (&action.kind, &self.scaler) {
                 (ActionKind::Start { count }, Some(s)) => s.new_ids(*count),
                 _ => Vec::new(),
