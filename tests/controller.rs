@@ -419,6 +419,66 @@ async fn with_more_than_45_percent_of_the_servers_failing_everything_halts_until
 }
 
 #[tokio::test]
+async fn ids_that_are_not_tokens_are_excluded_and_nothing_is_written_outside_the_prefix() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    // A cold fleet: scale-in would cordon the emptiest, and these are the emptiest.
+    fleet(&consul, &redis, &[("s1", "20"), ("s2", "20"), ("s3", "20")]).await;
+    for bad in ["ws-2#", "../../x", "..", "a b"] {
+        consul.register_capacity("ws", bad, 100).await;
+        redis.report("ws", bad, "0").await;
+    }
+    // An address that is a URL: where checks and proxied traffic would be sent.
+    consul
+        .put(
+            "/v1/agent/service/register",
+            serde_json::json!({"ID": "s4", "Name": "ws", "Address": "http://10.0.0.1/x",
+                "Port": 9000, "Meta": {"max_sessions": "100"},
+                "Check": {"CheckID": "service:s4", "TTL": "600s", "Status": "passing"}}),
+        )
+        .await;
+    redis.report("ws", "s4", "0").await;
+    let port = free_port();
+    let toml = pipeline_toml(
+        "ws",
+        &redis,
+        &consul,
+        port,
+        "",
+        "[scale]\nscale_in_after = \"2s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
+    );
+    let ctl = Controller::start(&temp_dir("e2e-ids"), &toml, port);
+    ctl.until_synced(60.0).await;
+    assert_eq!(
+        ctl.metric("rebalancer_servers", &[("state", "invalid")])
+            .await,
+        Some(5.0),
+        "{}",
+        ctl.log()
+    );
+    // Cordons happen (the fleet is cold), on good servers only.
+    eventually("a cordon", WAIT, || async {
+        (consul
+            .kv_keys()
+            .await
+            .iter()
+            .any(|k| k.starts_with("rebalancer/ws/servers/")))
+        .then_some(())
+    })
+    .await;
+    ctl.rounds(5).await;
+    let keys = consul.kv_keys().await;
+    for k in &keys {
+        assert!(
+            k == "rebalancer/ws/leader"
+                || ["s1", "s2", "s3"]
+                    .iter()
+                    .any(|s| *k == format!("rebalancer/ws/servers/{s}")),
+            "a key outside what the controller may write: {k:?} in {keys:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn dry_run_decides_and_counts_but_touches_nothing() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     fleet(&consul, &redis, &[("s1", "90"), ("s2", "50"), ("s3", "10")]).await;
@@ -775,4 +835,115 @@ async fn state_writes_are_check_and_set_and_never_overwrite_a_newer_leader_or_an
     let now = client.kv_get(key).await.unwrap().unwrap();
     assert_eq!(now.value, br#"{"state":"cordoned","by":"operator"}"#);
     assert!(client.kv_delete_cas(key, now.modify_index).await.unwrap());
+}
+
+/// Runs the binary with `args` and `env` (at debug level) for at most `secs`, then kills
+/// it: everything it wrote.
+fn output_of(args: &[&str], env: &[(&str, &str)], secs: u64) -> String {
+    let dir = temp_dir("secrets-out");
+    let (out, err) = (dir.join("out"), dir.join("err"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .envs(env.iter().copied())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::read_to_string(out).unwrap() + &std::fs::read_to_string(err).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_at_debug_level_even_through_a_bad_url() {
+    const TOKEN: &str = "tok-SEKRET-71a3";
+    const PASS: &str = "pw-SEKRET-93b1";
+    const KEY: &str = "5ec4e75ec4e75ec4e75ec4e75ec4e7aa";
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    fleet(&consul, &redis, &[("s1", "90"), ("s2", "10")]).await;
+    let keys = format!("k1:{KEY}");
+    let env = [("REBALANCER_COMMAND_KEYS", keys.as_str())];
+    let with_password = redis
+        .url()
+        .replace("redis://", &format!("redis://:{PASS}@"));
+    let bad = format!("redis://:{PASS}@[::1");
+    let dir = temp_dir("secrets");
+    let pipeline = |url: &str| {
+        let file = dir.join(format!("p{}.toml", free_port()));
+        let text = pipeline_toml("ws", &redis, &consul, free_port(), "", "")
+            .replace(&redis.url(), url)
+            .replace("[consul]\n", &format!("[consul]\ntoken = \"{TOKEN}\"\n"));
+        std::fs::write(&file, text).unwrap();
+        file.to_string_lossy().into_owned()
+    };
+    let (good_file, bad_file) = (pipeline(&with_password), pipeline(&bad));
+    let consul_addr = consul.address();
+    let demo = |url: &str| {
+        vec![
+            "demo-server".to_string(),
+            "--id".into(),
+            "d1".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--consul".into(),
+            consul_addr.clone(),
+            "--redis".into(),
+            url.to_string(),
+        ]
+    };
+    let (demo_good, demo_bad) = (demo(&with_password), demo(&bad));
+    let gw = format!("127.0.0.1:{}", free_port());
+    let runs: Vec<(&str, Vec<String>)> = vec![
+        (
+            "run",
+            vec!["run".into(), "--pipeline".into(), good_file.clone()],
+        ),
+        (
+            "run, bad url",
+            vec!["run".into(), "--pipeline".into(), bad_file.clone()],
+        ),
+        ("check, bad url", vec!["check".into(), bad_file.clone()]),
+        ("demo-server", demo_good),
+        ("demo-server, bad url", demo_bad),
+        (
+            "gateway",
+            vec![
+                "gateway".into(),
+                "--pipeline".into(),
+                good_file,
+                "--listen".into(),
+                gw,
+            ],
+        ),
+    ];
+    for (what, args) in runs {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = tokio::task::spawn_blocking({
+            let args: Vec<String> = args.iter().map(|s| (*s).to_string()).collect();
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect();
+            move || {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                let e: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                output_of(&a, &e, 4)
+            }
+        })
+        .await
+        .unwrap();
+        assert!(out.len() > 40, "{what} said something: {out}");
+        for secret in [TOKEN, PASS, KEY] {
+            assert!(!out.contains(secret), "{what} leaked {secret}:\n{out}");
+        }
+    }
 }

@@ -26,9 +26,10 @@ pub use sessions::{CloseReason, SessionGuard, SessionRegistry, Sessions, VictimP
 use crate::contract::consul::Consul;
 use crate::contract::consul_watch::{consul_fetch, watch, Restarts};
 use crate::contract::protocol::{
-    acks_stream, commands_channel, sessions_key, state_key, unix_ms, Ack, Command, CommandKind,
-    MAX_COMMAND_BYTES,
+    acks_stream, commands_channel, segment, sessions_key, state_key, unix_ms, Ack, Command,
+    CommandKind, MAX_COMMAND_BYTES,
 };
+use crate::contract::secret::redact_url;
 use crate::contract::signing::{CommandKeys, KEYS_ENV};
 use crate::contract::states::Admin;
 use crate::stages::{BackoffPolicy, StreamStages};
@@ -42,7 +43,7 @@ const REFUSAL_LOG_EVERY_MS: u64 = 60_000;
 /// Entries kept in the acks stream (approximately: `XADD MAXLEN ~`).
 pub const ACKS_MAXLEN: usize = 10_000;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentConfig {
     pub service: String,
     /// Consul service ID; also the server's name in counts and commands.
@@ -69,6 +70,29 @@ pub struct AgentConfig {
     /// With keys, only commands signed by one of them are obeyed; without, unsigned ones
     /// are (said once at start). See [`CommandKeys::from_env`].
     pub keys: Option<CommandKeys>,
+}
+
+/// The Redis URL's password and the command keys never show.
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("service", &self.service)
+            .field("id", &self.id)
+            .field("address", &self.address)
+            .field("port", &self.port)
+            .field("max_sessions", &self.max_sessions)
+            .field("weight", &self.weight)
+            .field("consul", &redact_url(&self.consul))
+            .field("redis", &redact_url(&self.redis))
+            .field("health_path", &self.health_path)
+            .field("report_interval", &self.report_interval)
+            .field("coalesce", &self.coalesce)
+            .field("shed_window", &self.shed_window)
+            .field("policy", &self.policy)
+            .field("shutdown_drain", &self.shutdown_drain)
+            .field("keys", &self.keys)
+            .finish()
+    }
 }
 
 impl AgentConfig {
@@ -215,7 +239,7 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let redis = redis::Client::open(self.cfg.redis.as_str()).map_err(|source| {
             AgentError::RedisUrl {
-                url: self.cfg.redis.clone(),
+                url: redact_url(&self.cfg.redis),
                 source,
             }
         })?;
@@ -230,7 +254,7 @@ impl Agent {
                 .set_number_of_retries(1),
         )
         .map_err(|source| AgentError::RedisUrl {
-            url: self.cfg.redis.clone(),
+            url: redact_url(&self.cfg.redis),
             source,
         })?;
         let loops = CancellationToken::new();
@@ -250,7 +274,7 @@ impl Agent {
         let _ = tokio::time::timeout(
             Duration::from_secs(3),
             consul.put(
-                &format!("/v1/agent/service/deregister/{}", self.cfg.id),
+                &format!("/v1/agent/service/deregister/{}", segment(&self.cfg.id)),
                 Vec::new(),
             ),
         )
@@ -276,7 +300,7 @@ impl Agent {
     /// Registers, and registers again whenever Consul has forgotten us (an agent restart).
     async fn register_loop(self, consul: Consul, stop: CancellationToken) {
         let body = self.cfg.registration().to_string().into_bytes();
-        let path = format!("/v1/agent/service/{}", self.cfg.id);
+        let path = format!("/v1/agent/service/{}", segment(&self.cfg.id));
         let policy = BackoffPolicy::default();
         let mut delays = policy.delays();
         loop {

@@ -94,14 +94,22 @@ fn consul(c: &RawConsul, ck: &mut Checker) -> ConsulConfig {
     }
     ConsulConfig {
         address,
-        token: Some(c.token.clone()).filter(|t| !t.is_empty()),
+        token: Some(c.token.clone())
+            .filter(|t| !t.is_empty())
+            .map(crate::contract::secret::Secret::new),
         wait,
     }
 }
 
 fn redis(r: &RawRedis, ck: &mut Checker) -> RedisConfig {
     if let Err(e) = redis::Client::open(r.url.as_str()) {
-        ck.err("redis.url", format!("{:?} is not a Redis URL ({e})", r.url));
+        ck.err(
+            "redis.url",
+            format!(
+                "{:?} is not a Redis URL ({e})",
+                crate::contract::secret::redact_url(&r.url)
+            ),
+        );
     }
     RedisConfig {
         url: r.url.clone(),

@@ -89,17 +89,28 @@ pub struct PipelineConfig {
 pub struct ConsulConfig {
     /// Base address without a trailing slash, e.g. `http://127.0.0.1:8500`.
     pub address: String,
-    pub token: Option<String>,
+    pub token: Option<crate::contract::secret::Secret>,
     pub wait: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct RedisConfig {
     pub url: String,
     pub reconcile: Duration,
     /// How long a count lives in Redis (servers set it with this TTL): while the sessions
     /// source is down for longer, no count read before is believed.
     pub count_ttl: Duration,
+}
+
+/// Shown with the URL's password redacted.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &crate::contract::secret::redact_url(&self.url))
+            .field("reconcile", &self.reconcile)
+            .field("count_ttl", &self.count_ttl)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -127,7 +127,7 @@ impl Default for RawPipeline {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConsul {
     pub address: String,
@@ -142,13 +142,24 @@ impl Default for RawConsul {
         let d = ConsulConfig::default();
         RawConsul {
             address: d.address,
-            token: d.token.unwrap_or_default(),
+            token: d.token.map(|t| t.expose().to_string()).unwrap_or_default(),
             wait: text(d.wait),
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The token never shows.
+impl std::fmt::Debug for RawConsul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawConsul")
+            .field("address", &self.address)
+            .field("token", &if self.token.is_empty() { "" } else { "***" })
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRedis {
     pub url: String,
@@ -166,6 +177,17 @@ impl Default for RawRedis {
             reconcile: text(d.reconcile),
             count_ttl: text(d.count_ttl),
         }
+    }
+}
+
+/// The URL's password never shows.
+impl std::fmt::Debug for RawRedis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawRedis")
+            .field("url", &crate::contract::secret::redact_url(&self.url))
+            .field("reconcile", &self.reconcile)
+            .field("count_ttl", &self.count_ttl)
+            .finish()
     }
 }
 

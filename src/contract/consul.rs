@@ -1,5 +1,6 @@
 //! A thin Consul HTTP client: the few endpoints the controller, agent and tools use.
 
+use crate::contract::secret::Secret;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -51,11 +52,11 @@ pub struct Fetched {
 pub struct Consul {
     http: reqwest::Client,
     base: String,
-    token: Option<String>,
+    token: Option<Secret>,
 }
 
 impl Consul {
-    pub fn new(base: &str, token: Option<String>) -> Consul {
+    pub fn new(base: &str, token: Option<Secret>) -> Consul {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(90))
@@ -76,7 +77,7 @@ impl Consul {
         let url = format!("{}{}", self.base, path);
         let mut rb = self.http.request(method, &url);
         if let Some(t) = &self.token {
-            rb = rb.header("X-Consul-Token", t);
+            rb = rb.header("X-Consul-Token", t.expose());
         }
         (rb, url)
     }

@@ -7,6 +7,7 @@ pub mod consul;
 pub mod consul_watch;
 pub mod labels;
 pub mod protocol;
+pub mod secret;
 pub mod signing;
 pub mod states;
 pub mod urls;

@@ -33,14 +33,40 @@ pub fn acks_stream(service: &str) -> String {
     format!("rebalancer:{service}:acks")
 }
 
-/// Consul KV prefix of per-server administrative state.
+/// Consul KV prefix of per-server administrative state (each segment percent-encoded).
 pub fn state_prefix(service: &str) -> String {
-    format!("rebalancer/{service}/servers/")
+    format!("rebalancer/{}/servers/", segment(service))
 }
 
-/// Consul KV key of one server's administrative state.
+/// Consul KV key of one server's administrative state (each segment percent-encoded: an
+/// ID can never reach outside the prefix).
 pub fn state_key(service: &str, server: &str) -> String {
-    format!("rebalancer/{service}/servers/{server}")
+    format!(
+        "rebalancer/{}/servers/{}",
+        segment(service),
+        segment(server)
+    )
+}
+
+/// One path segment, percent-encoded but for `[A-Za-z0-9._~-]`; a segment of dots only
+/// (`.`, `..`) is encoded whole, so no URL parser resolves it as a step up.
+pub fn segment(s: &str) -> String {
+    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    const KEEP: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    if !s.is_empty() && s.bytes().all(|b| b == b'.') {
+        return s.bytes().map(|_| "%2E").collect();
+    }
+    utf8_percent_encode(s, KEEP).to_string()
+}
+
+/// A server (Consul service) ID the controller accepts: 1 to 128 of `[A-Za-z0-9._-]`, not
+/// dots only.
+pub fn valid_server_id(id: &str) -> bool {
+    crate::contract::signing::valid_token(id, MAX_SERVER_ID_BYTES)
 }
 
 /// Consul KV key the controllers of one pipeline contend for; its `LockIndex` is the epoch.
@@ -273,6 +299,36 @@ pub fn unix_ms(t: std::time::SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_id_reaches_outside_its_prefix() {
+        assert_eq!(
+            state_key("ws", "ws-1.a_b"),
+            "rebalancer/ws/servers/ws-1.a_b"
+        );
+        assert_eq!(
+            state_key("ws", "../../x"),
+            "rebalancer/ws/servers/..%2F..%2Fx"
+        );
+        assert_eq!(state_key("ws", ".."), "rebalancer/ws/servers/%2E%2E");
+        assert_eq!(state_key("ws", "ws-2#"), "rebalancer/ws/servers/ws-2%23");
+        assert_eq!(state_prefix("a/b"), "rebalancer/a%2Fb/servers/");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "ws-2#",
+            "../../x",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(!valid_server_id(bad), "{bad:?}");
+        }
+        for good in ["ws-1", "a.b_c-D9", "...x", &"x".repeat(128)] {
+            assert!(valid_server_id(good), "{good:?}");
+        }
+    }
 
     #[test]
     fn a_command_serializes_to_the_documented_shape() {

@@ -79,12 +79,14 @@ impl fmt::Debug for CommandKeys {
     }
 }
 
-/// A key id (and a command's `id` and `server`) as the canonical encoding allows it.
+/// A key id (and a command's `id` and `server`) as the canonical encoding allows it: 1 to
+/// `max` of `[A-Za-z0-9._-]`, and not dots only (`.` and `..` are path steps).
 pub fn valid_token(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !s.bytes().all(|b| b == b'.')
 }
 
 impl CommandKeys {

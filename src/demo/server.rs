@@ -90,6 +90,11 @@ impl DemoServerArgs {
             .id
             .clone()
             .unwrap_or_else(|| format!("{}-{}", self.service, self.listen.port()));
+        if !crate::contract::protocol::valid_server_id(&id) {
+            return Err(DemoError::Config(format!(
+                "--id {id:?} must be 1 to 128 of [A-Za-z0-9._-]: controllers ignore other IDs"
+            )));
+        }
         let address = self
             .advertise
             .clone()

@@ -45,7 +45,7 @@ impl ConsulAgent {
         procs::restart(self).await;
     }
 
-    async fn put(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+    pub async fn put(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
         let r = self
             .http
             .put(format!("{}{path}", self.address()))
@@ -112,6 +112,20 @@ impl ConsulAgent {
             json!(null),
         )
         .await;
+    }
+
+    /// Every key in the KV store.
+    pub async fn kv_keys(&self) -> Vec<String> {
+        let r = self
+            .http
+            .get(format!("{}/v1/kv/?keys", self.address()))
+            .send()
+            .await
+            .expect("reach the test consul");
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return Vec::new();
+        }
+        r.json().await.expect("a list of keys")
     }
 
     /// The raw value at `key`, if any.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::contract::consul::{Consul, ConsulError, Fetched};
 use crate::contract::consul_watch::{consul_fetch, watch, Restarts};
-use crate::contract::protocol::{META_MAX_SESSIONS, META_WEIGHT};
+use crate::contract::protocol::{segment, valid_server_id, META_MAX_SESSIONS, META_WEIGHT};
 use crate::fleet::topology::ServerId;
 
 /// A registered instance with valid meta.
@@ -102,6 +102,25 @@ pub fn read_meta<S: std::hash::BuildHasher + Default>(
     Ok((capacity, weight))
 }
 
+/// An IP address, or a hostname of RFC 1123 labels: where a health check or a proxied
+/// connection may be sent. Anything else (a URL, a path, a port) is invalid meta.
+pub fn valid_address(a: &str) -> bool {
+    if a.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !a.is_empty()
+        && a.len() <= 253
+        && a.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 /// Parses an answer of `/v1/health/service/<svc>`.
 pub fn parse(path: &str, f: &Fetched) -> Result<HealthList, ConsulError> {
     let entries: Vec<Entry> = if f.found {
@@ -111,14 +130,30 @@ pub fn parse(path: &str, f: &Fetched) -> Result<HealthList, ConsulError> {
     };
     let mut out = HealthList::default();
     for e in entries {
+        if !valid_server_id(&e.service.id) {
+            let shown: String = e.service.id.chars().take(64).collect();
+            out.invalid.push((
+                shown.as_str().into(),
+                format!("service ID {shown:?} is not 1 to 128 of [A-Za-z0-9._-]"),
+            ));
+            continue;
+        }
         let id: ServerId = e.service.id.as_str().into();
+        let address = if e.service.address.is_empty() {
+            e.node.address
+        } else {
+            e.service.address
+        };
+        if !valid_address(&address) {
+            let shown: String = address.chars().take(64).collect();
+            out.invalid.push((
+                id,
+                format!("Address {shown:?} is not an IP address or a hostname"),
+            ));
+            continue;
+        }
         match read_meta(e.service.meta.as_ref()) {
             Ok((capacity, weight)) => {
-                let address = if e.service.address.is_empty() {
-                    e.node.address
-                } else {
-                    e.service.address
-                };
                 out.instances.push(Instance {
                     id,
                     address: address.into(),
@@ -148,7 +183,7 @@ pub fn stream(
     wait: Duration,
     restarts: Restarts,
 ) -> impl Stream<Item = Result<HealthList, ConsulError>> {
-    let path = format!("/v1/health/service/{service}");
+    let path = format!("/v1/health/service/{}", segment(service));
     let p2 = path.clone();
     watch(consul_fetch(consul, path, wait, restarts), move |f| {
         parse(&p2, f)
@@ -158,6 +193,25 @@ pub fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_ips_or_hostnames() {
+        for good in ["127.0.0.1", "::1", "ws-1.example.com", "localhost", "a1"] {
+            assert!(valid_address(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "http://10.0.0.1/x",
+            "10.0.0.1:80",
+            "a..b",
+            "-a.b",
+            "a_b",
+            "a b",
+            "a/b",
+        ] {
+            assert!(!valid_address(bad), "{bad:?}");
+        }
+    }
 
     fn fetched(body: &str) -> Fetched {
         Fetched {
