@@ -641,6 +641,127 @@ async fn with_command_keys_servers_obey_only_signed_commands_and_forgeries_pin_n
     assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
 }
 
+/// The ACL rules of `role` as docs/security.md gives them.
+fn documented_rules(role: &str) -> String {
+    let doc = std::fs::read_to_string(repo().join("docs/security.md")).unwrap();
+    let at = doc
+        .find(&format!("### {role}\n"))
+        .unwrap_or_else(|| panic!("docs/security.md has no section for {role}"));
+    let block = &doc[at..];
+    let start = block.find("```hcl\n").unwrap() + "```hcl\n".len();
+    let end = start + block[start..].find("```").unwrap();
+    block[start..end].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_works_on_its_own_least_privilege_token_and_too_little_is_named() {
+    let master = format!("master-{}", std::process::id());
+    let (redis, consul) = (
+        Redis::start().await,
+        ConsulAgent::start_with_acls(&master).await,
+    );
+    let mut tokens = std::collections::HashMap::new();
+    for role in ["controller", "gateway", "agent", "loadgen"] {
+        let mut rules = documented_rules(role);
+        if role == "gateway" {
+            // The test gateway's pipeline is named `gw`: the rule the page says to add.
+            rules += "key_prefix \"rebalancer/gw/\" { policy = \"read\" }\n";
+        }
+        let t = consul.token_with_rules(role, &rules).await;
+        tokens.insert(role, t);
+    }
+    let env = |role: &str| [("CONSUL_HTTP_TOKEN", tokens[role].clone())];
+    let agent_env = env("agent");
+    let agent_env: Vec<(&str, &str)> = agent_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start_with_env(id, 100, &redis, &consul, &agent_env))
+        .collect();
+    servers_passing(&consul, 3).await;
+    let gw_env = env("gateway");
+    let gateway = GatewayProc::start_with_env(
+        &redis,
+        &consul,
+        "",
+        &[("CONSUL_HTTP_TOKEN", gw_env[0].1.as_str())],
+    )
+    .await;
+    // The gateway finds the fleet on its own token and routes to it.
+    let hello = gateway.http_url("/hello");
+    eventually("a request routed by the gateway", WAIT, || async {
+        let r = reqwest::get(&hello).await.ok()?;
+        let body = r.text().await.ok()?;
+        body.contains("\"server\"").then_some(())
+    })
+    .await;
+    let pile = servers[0].url();
+    let mut load = Loadgen::start(&[
+        "--connections",
+        "150",
+        "--duration",
+        "180s",
+        "--pile-on",
+        &pile,
+        "--consul",
+        &consul.address(),
+        "--consul-token",
+        &tokens["loadgen"],
+        "--service",
+        "ws",
+        "--backoff-max",
+        "1s",
+    ]);
+    counts_where(&redis, "150 clients, s1 full", |c| {
+        total(c) == 150 && c.get("s1") == Some(&100)
+    })
+    .await;
+    let port = free_port();
+    let ctl_env = env("controller");
+    let mut ctl = Controller::start_with_env(
+        &temp_dir("acl-ctl"),
+        &controller_toml(&redis, &consul, port),
+        port,
+        &[("CONSUL_HTTP_TOKEN", ctl_env[0].1.as_str())],
+    );
+    let after = counts_where(&redis, "the fleet within 0.15 of utilization", |c| {
+        c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
+    })
+    .await;
+    assert_eq!(
+        ctl.metric("rebalancer_leader", &[]).await,
+        Some(1.0),
+        "{}",
+        ctl.log()
+    );
+
+    // A controller on the agent's token: it cannot hold a session, and says what it lacks.
+    let port2 = free_port();
+    let weak = Controller::start_with_env(
+        &temp_dir("acl-weak"),
+        &controller_toml(&redis, &consul, port2).replace("name = \"ws\"", "name = \"weak\""),
+        port2,
+        &[("CONSUL_HTTP_TOKEN", agent_env[0].1)],
+    );
+    eventually(
+        "the weak controller to name what it lacks",
+        WAIT,
+        || async {
+            weak.log()
+                .contains(r#"the ACL token lacks session_prefix "" { policy = "write" }"#)
+                .then_some(())
+        },
+    )
+    .await;
+    ctl.terminate();
+    load.until_connected(150).await;
+    let summary = load.finish();
+    println!("acl closed loop: after {after:?} loadgen {summary}");
+    assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
+    for (what, log) in [("gateway", gateway.log()), ("controller", ctl.log())] {
+        assert!(!log.contains("403"), "{what} was refused something:\n{log}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_acks_each_command_it_refuses_with_the_reason() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);

@@ -29,7 +29,7 @@ use crate::contract::protocol::{
     acks_stream, commands_channel, segment, sessions_key, state_key, unix_ms, Ack, Command,
     CommandKind, MAX_COMMAND_BYTES,
 };
-use crate::contract::secret::redact_url;
+use crate::contract::secret::{redact_url, Secret};
 use crate::contract::signing::{CommandKeys, KEYS_ENV};
 use crate::contract::states::Admin;
 use crate::stages::{BackoffPolicy, StreamStages};
@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub weight: Option<f32>,
     /// Consul HTTP address, e.g. `http://127.0.0.1:8500`.
     pub consul: String,
+    /// Consul ACL token (`X-Consul-Token`); see `docs/security.md` for its policy.
+    pub consul_token: Option<Secret>,
     pub redis: String,
     /// Path of the HTTP health check Consul runs against the server.
     pub health_path: String,
@@ -83,6 +85,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("max_sessions", &self.max_sessions)
             .field("weight", &self.weight)
             .field("consul", &redact_url(&self.consul))
+            .field("consul_token", &self.consul_token)
             .field("redis", &redact_url(&self.redis))
             .field("health_path", &self.health_path)
             .field("report_interval", &self.report_interval)
@@ -111,6 +114,7 @@ impl AgentConfig {
             max_sessions,
             weight: None,
             consul: "http://127.0.0.1:8500".into(),
+            consul_token: None,
             redis: "redis://127.0.0.1:6379/0".into(),
             health_path: "/health".into(),
             report_interval: Duration::from_secs(1),
@@ -243,7 +247,7 @@ impl Agent {
                 source,
             }
         })?;
-        let consul = Consul::new(&self.cfg.consul, None);
+        let consul = Consul::new(&self.cfg.consul, self.cfg.consul_token.clone());
         let conn = ConnectionManager::new_lazy_with_config(
             redis.clone(),
             redis::aio::ConnectionManagerConfig::new()

@@ -213,6 +213,9 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// The ACL token variable every Consul tool reads; the fallback for `consul.token`.
+pub const CONSUL_TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
+
 /// Parses one file's text (the file name is only for messages).
 pub fn parse(
     file: &Path,
@@ -240,7 +243,13 @@ pub fn parse(
             return Err(ConfigErrors(ck.errors));
         }
     };
-    let cfg = compile::compile(raw, &mut ck);
+    let mut cfg = compile::compile(raw, &mut ck);
+    // No token in the file or REBALANCER_CONSUL_TOKEN: the one every Consul tool reads.
+    if cfg.consul.token.is_none() {
+        cfg.consul.token = env(CONSUL_TOKEN_ENV)
+            .filter(|t| !t.trim().is_empty())
+            .map(crate::contract::secret::Secret::new);
+    }
     if ck.errors.is_empty() {
         Ok(cfg)
     } else {

@@ -20,7 +20,7 @@ pub enum ConsulError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("Consul answered {status} to {method} {url}: {body}")]
+    #[error("Consul answered {status} to {method} {url}: {body}{}", acl_hint(*.status, .method, .url))]
     Status {
         method: Method,
         url: String,
@@ -37,6 +37,33 @@ pub enum ConsulError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// For a 403, the ACL rule (Consul 1.8 syntax) the token lacks for this request.
+fn acl_hint(status: StatusCode, method: &Method, url: &str) -> String {
+    if status != StatusCode::FORBIDDEN {
+        return String::new();
+    }
+    let path = url.find("/v1/").map_or(url, |i| &url[i..]);
+    let path = path.split('?').next().unwrap_or(path);
+    let access = if *method == Method::GET {
+        "read"
+    } else {
+        "write"
+    };
+    let rule = if let Some(svc) = path.strip_prefix("/v1/health/service/") {
+        format!("service \"{svc}\" {{ policy = \"read\" }} and node_prefix \"\" {{ policy = \"read\" }}")
+    } else if let Some(key) = path.strip_prefix("/v1/kv/") {
+        format!("key_prefix \"{key}\" {{ policy = \"{access}\" }}")
+    } else if path.starts_with("/v1/session/") {
+        "session_prefix \"\" { policy = \"write\" }".to_string()
+    } else if path.starts_with("/v1/agent/service/") || path.starts_with("/v1/agent/check/") {
+        "service \"<the service>\" { policy = \"write\" } (registering, deregistering, checks)"
+            .to_string()
+    } else {
+        format!("a rule allowing {method} {path}")
+    };
+    format!(" (the ACL token lacks {rule}; see docs/security.md)")
 }
 
 /// One answer of a (blocking) read.

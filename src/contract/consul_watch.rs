@@ -60,7 +60,7 @@ impl Restarts {
     ) -> Restarts {
         let (tx, rx) = signal::channel(0u64);
         tokio::spawn(async move {
-            let mut last = 0u64;
+            let (mut last, mut warned) = (0u64, false);
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -68,8 +68,17 @@ impl Restarts {
                     () = shutdown.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let Ok(f) = consul.blocking_get(&path, 0, every).await else {
-                    continue; // unreachable: the watches see that themselves
+                let f = match consul.blocking_get(&path, 0, every).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        if !warned
+                            && matches!(&e, ConsulError::Status { status, .. } if status.as_u16() == 403)
+                        {
+                            warned = true;
+                            tracing::warn!(error = %e, "the restart probe may not read its key: a Consul that loses its data is noticed only when each watch's wait runs out");
+                        }
+                        continue; // unreachable: the watches see that themselves
+                    }
                 };
                 if f.index < last {
                     tracing::warn!(

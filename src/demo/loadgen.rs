@@ -41,6 +41,9 @@ pub struct LoadgenArgs {
     /// Discover servers in this Consul (with --service): random among passing, non-cordoned.
     #[arg(long, env = "CONSUL_HTTP_ADDR")]
     pub consul: Option<String>,
+    /// Consul ACL token (see docs/security.md for the load generator's policy).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
     #[arg(long, default_value = "ws")]
     pub service: String,
     /// Every client's first connection goes here (to pile a fleet up on one server).
@@ -211,7 +214,12 @@ pub async fn run(
         });
     }
     if let Some(addr) = &args.consul {
-        let consul = Consul::new(&crate::contract::urls::with_scheme(addr), None);
+        let token = args
+            .consul_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .map(crate::contract::secret::Secret::new);
+        let consul = Consul::new(&crate::contract::urls::with_scheme(addr), token);
         let (targets, done, service) = (targets.clone(), done.clone(), args.service.clone());
         let first = discover(&consul, &service).await.unwrap_or_default();
         *targets.discovered.write().expect("not poisoned") = first;
@@ -413,6 +421,7 @@ mod tests {
             duration: Duration::from_secs(5),
             urls: vec!["ws://127.0.0.1:1/".into()],
             consul: None,
+            consul_token: None,
             service: "ws".into(),
             pile_on: None,
             ramp: 100,

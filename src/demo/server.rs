@@ -52,6 +52,9 @@ pub struct DemoServerArgs {
         default_value = "http://127.0.0.1:8500"
     )]
     pub consul: String,
+    /// Consul ACL token (see docs/security.md for the agent's policy).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
     /// Redis URL.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis: String,
@@ -108,6 +111,11 @@ impl DemoServerArgs {
         );
         cfg.weight = self.weight;
         cfg.consul = with_scheme(&self.consul);
+        cfg.consul_token = self
+            .consul_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .map(crate::contract::secret::Secret::new);
         cfg.redis.clone_from(&self.redis);
         cfg.policy = self.policy;
         cfg.shed_window = self.shed_window;

@@ -17,6 +17,8 @@ pub struct ConsulAgent {
     dir: PathBuf,
     proc: Option<Proc>,
     http: reqwest::Client,
+    /// With ACLs on (`default_policy = "deny"`): the master token, which the helpers send.
+    pub master_token: Option<String>,
 }
 
 impl ConsulAgent {
@@ -27,8 +29,54 @@ impl ConsulAgent {
             dir: temp_dir("consul"),
             proc: None,
             http: reqwest::Client::new(),
+            master_token: None,
         };
         procs::start(c).await
+    }
+
+    /// An agent with ACLs on and `default_policy = "deny"`: only `master` may do anything
+    /// until tokens are made ([`ConsulAgent::token_with_rules`]). The helpers send `master`.
+    pub async fn start_with_acls(master: &str) -> ConsulAgent {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("X-Consul-Token", master.parse().unwrap());
+        let c = ConsulAgent {
+            http_port: free_port(),
+            ports: [free_port(), free_port(), free_port()],
+            dir: temp_dir("consul-acl"),
+            proc: None,
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .unwrap(),
+            master_token: Some(master.to_string()),
+        };
+        procs::start(c).await
+    }
+
+    /// A token holding one policy of `rules` (Consul 1.8 HCL): its secret.
+    pub async fn token_with_rules(&self, name: &str, rules: &str) -> String {
+        // Right after start the ACL system may still be initializing (500): retry.
+        let url = format!("{}/v1/acl/policy", self.address());
+        let body = json!({"Name": name, "Rules": rules}).to_string();
+        let mut last = String::new();
+        for _ in 0..100 {
+            let r = self.http.put(&url).body(body.clone()).send().await.unwrap();
+            if r.status().is_success() {
+                last.clear();
+                break;
+            }
+            last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(last.is_empty(), "PUT /v1/acl/policy {name}: {last}");
+        let r = self
+            .put(
+                "/v1/acl/token",
+                json!({"Description": name, "Policies": [{"Name": name}]}),
+            )
+            .await;
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["SecretID"].as_str().unwrap().to_string()
     }
 
     pub fn address(&self) -> String {
@@ -230,6 +278,14 @@ impl Service for ConsulAgent {
                 "-node",
                 &node,
             ])
+            .args(self.master_token.as_ref().map_or_else(Vec::new, |m| {
+                vec![
+                    "-hcl".to_string(),
+                    format!(
+                        r#"acl {{ enabled = true, default_policy = "deny", enable_token_persistence = false, tokens {{ master = "{m}", agent = "{m}" }} }}"#
+                    ),
+                ]
+            }))
             .current_dir(&self.dir)
             .stdout(log_file(&self.dir, "consul.log"))
             .stderr(log_file(&self.dir, "consul.err"))

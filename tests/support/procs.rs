@@ -522,6 +522,16 @@ impl GatewayProc {
 
     /// With `extra` keys added to the `[gateway]` section.
     pub async fn start_with(redis: &Redis, consul: &ConsulAgent, extra: &str) -> GatewayProc {
+        GatewayProc::start_with_env(redis, consul, extra, &[]).await
+    }
+
+    /// Started with `env` set (a Consul token, say).
+    pub async fn start_with_env(
+        redis: &Redis,
+        consul: &ConsulAgent,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> GatewayProc {
         let (port, metrics_port) = (free_port(), free_port());
         let toml = pipeline_toml(
             "gw",
@@ -540,6 +550,7 @@ impl GatewayProc {
         let child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
             .args(["gateway", "--pipeline"])
             .arg(dir.join("p.toml"))
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -123,13 +123,28 @@ pub fn valid_address(a: &str) -> bool {
 
 /// Parses an answer of `/v1/health/service/<svc>`.
 pub fn parse(path: &str, f: &Fetched) -> Result<HealthList, ConsulError> {
-    let entries: Vec<Entry> = if f.found {
+    // Entry by entry: one registration Consul holds but we cannot read (a port out of
+    // range, a field of the wrong type) is excluded alone, not the whole answer.
+    let raw: Vec<serde_json::Value> = if f.found {
         Consul::decode(path, &f.body)?
     } else {
         Vec::new()
     };
     let mut out = HealthList::default();
-    for e in entries {
+    for value in raw {
+        let e: Entry = match serde_json::from_value(value.clone()) {
+            Ok(e) => e,
+            Err(why) => {
+                let id = value
+                    .pointer("/Service/ID")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("?");
+                let shown: String = id.chars().take(64).collect();
+                out.invalid
+                    .push((shown.as_str().into(), format!("unreadable entry: {why}")));
+                continue;
+            }
+        };
         if !valid_server_id(&e.service.id) {
             let shown: String = e.service.id.chars().take(64).collect();
             out.invalid.push((
@@ -193,6 +208,23 @@ pub fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_that_cannot_be_read_is_excluded_alone() {
+        let body = r#"[
+            {"Node":{"Address":"127.0.0.1"},"Service":{"ID":"bad","Port":70000,"Meta":{"max_sessions":"10"}},"Checks":[]},
+            {"Node":{"Address":"127.0.0.1"},"Service":{"ID":"good","Port":9000,"Meta":{"max_sessions":"10"}},"Checks":[]}
+        ]"#;
+        let h = parse("/v1/health/service/ws", &fetched(body)).unwrap();
+        assert_eq!(h.instances.len(), 1);
+        assert_eq!(&*h.instances[0].id, "good");
+        assert_eq!(&*h.invalid[0].0, "bad");
+        assert!(
+            h.invalid[0].1.contains("unreadable entry"),
+            "{:?}",
+            h.invalid
+        );
+    }
 
     #[test]
     fn addresses_are_ips_or_hostnames() {
