@@ -96,16 +96,7 @@ async fn a_count_change_publishes_the_expected_shed_command() {
 async fn sustained_low_load_cordons_down_to_min_servers_and_high_load_reactivates() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     fleet(&consul, &redis, &[("s1", "4"), ("s2", "5"), ("s3", "6")]).await;
-    let port = free_port();
-    let toml = pipeline_toml(
-        "ws",
-        &redis,
-        &consul,
-        port,
-        "",
-        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"2s\"\ncooldown = \"1s\"\nmin_servers = 2\n",
-    );
-    let ctl = Controller::start(&temp_dir("e2e-scale"), &toml, port);
+    let ctl = Controller::with_sections("e2e-scale", &redis, &consul, "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"2s\"\ncooldown = \"1s\"\nmin_servers = 2\n");
     ctl.until_synced(15.0).await;
 
     eventually("s1, the emptiest, to be cordoned", WAIT, || async {
@@ -148,16 +139,12 @@ async fn an_operators_cordon_survives_a_hot_fleet_and_the_shortfall_is_reported(
             r#"{"state":"cordoned","since_ms":1,"reason":"scale-in","by":"controller"}"#,
         )
         .await;
-    let port = free_port();
-    let toml = pipeline_toml(
-        "ws",
+    let ctl = Controller::with_sections(
+        "e2e-operator",
         &redis,
         &consul,
-        port,
-        "",
         "[rebalance]\nenabled = false\n[scale]\ncooldown = \"1s\"\n",
     );
-    let ctl = Controller::start(&temp_dir("e2e-operator"), &toml, port);
     ctl.until_synced(180.0).await;
     // U = 180 / 200 = 0.9: ceil(180 / 55) = 4 needed, 2 active. Only the controller's own
     // cordon comes back; what the operator holds is reported as shortfall instead.
@@ -228,16 +215,12 @@ async fn load_oscillating_around_the_scale_out_threshold_makes_at_most_one_scale
         }
     }
     let cooldown = Duration::from_secs(3);
-    let port = free_port();
-    let toml = pipeline_toml(
-        "ws",
+    let ctl = Controller::with_sections(
+        "e2e-oscillate",
         &redis,
         &consul,
-        port,
-        "",
         "[rebalance]\nenabled = false\n[scale]\ncooldown = \"3s\"\n",
     );
-    let ctl = Controller::start(&temp_dir("e2e-oscillate"), &toml, port);
     ctl.until_synced(0.0).await;
 
     // U on the active servers flips between 0.65 and 0.75 around scale_out_at (0.70)
@@ -306,16 +289,12 @@ async fn with_a_fifth_of_the_counts_missing_nothing_is_shed_or_cordoned_but_scal
     for i in 2..=8 {
         redis.report("ws", &format!("s{i}"), "5").await;
     }
-    let port = free_port();
-    let toml = pipeline_toml(
-        "ws",
+    let ctl = Controller::with_sections(
+        "e2e-missing",
         &redis,
         &consul,
-        port,
-        "",
         "[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\n",
     );
-    let ctl = Controller::start(&temp_dir("e2e-missing"), &toml, port);
     ctl.until_synced(95.0).await;
     // Past scale_in_after, the settle and a cooldown, in decision rounds.
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -379,16 +358,12 @@ async fn with_more_than_45_percent_of_the_servers_failing_everything_halts_until
         consul.set_passing(id, false).await;
     }
     let mut commands = subscribe(&redis).await;
-    let port = free_port();
-    let toml = pipeline_toml(
-        "ws",
+    let ctl = Controller::with_sections(
+        "e2e-halt",
         &redis,
         &consul,
-        port,
-        "",
         "[scale]\nscale_in_after = \"2s\"\ncooldown = \"1s\"\n",
     );
-    let ctl = Controller::start(&temp_dir("e2e-halt"), &toml, port);
     eventually("halted rounds", WAIT, || async {
         (ctl.metric("rebalancer_decisions_total", &[("outcome", "halted")])
             .await
@@ -437,16 +412,12 @@ async fn ids_that_are_not_tokens_are_excluded_and_nothing_is_written_outside_the
         )
         .await;
     redis.report("ws", "s4", "0").await;
-    let port = free_port();
-    let toml = pipeline_toml(
-        "ws",
+    let ctl = Controller::with_sections(
+        "e2e-ids",
         &redis,
         &consul,
-        port,
-        "",
         "[scale]\nscale_in_after = \"2s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
     );
-    let ctl = Controller::start(&temp_dir("e2e-ids"), &toml, port);
     ctl.until_synced(60.0).await;
     assert_eq!(
         ctl.metric("rebalancer_servers", &[("state", "invalid")])
@@ -719,16 +690,7 @@ async fn epochs_never_go_backwards_when_consul_comes_back_empty() {
     let (redis, mut consul) = (Redis::start().await, ConsulAgent::start().await);
     fleet(&consul, &redis, &[("s1", "90"), ("s2", "10"), ("s3", "50")]).await;
     let mut commands = subscribe(&redis).await;
-    let port = free_port();
-    let toml = pipeline_toml(
-        "ws",
-        &redis,
-        &consul,
-        port,
-        "",
-        "[scale]\nenabled = false\n",
-    );
-    let ctl = Controller::start(&temp_dir("e2e-epoch"), &toml, port);
+    let ctl = Controller::with_sections("e2e-epoch", &redis, &consul, "[scale]\nenabled = false\n");
     let before = tokio::time::timeout(Duration::from_secs(30), commands.recv())
         .await
         .expect("a first shed")

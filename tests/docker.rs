@@ -44,6 +44,34 @@ fn owned(pipeline: &str) -> Vec<(String, String)> {
     containers_labelled("rebalancer.pipeline", pipeline)
 }
 
+/// A controller of pipeline `name` whose containers' servers never register (a start delay
+/// of an hour) with a 4 s provision timeout, once it has started some.
+async fn stuck_containers(
+    name: &str,
+    redis: &Redis,
+    consul: &ConsulAgent,
+    ports: &str,
+    image: &str,
+) -> Controller {
+    let port = free_port();
+    let toml = docker_pipeline(
+        name,
+        redis,
+        consul,
+        port,
+        ports,
+        image,
+        r#", "--start-delay", "1h""#,
+    )
+    .replace("provision_timeout = \"20s\"", "provision_timeout = \"4s\"");
+    let ctl = Controller::start(&temp_dir(name), &toml, port);
+    eventually("containers that never pass", LONG, || async {
+        (!owned(name).is_empty()).then_some(())
+    })
+    .await;
+    ctl
+}
+
 fn unique(tag: &str) -> String {
     format!("{tag}{}", std::process::id() % 10_000)
 }
@@ -374,22 +402,7 @@ async fn engine_faults_are_counted_and_backed_off_and_never_block_other_actions(
         pipeline: name.clone(),
         names: vec![],
     };
-    let port = free_port();
-    let toml = docker_pipeline(
-        &name,
-        &redis,
-        &consul,
-        port,
-        "21140-21159",
-        image,
-        r#", "--start-delay", "1h""#,
-    )
-    .replace("provision_timeout = \"20s\"", "provision_timeout = \"4s\"");
-    let ctl = Controller::start(&temp_dir("dk-stuck"), &toml, port);
-    eventually("containers that never pass", LONG, || async {
-        (!owned(&name).is_empty()).then_some(())
-    })
-    .await;
+    let ctl = stuck_containers(&name, &redis, &consul, "21140-21159", image).await;
     eventually(
         "them discarded after the provision timeout",
         LONG,
@@ -593,23 +606,8 @@ async fn an_empty_health_answer_while_a_container_runs_stops_nothing_until_serve
         pipeline: name.clone(),
         names: vec![],
     };
-    let port = free_port();
     // Its server never registers: past the provision timeout it is due for discarding.
-    let toml = docker_pipeline(
-        &name,
-        &redis,
-        &consul,
-        port,
-        "21180-21199",
-        image,
-        r#", "--start-delay", "1h""#,
-    )
-    .replace("provision_timeout = \"20s\"", "provision_timeout = \"4s\"");
-    let ctl = Controller::start(&temp_dir("dk-empty"), &toml, port);
-    eventually("a container that never passes", LONG, || async {
-        (!owned(&name).is_empty()).then_some(())
-    })
-    .await;
+    let ctl = stuck_containers(&name, &redis, &consul, "21180-21199", image).await;
     // Consul lists no server at all (as an ACL-filtered token or a catalog restore would
     // answer): not a reason to remove what runs.
     consul.deregister("s1").await;

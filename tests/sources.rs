@@ -58,6 +58,26 @@ async fn until(r: &Running, what: &str, f: impl Fn(&Topology) -> bool) -> Arc<To
     .await
 }
 
+/// Waits for `rec`'s first action, which must be a cordon (a cold fleet's scale-in).
+async fn a_cordon_follows(
+    rec: &Recording,
+    what: &str,
+) -> Vec<(
+    rebalancer::controller::decide::Action,
+    rebalancer::controller::act::ActContext,
+)> {
+    let done = eventually(what, WAIT, || {
+        let d = rec.actions();
+        async move { (!d.is_empty()).then_some(d) }
+    })
+    .await;
+    assert!(
+        matches!(done[0].0.kind, ActionKind::Cordon { .. }),
+        "{done:?}"
+    );
+    done
+}
+
 fn count(t: &Topology, id: &str) -> Option<Count> {
     t.get(id).map(|s| s.sessions)
 }
@@ -463,15 +483,7 @@ async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() 
     for id in ["s1", "s2", "s3"] {
         redis.report("ws", id, "10").await;
     }
-    let done = eventually("a cordon once the data is trustworthy again", WAIT, || {
-        let d = rec.done.lock().unwrap().clone();
-        async move { (!d.is_empty()).then_some(d) }
-    })
-    .await;
-    assert!(
-        matches!(done[0].0.kind, ActionKind::Cordon { .. }),
-        "{done:?}"
-    );
+    let done = a_cordon_follows(&rec, "a cordon once the data is trustworthy again").await;
     assert!(done[0].1.epoch >= 1, "acted under a held lock");
     stop.cancel();
     task.await.unwrap();
@@ -619,15 +631,7 @@ async fn a_paused_redis_makes_the_snapshot_stale_and_nothing_is_done_until_it_re
         "a paused Redis is noticed by the heartbeat within about a second, not after {noticed:?}"
     );
     // Trustworthy again: the cold fleet is cordoned after scale_in_after, as before the pause.
-    let done = eventually("a cordon once the data is trustworthy again", WAIT, || {
-        let d = rec.actions();
-        async move { (!d.is_empty()).then_some(d) }
-    })
-    .await;
-    assert!(
-        matches!(done[0].0.kind, ActionKind::Cordon { .. }),
-        "{done:?}"
-    );
+    a_cordon_follows(&rec, "a cordon once the data is trustworthy again").await;
     stop.cancel();
     task.await.unwrap();
 }
@@ -748,15 +752,7 @@ async fn consul_answering_500_or_429_is_backed_off_destroys_nothing_and_resyncs_
             "{n} requests answered {code} in 8 s: not backed off"
         );
     }
-    let done = eventually("a cordon once Consul answers again", WAIT, || {
-        let d = rec.done.lock().unwrap().clone();
-        async move { (!d.is_empty()).then_some(d) }
-    })
-    .await;
-    assert!(
-        matches!(done[0].0.kind, ActionKind::Cordon { .. }),
-        "{done:?}"
-    );
+    a_cordon_follows(&rec, "a cordon once Consul answers again").await;
     stop.cancel();
     task.await.unwrap();
 }

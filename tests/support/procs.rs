@@ -145,6 +145,16 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// Sends `signal` (`STOP`, `CONT`, `TERM`) to `pid`; panics if it cannot.
+pub fn send_signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{signal} {pid}");
+}
+
 /// Sends SIGTERM and waits up to `grace` for the process to exit, then kills it.
 pub fn terminate(child: &mut Child, grace: Duration) {
     let _ = Command::new("kill")
@@ -217,6 +227,19 @@ pub struct Controller {
 impl Controller {
     pub fn start(dir: &Path, toml: &str, metrics_port: u16) -> Controller {
         Controller::start_with_env(dir, toml, metrics_port, &[])
+    }
+
+    /// The binary on a pipeline `ws` against `redis` and `consul`, with `sections` added
+    /// to the test timings, its files under a temporary directory named after `tag`.
+    pub fn with_sections(
+        tag: &str,
+        redis: &Redis,
+        consul: &ConsulAgent,
+        sections: &str,
+    ) -> Controller {
+        let port = free_port();
+        let toml = pipeline_toml("ws", redis, consul, port, "", sections);
+        Controller::start(&temp_dir(tag), &toml, port)
     }
 
     /// Started with `env` set (command keys, say).
@@ -304,13 +327,7 @@ impl Controller {
     /// connections and its cached lease, and does nothing, as one stuck in a long GC-like
     /// pause or a frozen VM does.
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.id();
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill -{signal} {pid}");
+        send_signal(self.child.id(), signal);
     }
 
     /// A graceful stop: SIGTERM, and up to 15 s to exit.
@@ -379,8 +396,32 @@ impl DemoServer {
                 .collect(),
             log,
         };
-        s.spawn();
+        s.spawn_listening();
         s
+    }
+
+    /// Spawns until the server listens: one that exits at start-up (its port taken between
+    /// choosing it and binding it) is started again on another port.
+    fn spawn_listening(&mut self) {
+        for _ in 0..4 {
+            self.spawn();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return;
+                }
+                if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if std::time::Instant::now() >= deadline {
+                return; // slow, not gone: the test's own wait says so
+            }
+            self.port = free_port();
+            let at = self.args.iter().position(|a| a == "--listen").unwrap() + 1;
+            self.args[at] = format!("127.0.0.1:{}", self.port);
+        }
     }
 
     fn spawn(&mut self) {

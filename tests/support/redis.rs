@@ -37,13 +37,7 @@ impl Redis {
     /// Sends `signal` (`STOP`, `CONT`) to the server: a paused Redis keeps its connections
     /// open and answers nothing, as one stuck on a slow disk or a long fork does.
     pub fn signal(&self, signal: &str) {
-        let pid = self.proc.as_ref().expect("redis is running").0.id();
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill -{signal} {pid}");
+        super::procs::send_signal(self.proc.as_ref().expect("redis is running").0.id(), signal);
     }
 
     /// Stops and starts again on the same port, empty.
