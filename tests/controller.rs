@@ -406,7 +406,7 @@ async fn ids_that_are_not_tokens_are_excluded_and_nothing_is_written_outside_the
     consul
         .put(
             "/v1/agent/service/register",
-            serde_json::json!({"ID": "s4", "Name": "ws", "Address": "http://10.0.0.1/x",
+            serde_json::json!({"ID": "s4", "Name": "ws", "Address": "http://127.0.0.9/x",
                 "Port": 9000, "Meta": {"max_sessions": "100"},
                 "Check": {"CheckID": "service:s4", "TTL": "600s", "Status": "passing"}}),
         )
