@@ -65,3 +65,25 @@ pub async fn sheds_settled(ctl: &Controller, redis: &Redis, clients: u64) {
     )
     .await;
 }
+
+/// The acks stream once it has not changed for two seconds: with no controller left to
+/// publish, every shed has then been carried out and acked (servers ack after their shed
+/// window, 1 s in these tests).
+pub async fn acks_settled(redis: &Redis) -> Vec<std::collections::HashMap<String, String>> {
+    let deadline = tokio::time::Instant::now() + LOOP_WAIT;
+    let mut last = redis.acks("ws").await;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let acks = redis.acks("ws").await;
+        if acks != last {
+            (last, since) = (acks, tokio::time::Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(2) {
+            return last;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the acks stream never settled: {last:?}"
+        );
+    }
+}
