@@ -58,6 +58,24 @@ async fn until(r: &Running, what: &str, f: impl Fn(&Topology) -> bool) -> Arc<To
     .await
 }
 
+/// Three servers of 100 at 10 sessions each (counts that outlive any pause) and a
+/// pipeline `name` that would cordon them after 4 s of trustworthy low utilization.
+async fn cold_fleet(name: &str, redis: &Redis, consul: &ConsulAgent) -> PipelineConfig {
+    for id in ["s1", "s2", "s3"] {
+        consul.register_capacity("ws", id, 100).await;
+        redis
+            .set(&format!("rebalancer:ws:sessions:{id}"), "10", 3600)
+            .await;
+    }
+    cfg(
+        name,
+        redis,
+        consul,
+        "",
+        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
+    )
+}
+
 /// Waits for `rec`'s first action, which must be a cordon (a cold fleet's scale-in).
 async fn a_cordon_follows(
     rec: &Recording,
@@ -425,18 +443,7 @@ async fn a_consul_restart_mid_query_is_survived_with_a_full_resync_though_the_in
 async fn nothing_destructive_happens_while_redis_is_down_and_it_resumes_after() {
     let handle = metrics();
     let (mut redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    // A cold fleet: scale-in would cordon after 4 s of trustworthy low utilization.
-    let c = cfg(
-        "gap",
-        &redis,
-        &consul,
-        "",
-        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
-    );
-    for id in ["s1", "s2", "s3"] {
-        consul.register_capacity("ws", id, 100).await;
-        redis.report("ws", id, "10").await;
-    }
+    let c = cold_fleet("gap", &redis, &consul).await;
     let rec = Arc::new(Recording::default());
     let stop = CancellationToken::new();
     let task = rebalancer::controller::app::spawn_pipeline(c, rec.clone(), None, &stop).unwrap();
@@ -572,20 +579,7 @@ async fn an_update_storm_is_coalesced_into_few_reads_and_ends_on_the_last_values
 async fn a_paused_redis_makes_the_snapshot_stale_and_nothing_is_done_until_it_resumes() {
     let handle = metrics();
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    // A cold fleet: scale-in would cordon after 4 s of trustworthy low utilization.
-    let c = cfg(
-        "paused",
-        &redis,
-        &consul,
-        "",
-        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
-    );
-    for id in ["s1", "s2", "s3"] {
-        consul.register_capacity("ws", id, 100).await;
-        redis
-            .set(&format!("rebalancer:ws:sessions:{id}"), "10", 3600)
-            .await;
-    }
+    let c = cold_fleet("paused", &redis, &consul).await;
     let rec = Arc::new(Recording::default());
     let stop = CancellationToken::new();
     let task = rebalancer::controller::app::spawn_pipeline(c, rec.clone(), None, &stop).unwrap();
@@ -677,20 +671,9 @@ async fn consul_answering_500_or_429_is_backed_off_destroys_nothing_and_resyncs_
     let handle = metrics();
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     let proxy = FaultyProxy::start(consul.http_port).await;
-    // A cold fleet, reached through the proxy: scale-in would cordon after 4 s of
-    // trustworthy low utilization.
-    let mut c = cfg(
-        "consul-5xx",
-        &redis,
-        &consul,
-        "",
-        "[rebalance]\nenabled = false\n[scale]\nscale_in_after = \"4s\"\ncooldown = \"1s\"\nmin_servers = 1\n",
-    );
+    // A cold fleet, reached through the proxy.
+    let mut c = cold_fleet("consul-5xx", &redis, &consul).await;
     c.consul.address = proxy.address();
-    for id in ["s1", "s2", "s3"] {
-        consul.register_capacity("ws", id, 100).await;
-        redis.report("ws", id, "10").await;
-    }
     let labels = [("pipeline", "consul-5xx")];
     let stale = |want: f64| {
         move || {
