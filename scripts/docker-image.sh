@@ -20,8 +20,14 @@ for lib in $(ldd "$bin" | grep -oE '/[^ ]+'); do
 done
 cp -r "$root/pipelines" "$fs/etc/rebalancer/pipelines"
 chmod 1777 "$fs/tmp"
+# The image this tag named before: removed once replaced (unless a container still uses
+# it), so rebuilding does not pile up untagged images.
+old=$(docker images -q "$tag" 2>/dev/null || true)
 tar -C "$fs" -c . | docker import \
   --change 'ENTRYPOINT ["/usr/local/bin/rebalancer"]' \
   --change 'CMD ["run", "--pipeline", "/etc/rebalancer/pipelines/default.toml"]' \
   - "$tag" >/dev/null
+if [ -n "$old" ] && [ "$old" != "$(docker images -q "$tag")" ]; then
+  docker rmi "$old" >/dev/null 2>&1 || true
+fi
 echo "docker-image: built $tag from $bin"
