@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use support::{eventually, free_port, pipeline_toml, sample, temp_dir, ConsulAgent, Redis};
+use support::{eventually, free_port, get, pipeline_toml, sample, temp_dir, ConsulAgent, Redis};
 
 const SERVERS: usize = 1000;
 const SAMPLES: usize = 300;
@@ -76,7 +76,7 @@ async fn main() {
         || {
             let m = metrics.clone();
             async move {
-                let text = reqwest::get(m).await.ok()?.text().await.ok()?;
+                let text = get(m).await.ok()?.text().await.ok()?;
                 (sample(&text, "rebalancer_leader", &[]) == Some(1.0)
                     && sample(&text, "rebalancer_servers", &[("state", "active")])
                         == Some(SERVERS as f64))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what rebalancer's tests and demo need, idempotently:
-#   redis-server, prometheus and docker.io (Debian), consul (Debian bullseye's 1.8.7 package),
+#   redis-server, openssl, prometheus and docker.io (Debian), consul (Debian bullseye's 1.8.7 package),
 #   and starts a Docker engine (no bridge, no iptables) when none answers.
 # Consul is looked for on PATH, then unpacked from ../shared/vendor/consul_*.deb, then
 # downloaded from the bullseye suite of the machine's own Debian mirror. It is unpacked into
@@ -27,6 +27,14 @@ else
   apt_install redis-server redis-tools
   # The package starts a system instance on 6379; the tests and the demo start their own.
   as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+
+# --- openssl (the TLS tests make their certificates with it) ----------------------------
+if command -v openssl >/dev/null 2>&1; then
+  say "openssl: $(openssl version | cut -d' ' -f2)"
+else
+  say "installing openssl (Debian), for the TLS tests' certificates"
+  apt_install openssl
 fi
 
 # --- fonts-dejavu-core (the simulator's charts) -----------------------------------------

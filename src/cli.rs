@@ -36,7 +36,8 @@ pub enum Command {
         #[arg(long = "pipeline", short = 'p', required = true, num_args = 1..)]
         pipelines: Vec<PathBuf>,
     },
-    /// Validate pipeline files without connecting to anything (exit 64 when invalid).
+    /// Validate pipeline files and the TLS files they name, without connecting to anything
+    /// (exit 64 when invalid).
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -51,15 +52,36 @@ pub enum Command {
     Gateway(crate::gateway::GatewayArgs),
 }
 
-/// Loads and validates, printing every error; `Err(exit code)` when invalid.
+/// Loads and validates, printing every error; `Err(exit code)` when invalid. The TLS
+/// files the pipelines name are read too: a missing or wrong one is a configuration error.
 fn load(files: &[PathBuf]) -> Result<Vec<PipelineConfig>, ExitCode> {
-    config::load_all(files, &config::process_env).map_err(|errors| {
+    let cfgs = config::load_all(files, &config::process_env).map_err(|errors| {
         for e in &errors.0 {
             eprintln!("error: {e}");
         }
         eprintln!("{} error(s) in pipeline configuration", errors.0.len());
         ExitCode::from(EX_CONFIG)
-    })
+    })?;
+    let mut bad = 0;
+    for c in &cfgs {
+        let consul = crate::contract::consul::Consul::connect(&c.consul.endpoint()).err();
+        let redis = c.redis.endpoint().client().err();
+        for e in [
+            consul.map(|e| format!("Consul: {e}")),
+            redis.map(|e| format!("Redis: {e}")),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            eprintln!("error: {}: {e}", c.file.display());
+            bad += 1;
+        }
+    }
+    if bad > 0 {
+        eprintln!("{bad} error(s) in pipeline configuration");
+        return Err(ExitCode::from(EX_CONFIG));
+    }
+    Ok(cfgs)
 }
 
 pub fn check(files: &[PathBuf]) -> ExitCode {

@@ -8,6 +8,8 @@ use rebalancer::cli::{self, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rebalancer::telemetry::init_tracing(cli.log_json);
+    // Every client of Consul, Redis and the servers speaks TLS through rustls with `ring`.
+    rebalancer::contract::tls::install_crypto();
     match &cli.command {
         Command::Run { pipelines } => cli::run(pipelines),
         Command::Check { files } => cli::check(files),

@@ -49,15 +49,16 @@ async fn pile_on(
     consul: &ConsulAgent,
     servers: &[DemoServer],
 ) -> (Loadgen, BTreeMap<String, u64>) {
-    pile_on_with(redis, consul, servers, &[]).await
+    pile_on_with(redis, consul, servers, &[], &[]).await
 }
 
-/// [`pile_on`] with `extra` arguments for the load generator.
+/// [`pile_on`] with `extra` arguments and `env` for the load generator.
 async fn pile_on_with(
     redis: &Redis,
     consul: &ConsulAgent,
     servers: &[DemoServer],
     extra: &[&str],
+    env: &[(&str, &str)],
 ) -> (Loadgen, BTreeMap<String, u64>) {
     let pile = servers[0].url();
     let consul_addr = consul.address();
@@ -76,7 +77,7 @@ async fn pile_on_with(
         "1s",
     ];
     args.extend_from_slice(extra);
-    let load = Loadgen::start(&args);
+    let load = Loadgen::start_with_env(&args, env);
     let before = counts_where(redis, "150 clients, s1 full", |c| {
         total(c) == 150 && c.get("s1") == Some(&100)
     })
@@ -604,7 +605,7 @@ async fn with_command_keys_servers_obey_only_signed_commands_and_forgeries_pin_n
         "nothing shed"
     );
     // Every server counted both (and logged each reason once: once a minute at most).
-    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", servers[1].port))
+    let text = get(format!("http://127.0.0.1:{}/metrics", servers[1].port))
         .await
         .unwrap()
         .text()
@@ -655,25 +656,71 @@ async fn with_command_keys_servers_obey_only_signed_commands_and_forgeries_pin_n
     assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
 }
 
-/// The ACL rules of `role` as docs/security.md gives them.
-fn documented_rules(role: &str) -> String {
+/// The fenced block (of language `lang`) of `role`'s section (`### <role>`) in
+/// docs/security.md.
+fn documented(role: &str, lang: &str) -> String {
     let doc = std::fs::read_to_string(repo().join("docs/security.md")).unwrap();
     let at = doc
         .find(&format!("### {role}\n"))
         .unwrap_or_else(|| panic!("docs/security.md has no section for {role}"));
     let block = &doc[at..];
-    let start = block.find("```hcl\n").unwrap() + "```hcl\n".len();
+    let fence = format!("```{lang}\n");
+    let start = block.find(&fence).unwrap() + fence.len();
     let end = start + block[start..].find("```").unwrap();
     block[start..end].to_string()
 }
 
+/// The Consul ACL rules docs/security.md gives `role`.
+fn documented_rules(role: &str) -> String {
+    documented(role, "hcl")
+}
+
+/// The Redis ACL user docs/security.md gives `role`, as one ACL file line with `password`.
+fn documented_redis_user(role: &str, password: &str) -> String {
+    documented(&format!("{role} (Redis)"), "acl")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("<password>", password)
+}
+
+/// The variables that give a role its Consul token and Redis user, and point both clients
+/// at the test's certificates.
+fn role_env(certs: &Certs, token: &str, redis_user: &str) -> Vec<(String, String)> {
+    let mut env = certs.env("CONSUL");
+    env.extend(certs.env("REDIS"));
+    env.extend([
+        ("CONSUL_HTTP_TOKEN".to_string(), token.to_string()),
+        ("REDIS_USERNAME".to_string(), redis_user.to_string()),
+        ("REDIS_PASSWORD".to_string(), format!("{redis_user}-secret")),
+    ]);
+    env
+}
+
+fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_role_works_on_its_own_least_privilege_token_and_too_little_is_named() {
+async fn every_role_works_over_tls_on_its_own_least_privilege_credentials_and_too_little_is_named()
+{
+    let certs = Certs::generate();
     let master = format!("master-{}", std::process::id());
+    let users: Vec<String> = ["controller", "gateway", "agent"]
+        .iter()
+        .map(|role| documented_redis_user(role, &format!("rebalancer-{role}-secret")))
+        .chain([
+            // The controller's user without CONFIG SET, on a Redis whose notifications are off.
+            documented_redis_user("controller", "rebalancer-noconfig-secret")
+                .replace("user rebalancer-controller ", "user rebalancer-noconfig ")
+                .replace(" +config|set", ""),
+        ])
+        .collect();
     let (redis, consul) = (
-        Redis::start().await,
-        ConsulAgent::start_with_acls(&master).await,
+        Redis::start_secure(&certs, &users.join("\n")).await,
+        ConsulAgent::start_secure(&master, &certs).await,
     );
+    assert!(consul.address().starts_with("https://") && redis.url().starts_with("rediss://"));
     let mut tokens = std::collections::HashMap::new();
     for role in ["controller", "gateway", "agent", "loadgen"] {
         let mut rules = documented_rules(role);
@@ -684,44 +731,49 @@ async fn every_role_works_on_its_own_least_privilege_token_and_too_little_is_nam
         let t = consul.token_with_rules(role, &rules).await;
         tokens.insert(role, t);
     }
-    let env = |role: &str| [("CONSUL_HTTP_TOKEN", tokens[role].clone())];
-    let agent_env = env("agent");
-    let agent_env: Vec<(&str, &str)> = agent_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
-        .iter()
-        .map(|id| DemoServer::start_with_env(id, 100, &redis, &consul, &agent_env))
-        .collect();
-    servers_passing(&consul, 3).await;
-    let gw_env = env("gateway");
-    let gateway = GatewayProc::start_with_env(
-        &redis,
-        &consul,
-        "",
-        &[("CONSUL_HTTP_TOKEN", gw_env[0].1.as_str())],
-    )
-    .await;
-    // The gateway finds the fleet on its own token and routes to it.
-    let hello = gateway.http_url("/hello");
-    eventually("a request routed by the gateway", WAIT, || async {
-        let r = reqwest::get(&hello).await.ok()?;
-        let body = r.text().await.ok()?;
-        body.contains("\"server\"").then_some(())
+    let env = |role: &str, redis_role: &str| {
+        role_env(&certs, &tokens[role], &format!("rebalancer-{redis_role}"))
+    };
+
+    // Without CONFIG SET, and notifications off: the controller names the setting to make.
+    let port0 = free_port();
+    let noconfig_env = env("controller", "noconfig");
+    let noconfig = Controller::start_with_env(
+        &temp_dir("tls-noconfig"),
+        &controller_toml(&redis, &consul, port0),
+        port0,
+        &as_refs(&noconfig_env),
+    );
+    eventually("the controller to name the setting", WAIT, || async {
+        let log = noconfig.log();
+        log.contains("set notify-keyspace-events to include K$gxe")
+            .then_some(())
     })
     .await;
+    drop(noconfig);
+
+    let agent_env = env("agent", "agent");
+    let servers: Vec<DemoServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| DemoServer::start_with_env(id, 100, &redis, &consul, &as_refs(&agent_env)))
+        .collect();
+    servers_passing(&consul, 3).await;
+    let loadgen_env = certs.env("CONSUL");
     let (mut load, _) = pile_on_with(
         &redis,
         &consul,
         &servers,
         &["--consul-token", &tokens["loadgen"]],
+        &as_refs(&loadgen_env),
     )
     .await;
     let port = free_port();
-    let ctl_env = env("controller");
+    let ctl_env = env("controller", "controller");
     let mut ctl = Controller::start_with_env(
-        &temp_dir("acl-ctl"),
+        &temp_dir("tls-ctl"),
         &controller_toml(&redis, &consul, port),
         port,
-        &[("CONSUL_HTTP_TOKEN", ctl_env[0].1.as_str())],
+        &as_refs(&ctl_env),
     );
     let after = counts_where(&redis, "the fleet within 0.15 of utilization", |c| {
         c.len() == 3 && total(c) == 150 && spread(c) <= 0.15
@@ -733,14 +785,31 @@ async fn every_role_works_on_its_own_least_privilege_token_and_too_little_is_nam
         "{}",
         ctl.log()
     );
+    // The gateway follows the fleet and its counts on its own token and user, and routes.
+    let gw_env = env("gateway", "gateway");
+    let gateway = GatewayProc::start_with_env(
+        &redis,
+        &consul,
+        "shared_accounting = true\n",
+        &as_refs(&gw_env),
+    )
+    .await;
+    let hello = gateway.http_url("/hello");
+    eventually("a request routed by the gateway", WAIT, || async {
+        let r = get(&hello).await.ok()?;
+        let body = r.text().await.ok()?;
+        body.contains("\"server\"").then_some(())
+    })
+    .await;
 
     // A controller on the agent's token: it cannot hold a session, and says what it lacks.
     let port2 = free_port();
+    let weak_env = env("agent", "controller");
     let weak = Controller::start_with_env(
         &temp_dir("acl-weak"),
         &controller_toml(&redis, &consul, port2).replace("name = \"ws\"", "name = \"weak\""),
         port2,
-        &[("CONSUL_HTTP_TOKEN", agent_env[0].1)],
+        &as_refs(&weak_env),
     );
     eventually(
         "the weak controller to name what it lacks",
@@ -755,13 +824,38 @@ async fn every_role_works_on_its_own_least_privilege_token_and_too_little_is_nam
     ctl.terminate();
     load.until_connected(150).await;
     let summary = load.finish();
-    println!("acl closed loop: after {after:?} loadgen {summary}");
+    println!("tls closed loop: after {after:?} loadgen {summary}");
     assert_eq!(summary["connected_at_end"], 150, "none lost: {summary}");
     for (what, log) in [("gateway", gateway.log()), ("controller", ctl.log())] {
         assert!(
-            !log.contains("403 Forbidden"),
+            !log.contains("403 Forbidden") && !log.contains("NOPERM"),
             "{what} was refused something:\n{log}"
         );
+    }
+    for s in &servers {
+        let log = s.log();
+        assert!(
+            !log.contains("NOPERM"),
+            "{} was refused something:\n{log}",
+            s.id
+        );
+    }
+    // Nothing any role tried was refused, even where a refusal is not an error (the
+    // controller without CONFIG SET excepted).
+    let denied: Vec<redis::Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    let denied = format!("{denied:?}");
+    println!("ACL LOG: {denied}");
+    assert!(denied.contains("rebalancer-noconfig"), "{denied}");
+    for user in [
+        "rebalancer-controller",
+        "rebalancer-gateway",
+        "rebalancer-agent",
+    ] {
+        assert!(!denied.contains(user), "{user} was refused: {denied}");
     }
 }
 

@@ -128,7 +128,7 @@ async fn an_operators_cordon_survives_a_hot_fleet_and_the_shortfall_is_reported(
     fleet(
         &consul,
         &redis,
-        &[("s1", "90"), ("s2", "90"), ("op", "0"), ("ctl", "0")],
+        &[("s1", "120"), ("s2", "120"), ("op", "0"), ("ctl", "0")],
     )
     .await;
     let operator = r#"{"state":"cordoned","since_ms":1,"reason":"maintenance","by":"operator"}"#;
@@ -145,23 +145,29 @@ async fn an_operators_cordon_survives_a_hot_fleet_and_the_shortfall_is_reported(
         &consul,
         "[rebalance]\nenabled = false\n[scale]\ncooldown = \"1s\"\n",
     );
-    ctl.until_synced(180.0).await;
-    // U = 180 / 200 = 0.9: ceil(180 / 55) = 4 needed, 2 active. Only the controller's own
-    // cordon comes back; what the operator holds is reported as shortfall instead.
+    ctl.until_synced(240.0).await;
+    // U = 240 / 200 = 1.2: ceil(240 / 55) = 5 needed, 2 active. Only the controller's own
+    // cordon comes back; what the operator holds is reported as shortfall instead, and
+    // stays so: with ctl back, U = 240 / 300 = 0.8 is still above scale_out_at (0.7), and
+    // 5 needed, 3 active leaves a shortfall of two.
     eventually("ctl reactivated", WAIT, || async {
         (consul.server_state("ws", "ctl").await.as_deref() == Some("active")).then_some(())
     })
     .await;
-    let shortfall = eventually("a shortfall of one", WAIT, || async {
+    // Past the cooldown of the reactivation, the shortfall is what is left.
+    eventually("a shortfall of two", WAIT, || async {
         let n = ctl
             .metric("rebalancer_scale_shortfall_servers", &[])
             .await?;
-        (n >= 1.0).then_some(n)
+        (n == 2.0).then_some(())
     })
     .await;
-    assert_eq!(shortfall, 1.0);
-    // Several more rounds past the cooldown: still the operator's record, word for word.
+    // Several more rounds: still the operator's record, word for word, and the shortfall.
     ctl.rounds(3).await;
+    assert_eq!(
+        ctl.metric("rebalancer_scale_shortfall_servers", &[]).await,
+        Some(2.0)
+    );
     assert_eq!(
         consul.kv_get("rebalancer/ws/servers/op").await.as_deref(),
         Some(operator)
@@ -577,6 +583,45 @@ fn check_accepts_good_files_and_lists_every_error_of_bad_ones() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+#[test]
+fn check_reads_the_tls_files_a_pipeline_names_and_names_the_one_that_fails() {
+    let bin = env!("CARGO_BIN_EXE_rebalancer");
+    let dir = temp_dir("check-tls");
+    let not_pem = dir.join("not-a-cert.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let file = dir.join("tls.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[consul]\naddress = \"https://127.0.0.1:8501\"\nca_file = \"{}\"\n\
+             [redis]\nurl = \"redis://127.0.0.1:6379/0\"\n",
+            not_pem.display()
+        ),
+    )
+    .unwrap();
+    for cmd in [&["check"][..], &["run", "--pipeline"][..]] {
+        let out = Command::new(bin)
+            .args(cmd)
+            .arg(&file)
+            // A CA for Redis with a plain redis:// URL: named, not ignored.
+            .env("REDIS_CACERT", &not_pem)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{cmd:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for want in [
+            format!(
+                "Consul: the CA file {} holds no usable PEM",
+                not_pem.display()
+            ),
+            "Redis: REDIS_CACERT is set but redis://127.0.0.1:6379/0 is not a TLS address"
+                .to_string(),
+        ] {
+            assert!(err.contains(&want), "{cmd:?}: missing {want:?} in:\n{err}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn of_two_controllers_one_acts_and_after_it_dies_the_other_acts_under_a_newer_epoch() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
@@ -829,10 +874,18 @@ async fn no_secret_reaches_a_log_at_debug_level_even_through_a_bad_url() {
     const TOKEN: &str = "tok-SEKRET-71a3";
     const PASS: &str = "pw-SEKRET-93b1";
     const KEY: &str = "5ec4e75ec4e75ec4e75ec4e75ec4e7aa";
+    // Through the environment, which wins over the URL's.
+    const ENV_PASS: &str = "envpw-SEKRET-5d20";
+    const ENV_TOKEN: &str = "envtok-SEKRET-0c9e";
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     fleet(&consul, &redis, &[("s1", "90"), ("s2", "10")]).await;
     let keys = format!("k1:{KEY}");
-    let env = [("REBALANCER_COMMAND_KEYS", keys.as_str())];
+    let env = [
+        ("REBALANCER_COMMAND_KEYS", keys.as_str()),
+        ("REDIS_USERNAME", "default"),
+        ("REDIS_PASSWORD", ENV_PASS),
+        ("CONSUL_HTTP_TOKEN", ENV_TOKEN),
+    ];
     let with_password = redis
         .url()
         .replace("redis://", &format!("redis://:{PASS}@"));
@@ -904,7 +957,7 @@ async fn no_secret_reaches_a_log_at_debug_level_even_through_a_bad_url() {
         .await
         .unwrap();
         assert!(out.len() > 40, "{what} said something: {out}");
-        for secret in [TOKEN, PASS, KEY] {
+        for secret in [TOKEN, PASS, KEY, ENV_PASS, ENV_TOKEN] {
             assert!(!out.contains(secret), "{what} leaked {secret}:\n{out}");
         }
     }

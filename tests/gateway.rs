@@ -50,12 +50,7 @@ async fn new_connections_go_to_the_least_utilized_and_a_burst_spreads_and_cordon
     .await;
     let gw = GatewayProc::start(&redis, &consul).await;
     eventually("the gateway to see the fleet", WAIT, || async {
-        (reqwest::get(gw.http_url("/hello"))
-            .await
-            .ok()?
-            .status()
-            .is_success())
-        .then_some(())
+        (get(gw.http_url("/hello")).await.ok()?.status().is_success()).then_some(())
     })
     .await;
 
@@ -186,7 +181,7 @@ async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     let mut servers = fleet(&redis, &consul, 2).await;
     let gw = GatewayProc::start(&redis, &consul).await;
-    let client = reqwest::Client::new();
+    let client = http();
     let hello = |c: reqwest::Client, url: String| async move {
         let r = c.get(url).send().await.ok()?;
         if !r.status().is_success() {
@@ -262,7 +257,7 @@ async fn idle_keep_alive_clients_are_closed_and_servers_learn_who_the_client_was
     let _servers = fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start_with(&redis, &consul, "idle_timeout = \"1s\"\n").await;
     let hello = eventually("the gateway serving", WAIT, || async {
-        let r = reqwest::Client::new()
+        let r = http()
             .get(gw.http_url("/hello"))
             .header("x-forwarded-for", "203.0.113.9")
             .send()
@@ -327,10 +322,7 @@ async fn idle_keep_alive_clients_are_closed_and_servers_learn_who_the_client_was
         }
     };
     let (opened, pooled) = (metric("opened").await, metric("pool").await);
-    let one_shot = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
+    let one_shot = http_builder().pool_max_idle_per_host(0).build().unwrap();
     for _ in 0..20 {
         let r = one_shot.get(gw.http_url("/hello")).send().await.unwrap();
         assert!(r.status().is_success());
@@ -354,13 +346,13 @@ async fn static_responses_are_cached_and_served_without_the_backend() {
     let _servers = fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start(&redis, &consul).await;
     let first = eventually("a first response", WAIT, || async {
-        let r = reqwest::get(gw.http_url("/static/app.js")).await.ok()?;
+        let r = get(gw.http_url("/static/app.js")).await.ok()?;
         r.status().is_success().then_some(r)
     })
     .await;
     assert!(first.headers().get("x-cache").is_none());
     let body = first.text().await.unwrap();
-    let second = reqwest::get(gw.http_url("/static/app.js")).await.unwrap();
+    let second = get(gw.http_url("/static/app.js")).await.unwrap();
     assert_eq!(
         second.headers().get("x-cache").map(|v| v.to_str().unwrap()),
         Some("hit")
@@ -371,7 +363,7 @@ async fn static_responses_are_cached_and_served_without_the_backend() {
             .await
             >= Some(1.0)
     );
-    let api = reqwest::get(gw.http_url("/hello")).await.unwrap();
+    let api = get(gw.http_url("/hello")).await.unwrap();
     assert!(
         api.headers().get("x-cache").is_none(),
         "only configured paths are cached"
@@ -389,7 +381,7 @@ async fn two_gateways_keep_the_shared_in_flight_counts_exact_even_for_aborted_re
     ];
     for gw in &gws {
         eventually("the gateway serving", WAIT, || async {
-            reqwest::get(gw.http_url("/hello"))
+            get(gw.http_url("/hello"))
                 .await
                 .ok()?
                 .status()
@@ -433,7 +425,7 @@ async fn two_gateways_keep_the_shared_in_flight_counts_exact_even_for_aborted_re
             Duration::from_secs(5)
         };
         clients.push(tokio::spawn(async move {
-            let c = reqwest::Client::builder().timeout(timeout).build().unwrap();
+            let c = http_builder().timeout(timeout).build().unwrap();
             let (mut ok, mut aborted) = (0, 0);
             for _ in 0..20 {
                 match c.get(&url).send().await {
@@ -499,7 +491,7 @@ async fn two_gateways_keep_the_shared_in_flight_counts_exact_even_for_aborted_re
 
 /// Which servers answered `n` plain requests through the gateway.
 async fn answered_by(gw: &GatewayProc, n: usize) -> std::collections::BTreeSet<String> {
-    let client = reqwest::Client::new();
+    let client = http();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..n {
         let r = client.get(gw.http_url("/hello")).send().await.unwrap();
@@ -524,14 +516,14 @@ async fn the_gateway_follows_the_controllers_feed_and_routes_on_while_the_contro
         WAIT,
         || async {
             let url = format!("http://127.0.0.1:{port}/v1/topology");
-            let doc: serde_json::Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+            let doc: serde_json::Value = get(url).await.ok()?.json().await.ok()?;
             (doc["servers"].as_array()?.len() == 2 && doc["stale"] == false).then_some(doc)
         },
     )
     .await;
     assert_eq!(doc["pipeline"], "gw");
     assert_eq!(doc["servers"][0]["state"], "active", "{doc}");
-    let unknown = reqwest::get(format!("http://127.0.0.1:{port}/v1/topology?pipeline=nope"))
+    let unknown = get(format!("http://127.0.0.1:{port}/v1/topology?pipeline=nope"))
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
@@ -613,7 +605,7 @@ async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_aske
     let servers = fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start(&redis, &consul).await;
     eventually("the gateway serving", WAIT, || async {
-        let r = reqwest::get(gw.http_url("/hello")).await.ok()?;
+        let r = get(gw.http_url("/hello")).await.ok()?;
         r.status().is_success().then_some(())
     })
     .await;
@@ -657,7 +649,7 @@ async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_aske
     let big: String = (0..200_000)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
-    let echoed = reqwest::Client::new()
+    let echoed = http()
         .post(gw.http_url("/echo"))
         .body(big.clone())
         .send()
@@ -687,7 +679,7 @@ async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_aske
     // No live server: a clear 503 at once, on the plain path too.
     drop(servers);
     eventually("a 503 once the server is gone", LOOP_WAIT, || async {
-        let r = reqwest::get(gw.http_url("/hello")).await.ok()?;
+        let r = get(gw.http_url("/hello")).await.ok()?;
         let status = r.status();
         let text = r.text().await.ok()?;
         (status == 503 && text.contains("no server can take this request")).then_some(())

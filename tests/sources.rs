@@ -502,11 +502,10 @@ async fn an_update_storm_is_coalesced_into_few_reads_and_ends_on_the_last_values
     use rebalancer::fleet::source::SessionsUpdate;
     let redis = Redis::start().await;
     let source = rebalancer::fleet::source::redis_sessions::stream(
-        &redis.url(),
+        redis::Client::open(redis.url()).unwrap(),
         "ws",
         Duration::from_secs(600),
-    )
-    .unwrap();
+    );
     let mut source = std::pin::pin!(source);
     let first = tokio::time::timeout(WAIT, source.next()).await.unwrap();
     assert!(

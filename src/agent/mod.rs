@@ -29,9 +29,9 @@ use crate::contract::protocol::{
     acks_stream, commands_channel, segment, sessions_key, state_key, unix_ms, Ack, Command,
     CommandKind, MAX_COMMAND_BYTES,
 };
-use crate::contract::secret::{redact_url, Secret};
 use crate::contract::signing::{CommandKeys, KEYS_ENV};
 use crate::contract::states::Admin;
+use crate::contract::tls::{ConsulEndpoint, RedisEndpoint, RedisOpenError, TlsError};
 use crate::stages::{BackoffPolicy, StreamStages};
 
 /// Commands refused by this server, by reason.
@@ -53,11 +53,11 @@ pub struct AgentConfig {
     pub port: u16,
     pub max_sessions: u32,
     pub weight: Option<f32>,
-    /// Consul HTTP address, e.g. `http://127.0.0.1:8500`.
-    pub consul: String,
-    /// Consul ACL token (`X-Consul-Token`); see `docs/security.md` for its policy.
-    pub consul_token: Option<Secret>,
-    pub redis: String,
+    /// Consul: address (e.g. `http://127.0.0.1:8500`), ACL token (see `docs/security.md`
+    /// for its policy) and TLS; [`ConsulEndpoint::from_env`] reads what the `consul` CLI does.
+    pub consul: ConsulEndpoint,
+    /// Redis: URL, ACL user and TLS; [`RedisEndpoint::from_env`] reads `REDIS_*`.
+    pub redis: RedisEndpoint,
     /// Path of the HTTP health check Consul runs against the server.
     pub health_path: String,
     /// Heartbeat of the count report; the key's TTL is three of these.
@@ -84,9 +84,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("port", &self.port)
             .field("max_sessions", &self.max_sessions)
             .field("weight", &self.weight)
-            .field("consul", &redact_url(&self.consul))
-            .field("consul_token", &self.consul_token)
-            .field("redis", &redact_url(&self.redis))
+            .field("consul", &self.consul)
+            .field("redis", &self.redis)
             .field("health_path", &self.health_path)
             .field("report_interval", &self.report_interval)
             .field("coalesce", &self.coalesce)
@@ -113,9 +112,14 @@ impl AgentConfig {
             port,
             max_sessions,
             weight: None,
-            consul: "http://127.0.0.1:8500".into(),
-            consul_token: None,
-            redis: "redis://127.0.0.1:6379/0".into(),
+            consul: ConsulEndpoint {
+                address: "http://127.0.0.1:8500".into(),
+                ..ConsulEndpoint::default()
+            },
+            redis: RedisEndpoint {
+                url: "redis://127.0.0.1:6379/0".into(),
+                ..RedisEndpoint::default()
+            },
             health_path: "/health".into(),
             report_interval: Duration::from_secs(1),
             coalesce: Duration::from_millis(100),
@@ -192,12 +196,16 @@ pub struct Agent {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("invalid Redis URL {url:?}: {source}")]
-    RedisUrl {
+    #[error("Redis: {0}")]
+    Redis(#[from] RedisOpenError),
+    #[error("Redis {url:?}: {source}")]
+    RedisSettings {
         url: String,
         #[source]
         source: redis::RedisError,
     },
+    #[error("Consul: {0}")]
+    Consul(#[from] TlsError),
 }
 
 impl Agent {
@@ -241,13 +249,8 @@ impl Agent {
     /// Runs every loop until `shutdown`; then deregisters, closes the remaining sessions over
     /// `shutdown_drain`, and removes the count.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let redis = redis::Client::open(self.cfg.redis.as_str()).map_err(|source| {
-            AgentError::RedisUrl {
-                url: redact_url(&self.cfg.redis),
-                source,
-            }
-        })?;
-        let consul = Consul::new(&self.cfg.consul, self.cfg.consul_token.clone());
+        let redis = self.cfg.redis.client()?;
+        let consul = Consul::connect(&self.cfg.consul)?;
         let conn = ConnectionManager::new_lazy_with_config(
             redis.clone(),
             redis::aio::ConnectionManagerConfig::new()
@@ -257,8 +260,8 @@ impl Agent {
                 // retries with backoff kept a call, and so shutdown, waiting on a dead Redis.
                 .set_number_of_retries(1),
         )
-        .map_err(|source| AgentError::RedisUrl {
-            url: redact_url(&self.cfg.redis),
+        .map_err(|source| AgentError::RedisSettings {
+            url: self.cfg.redis.shown(),
             source,
         })?;
         let loops = CancellationToken::new();

@@ -2,6 +2,7 @@
 //! section, every error collected by the checker (the gateway's and Docker's sections have
 //! their own files).
 
+use crate::contract::tls::TlsFiles;
 use std::net::SocketAddr;
 use std::ops::Bound::{Excluded, Included};
 use std::time::Duration;
@@ -80,12 +81,11 @@ pub(super) fn compile(raw: RawPipeline, ck: &mut Checker) -> PipelineConfig {
 fn consul(c: &RawConsul, ck: &mut Checker) -> ConsulConfig {
     let address = c.address.trim_end_matches('/').to_string();
     match reqwest::Url::parse(&address) {
-        Ok(u) if u.scheme() == "http" && u.host().is_some() => {}
-        Ok(u) if u.scheme() == "https" => ck.err(
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        Ok(_) => ck.err(
             "consul.address",
-            "https is not supported by this build; reach Consul over http on loopback or through a local agent",
+            format!("{address:?} must be an http:// or https:// URL with a host"),
         ),
-        Ok(_) => ck.err("consul.address", format!("{address:?} must be an http:// URL with a host")),
         Err(e) => ck.err("consul.address", format!("{address:?} is not a URL ({e})")),
     }
     let wait = ck.duration("consul.wait", &c.wait);
@@ -97,8 +97,18 @@ fn consul(c: &RawConsul, ck: &mut Checker) -> ConsulConfig {
         token: Some(c.token.clone())
             .filter(|t| !t.is_empty())
             .map(crate::contract::secret::Secret::new),
+        tls: TlsFiles {
+            ca_file: path(&c.ca_file),
+            client_cert: path(&c.client_cert),
+            client_key: path(&c.client_key),
+        },
         wait,
     }
+}
+
+/// An empty string is unset.
+fn path(s: &str) -> Option<std::path::PathBuf> {
+    Some(s.trim()).filter(|s| !s.is_empty()).map(Into::into)
 }
 
 fn redis(r: &RawRedis, ck: &mut Checker) -> RedisConfig {
@@ -113,6 +123,15 @@ fn redis(r: &RawRedis, ck: &mut Checker) -> RedisConfig {
     }
     RedisConfig {
         url: r.url.clone(),
+        username: Some(r.username.clone()).filter(|u| !u.is_empty()),
+        password: Some(r.password.clone())
+            .filter(|p| !p.is_empty())
+            .map(crate::contract::secret::Secret::new),
+        tls: TlsFiles {
+            ca_file: path(&r.ca_file),
+            client_cert: path(&r.client_cert),
+            client_key: path(&r.client_key),
+        },
         reconcile: ck.duration("redis.reconcile", &r.reconcile),
         count_ttl: ck.duration("redis.count_ttl", &r.count_ttl),
     }

@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod raw;
 mod schema;
 
+use crate::contract::tls::{ConsulEndpoint, RedisEndpoint, TlsFiles};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
@@ -90,12 +91,33 @@ pub struct ConsulConfig {
     /// Base address without a trailing slash, e.g. `http://127.0.0.1:8500`.
     pub address: String,
     pub token: Option<crate::contract::secret::Secret>,
+    /// `consul.ca_file`, `consul.client_cert`, `consul.client_key`, else `CONSUL_CACERT`,
+    /// `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY`.
+    pub tls: TlsFiles,
     pub wait: Duration,
+}
+
+impl ConsulConfig {
+    /// Where and how to reach Consul, for [`crate::contract::consul::Consul::connect`].
+    pub fn endpoint(&self) -> ConsulEndpoint {
+        ConsulEndpoint {
+            address: self.address.clone(),
+            token: self.token.clone(),
+            tls: self.tls.clone(),
+        }
+    }
 }
 
 #[derive(Clone, PartialEq)]
 pub struct RedisConfig {
     pub url: String,
+    /// `redis.username`, else `REDIS_USERNAME`, else the URL's.
+    pub username: Option<String>,
+    /// `redis.password`, else `REDIS_PASSWORD`, else the URL's.
+    pub password: Option<crate::contract::secret::Secret>,
+    /// `redis.ca_file`, `redis.client_cert`, `redis.client_key`, else `REDIS_CACERT`,
+    /// `REDIS_CLIENT_CERT`, `REDIS_CLIENT_KEY`.
+    pub tls: TlsFiles,
     pub reconcile: Duration,
     /// How long a count lives in Redis (servers set it with this TTL): while the sessions
     /// source is down for longer, no count read before is believed.
@@ -107,9 +129,24 @@ impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &crate::contract::secret::redact_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("tls", &self.tls)
             .field("reconcile", &self.reconcile)
             .field("count_ttl", &self.count_ttl)
             .finish()
+    }
+}
+
+impl RedisConfig {
+    /// Where and how to reach Redis, for [`RedisEndpoint::client`].
+    pub fn endpoint(&self) -> RedisEndpoint {
+        RedisEndpoint {
+            url: self.url.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            tls: self.tls.clone(),
+        }
     }
 }
 
@@ -134,6 +171,7 @@ impl Default for ConsulConfig {
         ConsulConfig {
             address: "http://127.0.0.1:8500".into(),
             token: None,
+            tls: TlsFiles::default(),
             wait: Duration::from_secs(300),
         }
     }
@@ -143,6 +181,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/0".into(),
+            username: None,
+            password: None,
+            tls: TlsFiles::default(),
             // At most half a round interval (15 s): no count is older than that at a round.
             reconcile: Duration::from_secs(7),
             // The agent's: `SET … PX` three report intervals of 1 s.
@@ -213,9 +254,6 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// The ACL token variable every Consul tool reads; the fallback for `consul.token`.
-pub const CONSUL_TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
-
 /// Parses one file's text (the file name is only for messages).
 pub fn parse(
     file: &Path,
@@ -244,12 +282,15 @@ pub fn parse(
         }
     };
     let mut cfg = compile::compile(raw, &mut ck);
-    // No token in the file or REBALANCER_CONSUL_TOKEN: the one every Consul tool reads.
-    if cfg.consul.token.is_none() {
-        cfg.consul.token = env(CONSUL_TOKEN_ENV)
-            .filter(|t| !t.trim().is_empty())
-            .map(crate::contract::secret::Secret::new);
-    }
+    // What the file (or REBALANCER_*) leaves unset comes from the variables the services'
+    // own tools read.
+    let consul_env = ConsulEndpoint::from_env(&cfg.consul.address, env);
+    cfg.consul.token = cfg.consul.token.take().or(consul_env.token);
+    cfg.consul.tls = std::mem::take(&mut cfg.consul.tls).or(consul_env.tls);
+    let redis_env = RedisEndpoint::from_env(&cfg.redis.url, env);
+    cfg.redis.username = cfg.redis.username.take().or(redis_env.username);
+    cfg.redis.password = cfg.redis.password.take().or(redis_env.password);
+    cfg.redis.tls = std::mem::take(&mut cfg.redis.tls).or(redis_env.tls);
     if ck.errors.is_empty() {
         Ok(cfg)
     } else {

@@ -133,6 +133,12 @@ pub struct RawConsul {
     pub address: String,
     /// ACL token sent as `X-Consul-Token` (empty: none).
     pub token: String,
+    /// PEM CA file that verifies an `https://` Consul (empty: `CONSUL_CACERT`, else the
+    /// system's roots).
+    pub ca_file: String,
+    /// PEM client certificate and key for mutual TLS (empty: `CONSUL_CLIENT_CERT`/`_KEY`).
+    pub client_cert: String,
+    pub client_key: String,
     /// How long one blocking query may wait for a change.
     pub wait: String,
 }
@@ -143,6 +149,9 @@ impl Default for RawConsul {
         RawConsul {
             address: d.address,
             token: d.token.map(|t| t.expose().to_string()).unwrap_or_default(),
+            ca_file: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
             wait: text(d.wait),
         }
     }
@@ -154,6 +163,9 @@ impl std::fmt::Debug for RawConsul {
         f.debug_struct("RawConsul")
             .field("address", &self.address)
             .field("token", &if self.token.is_empty() { "" } else { "***" })
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
             .field("wait", &self.wait)
             .finish()
     }
@@ -163,6 +175,15 @@ impl std::fmt::Debug for RawConsul {
 #[serde(deny_unknown_fields, default)]
 pub struct RawRedis {
     pub url: String,
+    /// ACL user and password (empty: `REDIS_USERNAME`/`REDIS_PASSWORD`, else the URL's).
+    pub username: String,
+    pub password: String,
+    /// PEM CA file that verifies a `rediss://` Redis (empty: `REDIS_CACERT`, else the
+    /// system's roots).
+    pub ca_file: String,
+    /// PEM client certificate and key for mutual TLS (empty: `REDIS_CLIENT_CERT`/`_KEY`).
+    pub client_cert: String,
+    pub client_key: String,
     /// Full SCAN + MGET resync period, on top of the one after every reconnect.
     pub reconcile: String,
     /// The TTL servers give their counts; after the source is down this long, counts are unknown.
@@ -174,6 +195,11 @@ impl Default for RawRedis {
         let d = RedisConfig::default();
         RawRedis {
             url: d.url,
+            username: String::new(),
+            password: String::new(),
+            ca_file: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
             reconcile: text(d.reconcile),
             count_ttl: text(d.count_ttl),
         }
@@ -185,6 +211,14 @@ impl std::fmt::Debug for RawRedis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawRedis")
             .field("url", &crate::contract::secret::redact_url(&self.url))
+            .field("username", &self.username)
+            .field(
+                "password",
+                &if self.password.is_empty() { "" } else { "***" },
+            )
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
             .field("reconcile", &self.reconcile)
             .field("count_ttl", &self.count_ttl)
             .finish()

@@ -1,6 +1,7 @@
 //! A thin Consul HTTP client: the few endpoints the controller, agent and tools use.
 
 use crate::contract::secret::Secret;
+use crate::contract::tls::{ConsulEndpoint, TlsError};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -83,17 +84,25 @@ pub struct Consul {
 }
 
 impl Consul {
+    /// A client of `endpoint`: its TLS files are read now, so a missing or wrong one fails
+    /// at start, naming it.
+    pub fn connect(endpoint: &ConsulEndpoint) -> Result<Consul, TlsError> {
+        Ok(Consul {
+            http: endpoint.http_client()?,
+            base: endpoint.address.trim_end_matches('/').to_string(),
+            token: endpoint.token.clone(),
+        })
+    }
+
+    /// A client of `base` with no TLS files (an `https://` base is verified with the
+    /// system's roots).
     pub fn new(base: &str, token: Option<Secret>) -> Consul {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()
-            .expect("a plain HTTP client builds");
-        Consul {
-            http,
-            base: base.trim_end_matches('/').to_string(),
+        Consul::connect(&ConsulEndpoint {
+            address: base.to_string(),
             token,
-        }
+            tls: crate::contract::tls::TlsFiles::default(),
+        })
+        .expect("an HTTP client with no TLS files builds")
     }
 
     pub fn base(&self) -> &str {

@@ -14,6 +14,7 @@ use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
 use crate::contract::protocol::leader_key;
 use crate::contract::signing::{CommandKeys, KeyError, KEYS_ENV, KEYS_FILE_ENV};
+use crate::contract::tls::{RedisOpenError, TlsError};
 use crate::controller::act::{docker::DockerScaler, Actuator, LiveActuator, Scaler};
 use crate::controller::{acks, feed, leader, pipeline};
 use crate::fleet::events::Events;
@@ -33,11 +34,17 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{file}: redis.url: {source}")]
-    RedisUrl {
+    #[error("{file}: {source}")]
+    Redis {
         file: String,
         #[source]
-        source: redis::RedisError,
+        source: RedisOpenError,
+    },
+    #[error("{file}: Consul: {source}")]
+    Consul {
+        file: String,
+        #[source]
+        source: TlsError,
     },
     #[error(transparent)]
     View(#[from] ViewError),
@@ -54,7 +61,10 @@ impl AppError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            AppError::RedisUrl { .. } | AppError::View(_) | AppError::Keys(_)
+            AppError::Redis { .. }
+                | AppError::Consul { .. }
+                | AppError::View(_)
+                | AppError::Keys(_)
         )
     }
 }
@@ -65,12 +75,19 @@ fn actuator(
     cfg: &PipelineConfig,
     keys: Option<&CommandKeys>,
 ) -> Result<Arc<dyn Actuator>, AppError> {
-    let redis =
-        redis::Client::open(cfg.redis.url.as_str()).map_err(|source| AppError::RedisUrl {
-            file: cfg.file.display().to_string(),
+    let file = || cfg.file.display().to_string();
+    let redis = cfg
+        .redis
+        .endpoint()
+        .client()
+        .map_err(|source| AppError::Redis {
+            file: file(),
             source,
         })?;
-    let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
+    let consul = Consul::connect(&cfg.consul.endpoint()).map_err(|source| AppError::Consul {
+        file: file(),
+        source,
+    })?;
     let scaler = cfg
         .docker
         .clone()
@@ -107,7 +124,7 @@ pub fn spawn_pipeline(
     // panics), the other is stopped, so no controller renews a lock with nobody acting.
     let together = shutdown.child_token();
     let (lease_tx, leadership) = tokio::sync::watch::channel(None);
-    let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
+    let consul = Consul::connect(&cfg.consul.endpoint()).map_err(ViewError::consul(&cfg.name))?;
     let election = tokio::spawn(leader::run(
         consul.clone(),
         cfg.name.clone(),
@@ -116,11 +133,11 @@ pub fn spawn_pipeline(
         lease_tx,
         together.clone(),
     ));
-    let redis =
-        redis::Client::open(cfg.redis.url.as_str()).map_err(|source| ViewError::RedisUrl {
-            pipeline: cfg.name.clone(),
-            source,
-        })?;
+    let redis = cfg
+        .redis
+        .endpoint()
+        .client()
+        .map_err(ViewError::redis(&cfg.name))?;
     let inputs = pipeline::Inputs {
         acks: acks::spawn(redis, &cfg.service, together.clone()),
         snapshots,

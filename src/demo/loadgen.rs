@@ -22,6 +22,7 @@ use crate::contract::consul::Consul;
 use crate::contract::protocol::state_prefix;
 use crate::contract::states;
 use crate::contract::states::Admin;
+use crate::contract::tls::ConsulEndpoint;
 use crate::fleet::source::consul_health;
 
 pub const MAX_CONNECTIONS: u32 = 100_000;
@@ -39,6 +40,7 @@ pub struct LoadgenArgs {
     #[arg(long = "url")]
     pub urls: Vec<String>,
     /// Discover servers in this Consul (with --service): random among passing, non-cordoned.
+    /// `https://` with `CONSUL_CACERT` (and `CONSUL_CLIENT_CERT`/`_KEY`).
     #[arg(long, env = "CONSUL_HTTP_ADDR")]
     pub consul: Option<String>,
     /// Consul ACL token (see docs/security.md for the load generator's policy).
@@ -64,6 +66,8 @@ pub struct LoadgenArgs {
 pub enum LoadgenError {
     #[error("{0}")]
     Args(String),
+    #[error("Consul: {0}")]
+    Consul(#[from] crate::contract::tls::TlsError),
 }
 
 impl LoadgenArgs {
@@ -214,12 +218,11 @@ pub async fn run(
         });
     }
     if let Some(addr) = &args.consul {
-        let token = args
-            .consul_token
-            .clone()
-            .filter(|t| !t.is_empty())
-            .map(crate::contract::secret::Secret::new);
-        let consul = Consul::new(&crate::contract::urls::with_scheme(addr), token);
+        let mut endpoint = ConsulEndpoint::from_env(addr, &|k| std::env::var(k).ok());
+        if let Some(t) = args.consul_token.clone().filter(|t| !t.is_empty()) {
+            endpoint.token = Some(crate::contract::secret::Secret::new(t));
+        }
+        let consul = Consul::connect(&endpoint)?;
         let (targets, done, service) = (targets.clone(), done.clone(), args.service.clone());
         let first = discover(&consul, &service).await.unwrap_or_default();
         *targets.discovered.write().expect("not poisoned") = first;

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{
     Admission, Agent, AgentConfig, SessionGuard, SessionRegistry, Sessions, VictimPolicy,
 };
-use crate::contract::urls::with_scheme;
+use crate::contract::tls::{ConsulEndpoint, RedisEndpoint};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoServerArgs {
@@ -45,7 +45,8 @@ pub struct DemoServerArgs {
     /// Routing weight (Consul Meta.weight).
     #[arg(long, env = "REBALANCER_AGENT_WEIGHT")]
     pub weight: Option<f32>,
-    /// Consul HTTP address.
+    /// Consul HTTP address (`https://` with `CONSUL_CACERT`, and `CONSUL_CLIENT_CERT` and
+    /// `CONSUL_CLIENT_KEY` for mutual TLS).
     #[arg(
         long,
         env = "CONSUL_HTTP_ADDR",
@@ -55,7 +56,9 @@ pub struct DemoServerArgs {
     /// Consul ACL token (see docs/security.md for the agent's policy).
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
     pub consul_token: Option<String>,
-    /// Redis URL.
+    /// Redis URL (`rediss://` with `REDIS_CACERT`, and `REDIS_CLIENT_CERT` and
+    /// `REDIS_CLIENT_KEY` for mutual TLS; an ACL user from `REDIS_USERNAME` and
+    /// `REDIS_PASSWORD`).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis: String,
     /// Which sessions to close first when told to shed.
@@ -110,13 +113,13 @@ impl DemoServerArgs {
             self.max_sessions,
         );
         cfg.weight = self.weight;
-        cfg.consul = with_scheme(&self.consul);
-        cfg.consul_token = self
-            .consul_token
-            .clone()
-            .filter(|t| !t.is_empty())
-            .map(crate::contract::secret::Secret::new);
-        cfg.redis.clone_from(&self.redis);
+        // TLS files and credentials from the variables the services' own tools read.
+        let env = |k: &str| std::env::var(k).ok();
+        cfg.consul = ConsulEndpoint::from_env(&self.consul, &env);
+        if let Some(t) = self.consul_token.clone().filter(|t| !t.is_empty()) {
+            cfg.consul.token = Some(crate::contract::secret::Secret::new(t));
+        }
+        cfg.redis = RedisEndpoint::from_env(&self.redis, &env);
         cfg.policy = self.policy;
         cfg.shed_window = self.shed_window;
         cfg.report_interval = self.report_interval;

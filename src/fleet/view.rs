@@ -16,6 +16,7 @@ use crate::config::PipelineConfig;
 use crate::contract::consul::Consul;
 use crate::contract::consul_watch::{Restarts, RESTART_PROBE_EVERY};
 use crate::contract::protocol::leader_key;
+use crate::contract::tls::{RedisOpenError, TlsError};
 use crate::fleet::events::Events;
 use crate::fleet::fold::{Fold, Limits};
 use crate::fleet::source::{
@@ -31,12 +32,34 @@ const COUNT_EXPIRY_CHECK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
-    #[error("pipeline {pipeline}: invalid Redis URL: {source}")]
-    RedisUrl {
+    #[error("pipeline {pipeline}: Redis: {source}")]
+    Redis {
         pipeline: String,
         #[source]
-        source: redis::RedisError,
+        source: RedisOpenError,
     },
+    #[error("pipeline {pipeline}: Consul: {source}")]
+    Consul {
+        pipeline: String,
+        #[source]
+        source: TlsError,
+    },
+}
+
+impl ViewError {
+    pub fn redis(pipeline: &str) -> impl FnOnce(RedisOpenError) -> ViewError + '_ {
+        move |source| ViewError::Redis {
+            pipeline: pipeline.to_string(),
+            source,
+        }
+    }
+
+    pub fn consul(pipeline: &str) -> impl FnOnce(TlsError) -> ViewError + '_ {
+        move |source| ViewError::Consul {
+            pipeline: pipeline.to_string(),
+            source,
+        }
+    }
 }
 
 /// Any source's error (each source has its own type). A named type, not a bare boxed trait
@@ -65,18 +88,19 @@ pub fn spawn(
     events: Events,
     shutdown: CancellationToken,
 ) -> Result<(watch::Receiver<Arc<Topology>>, JoinHandle<()>), ViewError> {
-    let consul = Consul::new(&cfg.consul.address, cfg.consul.token.clone());
+    let consul = Consul::connect(&cfg.consul.endpoint()).map_err(ViewError::consul(&cfg.name))?;
     let restarts = Restarts::probe(
         consul.clone(),
         format!("/v1/kv/{}", leader_key(&cfg.name)),
         RESTART_PROBE_EVERY,
         shutdown.clone(),
     );
-    let sessions = redis_sessions::stream(&cfg.redis.url, &cfg.service, cfg.redis.reconcile)
-        .map_err(|source| ViewError::RedisUrl {
-            pipeline: cfg.name.clone(),
-            source,
-        })?;
+    let redis = cfg
+        .redis
+        .endpoint()
+        .client()
+        .map_err(ViewError::redis(&cfg.name))?;
+    let sessions = redis_sessions::stream(redis, &cfg.service, cfg.redis.reconcile);
     // Merged by kind, so every item says which source it came from.
     let mut sources = StreamMap::new();
     sources.insert(

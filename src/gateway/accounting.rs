@@ -32,11 +32,10 @@ pub struct Accounting {
 
 impl Accounting {
     pub fn new(
-        redis_url: &str,
+        client: redis::Client,
         service: &str,
         timeout: Duration,
     ) -> Result<Accounting, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
         let conn = ConnectionManager::new_lazy_with_config(
             client,
             redis::aio::ConnectionManagerConfig::new()

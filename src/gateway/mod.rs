@@ -304,7 +304,7 @@ impl Gateway {
 
     /// Active health checks of every server the snapshot knows, until `stop`.
     pub async fn check_health(self, stop: CancellationToken) {
-        let client = reqwest::Client::builder()
+        let client = crate::contract::tls::plain_http_builder()
             .timeout(self.0.cfg.health_interval.max(Duration::from_millis(500)))
             .build()
             .expect("a plain HTTP client builds");
@@ -860,10 +860,15 @@ pub async fn run(
         None => crate::fleet::view::spawn(&cfg, Events::new(&cfg.name), shutdown.clone())?,
     };
     let accounting = if gw_cfg.shared_accounting {
-        match accounting::Accounting::new(&cfg.redis.url, &cfg.service, gw_cfg.redis_timeout) {
+        let redis = cfg
+            .redis
+            .endpoint()
+            .client()
+            .map_err(crate::fleet::view::ViewError::redis(&cfg.name))?;
+        match accounting::Accounting::new(redis, &cfg.service, gw_cfg.redis_timeout) {
             Ok(a) => Some(a),
             Err(e) => {
-                tracing::warn!(error = %e, "shared accounting disabled: invalid Redis URL");
+                tracing::warn!(error = %e, "shared accounting disabled: Redis refused its settings");
                 None
             }
         }

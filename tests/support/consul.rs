@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use super::http::{get, http, http_builder};
 use super::procs::{
     self, free_port, log_file, temp_dir, tool, until_ready, Proc, Service, INSTALL_HINT,
 };
+use super::tls::Certs;
 
 /// A `consul agent -dev` of our own, every port free or disabled.
 pub struct ConsulAgent {
@@ -19,6 +21,8 @@ pub struct ConsulAgent {
     http: reqwest::Client,
     /// With ACLs on (`default_policy = "deny"`): the master token, which the helpers send.
     pub master_token: Option<String>,
+    /// With TLS: HTTPS only (no plain port), client certificates required.
+    pub tls: Option<Certs>,
 }
 
 impl ConsulAgent {
@@ -28,8 +32,9 @@ impl ConsulAgent {
             ports: [free_port(), free_port(), free_port()],
             dir: temp_dir("consul"),
             proc: None,
-            http: reqwest::Client::new(),
+            http: http(),
             master_token: None,
+            tls: None,
         };
         procs::start(c).await
     }
@@ -37,18 +42,30 @@ impl ConsulAgent {
     /// An agent with ACLs on and `default_policy = "deny"`: only `master` may do anything
     /// until tokens are made ([`ConsulAgent::token_with_rules`]). The helpers send `master`.
     pub async fn start_with_acls(master: &str) -> ConsulAgent {
+        ConsulAgent::start_acl_tls(master, None).await
+    }
+
+    /// As [`ConsulAgent::start_with_acls`], and reached only over HTTPS with a client
+    /// certificate signed by `certs`' CA (`verify_incoming_https`).
+    pub async fn start_secure(master: &str, certs: &Certs) -> ConsulAgent {
+        ConsulAgent::start_acl_tls(master, Some(certs)).await
+    }
+
+    async fn start_acl_tls(master: &str, certs: Option<&Certs>) -> ConsulAgent {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert("X-Consul-Token", master.parse().unwrap());
+        let builder = match certs {
+            Some(c) => c.http_builder(),
+            None => http_builder(),
+        };
         let c = ConsulAgent {
             http_port: free_port(),
             ports: [free_port(), free_port(), free_port()],
             dir: temp_dir("consul-acl"),
             proc: None,
-            http: reqwest::Client::builder()
-                .default_headers(headers)
-                .build()
-                .unwrap(),
+            http: builder.default_headers(headers).build().unwrap(),
             master_token: Some(master.to_string()),
+            tls: certs.cloned(),
         };
         procs::start(c).await
     }
@@ -80,7 +97,8 @@ impl ConsulAgent {
     }
 
     pub fn address(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.http_port)
     }
 
     pub fn stop(&mut self) {
@@ -267,7 +285,21 @@ impl Service for ConsulAgent {
                 "-client",
                 "127.0.0.1",
             ])
-            .args(["-http-port", &http, "-dns-port", "-1", "-grpc-port", "-1"])
+            .args(["-dns-port", "-1", "-grpc-port", "-1"])
+            .args(match &self.tls {
+                None => vec!["-http-port".to_string(), http.clone()],
+                Some(c) => vec![
+                    "-http-port".to_string(),
+                    "-1".to_string(),
+                    "-hcl".to_string(),
+                    format!(
+                        r#"ports {{ https = {http} }} ca_file = "{}" cert_file = "{}" key_file = "{}" verify_incoming_https = true"#,
+                        c.ca.display(),
+                        c.server_cert.display(),
+                        c.server_key.display()
+                    ),
+                ],
+            })
             .args([
                 "-serf-lan-port",
                 &lan,

@@ -6,15 +6,19 @@
 mod consul;
 mod docker;
 mod faulty;
+mod http;
 mod procs;
 mod prometheus;
 mod redis;
+mod tls;
 mod wait;
 
 pub use consul::*;
 pub use docker::*;
 pub use faulty::*;
+pub use http::*;
 pub use procs::*;
 pub use prometheus::*;
 pub use redis::*;
+pub use tls::*;
 pub use wait::*;

@@ -9,12 +9,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::consul::ConsulAgent;
+use super::http::{get, http, http_builder};
 use super::prometheus::sample;
 use super::redis::Redis;
 use super::wait::{eventually, WAIT};
 
 pub const INSTALL_HINT: &str =
-    "run `scripts/setup.sh` (installs redis-server and unpacks consul into target/tools/)";
+    "run `scripts/setup.sh` (installs redis-server and openssl, and unpacks consul into target/tools/)";
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -270,7 +271,7 @@ impl Controller {
 
     pub async fn metrics(&self) -> String {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        match reqwest::get(url).await {
+        match get(url).await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         }
@@ -482,11 +483,16 @@ pub struct Loadgen {
 
 impl Loadgen {
     pub fn start(args: &[&str]) -> Loadgen {
+        Loadgen::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Loadgen {
         let dir = temp_dir("loadgen");
         let out = dir.join("summary.json");
         let child = Command::new(env!("CARGO_BIN_EXE_rebalancer"))
             .arg("loadgen")
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(log_file(&dir, "progress.log"))
@@ -606,7 +612,7 @@ impl GatewayProc {
         let url = format!("http://127.0.0.1:{metrics_port}/metrics");
         eventually("the gateway to serve metrics", WAIT, || {
             let url = url.clone();
-            async move { reqwest::get(url).await.ok().map(|_| ()) }
+            async move { get(url).await.ok().map(|_| ()) }
         })
         .await;
         g
@@ -625,7 +631,7 @@ impl GatewayProc {
     }
 
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+        let text = get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
             .await
             .ok()?
             .text()

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::http::{get, http, http_builder};
 use super::procs::{free_port, log_file, temp_dir, tool, until_ready, Proc, INSTALL_HINT};
 use super::wait::{eventually, WAIT};
 
@@ -73,14 +74,7 @@ impl Prometheus {
         let url = format!("http://127.0.0.1:{port}/-/ready");
         eventually("prometheus to be ready", WAIT, || {
             let url = url.clone();
-            async move {
-                reqwest::get(url)
-                    .await
-                    .ok()?
-                    .status()
-                    .is_success()
-                    .then_some(())
-            }
+            async move { get(url).await.ok()?.status().is_success().then_some(()) }
         })
         .await;
         p
@@ -89,7 +83,7 @@ impl Prometheus {
     /// Runs an instant query; `Err` carries Prometheus' error for an invalid one.
     pub async fn query(&self, expr: &str) -> Result<serde_json::Value, String> {
         let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
-        let body: serde_json::Value = reqwest::Client::new()
+        let body: serde_json::Value = http()
             .get(url)
             .query(&[("query", expr)])
             .send()

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::procs::{
     self, free_port, log_file, temp_dir, tool, until_ready, Proc, Service, INSTALL_HINT,
 };
+use super::tls::Certs;
 
 /// A `redis-server` of our own, with keyspace notifications *off* (the controller must
 /// turn them on).
@@ -14,7 +15,18 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     proc: Option<Proc>,
+    /// TLS only (client certificates required) and ACL users, the default user off.
+    secure: Option<Secure>,
 }
+
+struct Secure {
+    certs: Certs,
+    /// ACL file lines of the roles' users.
+    users: String,
+}
+
+/// The user the helpers connect as on a secure Redis: every command, key and channel.
+pub const REDIS_ADMIN: (&str, &str) = ("admin", "admin-secret");
 
 impl Redis {
     pub async fn start() -> Redis {
@@ -22,12 +34,50 @@ impl Redis {
             port: free_port(),
             dir: temp_dir("redis"),
             proc: None,
+            secure: None,
         };
         procs::start(r).await
     }
 
+    /// A Redis reached only over TLS with a client certificate signed by `certs`' CA, with
+    /// the default user off and the ACL users of `users` (ACL file lines) plus
+    /// [`REDIS_ADMIN`], which the helpers use.
+    pub async fn start_secure(certs: &Certs, users: &str) -> Redis {
+        let r = Redis {
+            port: free_port(),
+            dir: temp_dir("redis-tls"),
+            proc: None,
+            secure: Some(Secure {
+                certs: certs.clone(),
+                users: users.to_string(),
+            }),
+        };
+        procs::start(r).await
+    }
+
+    /// The URL roles are given: no user in it (a secure one's come from `REDIS_USERNAME`).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.secure.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A client of the helpers' own (on a secure Redis: [`REDIS_ADMIN`] over TLS).
+    pub fn client(&self) -> redis::Client {
+        match &self.secure {
+            None => redis::Client::open(self.url()).unwrap(),
+            Some(s) => rebalancer::contract::tls::RedisEndpoint {
+                url: self.url(),
+                username: Some(REDIS_ADMIN.0.to_string()),
+                password: Some(rebalancer::contract::secret::Secret::new(REDIS_ADMIN.1)),
+                tls: s.certs.files(),
+            }
+            .client()
+            .unwrap(),
+        }
     }
 
     pub fn stop(&mut self) {
@@ -47,8 +97,7 @@ impl Redis {
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
+        self.client()
             .get_multiplexed_async_connection()
             .await
             .expect("connect to the test redis")
@@ -131,34 +180,52 @@ impl Service for Redis {
     /// Starts redis on its port; `false` when it exited before answering PING.
     async fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
+        let listen = match &self.secure {
+            None => vec!["--port".to_string(), port],
+            Some(s) => {
+                let acl = self.dir.join("users.acl");
+                std::fs::write(
+                    &acl,
+                    format!(
+                        "user default off\nuser {} on >{} ~* &* +@all\n{}\n",
+                        REDIS_ADMIN.0,
+                        REDIS_ADMIN.1,
+                        s.users.trim()
+                    ),
+                )
+                .unwrap();
+                let c = &s.certs;
+                [
+                    ("--port", "0".to_string()),
+                    ("--tls-port", port),
+                    ("--tls-cert-file", c.server_cert.display().to_string()),
+                    ("--tls-key-file", c.server_key.display().to_string()),
+                    ("--tls-ca-cert-file", c.ca.display().to_string()),
+                    ("--tls-auth-clients", "yes".to_string()),
+                    ("--aclfile", acl.display().to_string()),
+                ]
+                .into_iter()
+                .flat_map(|(k, v)| [k.to_string(), v])
+                .collect()
+            }
+        };
         let child = Command::new(tool("redis-server"))
-            .args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--notify-keyspace-events", ""])
             .current_dir(&self.dir)
             .stdout(log_file(&self.dir, "redis.log"))
             .stderr(log_file(&self.dir, "redis.err"))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL_HINT}"));
-        let url = self.url();
+        let client = self.client();
         let ready = until_ready(
             Proc(child),
             "redis-server to answer PING",
             Duration::from_secs(10),
             &self.dir,
             || async {
-                let Ok(c) = redis::Client::open(url.as_str()) else {
-                    return false;
-                };
-                let Ok(mut conn) = c.get_multiplexed_async_connection().await else {
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
                     return false;
                 };
                 redis::cmd("PING")

@@ -241,13 +241,12 @@ impl Ctx {
     }
 }
 
-/// Streams session-count updates for `service` from the Redis at `url` (validated beforehand).
+/// Streams session-count updates for `service` from the Redis of `client`.
 pub fn stream(
-    url: &str,
+    client: Client,
     service: &str,
     reconcile: Duration,
-) -> Result<impl Stream<Item = Result<SessionsUpdate, RedisSourceError>>, RedisError> {
-    let client = Client::open(url)?;
+) -> impl Stream<Item = Result<SessionsUpdate, RedisSourceError>> {
     let info = client.get_connection_info();
     let addr = info.addr().to_string();
     let db = info.redis_settings().db();
@@ -264,13 +263,10 @@ pub fn stream(
         reconcile,
         heartbeat_key,
     };
-    Ok(futures::stream::unfold(
-        (State::Connecting, ctx),
-        |(state, ctx)| async move {
-            let (item, next) = step(state, &ctx).await;
-            Some((item, (next, ctx)))
-        },
-    ))
+    futures::stream::unfold((State::Connecting, ctx), |(state, ctx)| async move {
+        let (item, next) = step(state, &ctx).await;
+        Some((item, (next, ctx)))
+    })
 }
 
 async fn step(state: State, ctx: &Ctx) -> (Result<SessionsUpdate, RedisSourceError>, State) {
