@@ -3,6 +3,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY agent agent
 COPY src src
 COPY benches benches
 RUN cargo build --release --locked --bin rebalancer

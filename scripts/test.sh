@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Every test target, plus the decide bench run once as a smoke test (the latency bench is a
-# measurement: run it with `cargo bench --bench latency`).
-cargo test --locked --lib --bins --tests --bench decide "$@"
+# Every test target of both crates (the product and the agent's), the agent's example built,
+# plus the decide bench run once as a smoke test (the latency bench is a measurement: run
+# it with `cargo bench --bench latency`).
+cargo test --locked --workspace --lib --bins --tests --examples --bench decide "$@"

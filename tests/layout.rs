@@ -133,6 +133,21 @@ fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
+/// The agent's crate (`rebalancer-agent`): the agent, the contract and the stages.
+fn agent_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("agent/src")
+}
+
+/// The wing of a file of the agent's crate: `contract`, `stages`, or else `agent`.
+fn agent_wing(file: &Path) -> &'static str {
+    let rel = file.strip_prefix(agent_src()).unwrap();
+    match rel.components().next().unwrap().as_os_str().to_str() {
+        Some("contract") => "contract",
+        Some("stages") => "stages",
+        _ => "agent",
+    }
+}
+
 /// The wing of a file: its first path component under `src/`, without `.rs`.
 fn wing(file: &Path) -> String {
     let rel = file.strip_prefix(src()).unwrap();
@@ -182,6 +197,70 @@ fn no_import_crosses_the_rules_between_wings() {
 }
 
 #[test]
+fn in_the_agents_crate_the_contract_and_the_stages_import_nothing_above_them() {
+    let mut files = Vec::new();
+    rust_files(&agent_src(), &mut files);
+    let mut broken = Vec::new();
+    for f in &files {
+        let allowed: &[&str] = match agent_wing(f) {
+            "contract" => &["crate::contract", "crate::stages"],
+            "stages" => &["crate::stages"],
+            _ => continue,
+        };
+        let text = std::fs::read_to_string(f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for (i, _) in code.match_indices("crate::") {
+                if !allowed.iter().any(|a| code[i..].starts_with(a)) {
+                    broken.push(format!("{}:{}: {}", f.display(), n + 1, code.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "the contract imports only itself and the stages, the stages only themselves:\n{}",
+        broken.join("\n")
+    );
+}
+
+/// A connection server that adds the agent's crate builds none of the product's weight.
+#[test]
+fn the_agent_crate_builds_without_the_products_dependencies() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["tree", "--locked", "-p", "rebalancer-agent", "-e", "normal"])
+        .args(["--prefix", "none", "--format", "{p} {f}"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let packages: Vec<&str> = tree.lines().collect();
+    assert!(packages.iter().any(|l| l.starts_with("redis ")), "{tree}");
+    for heavy in [
+        "bollard",
+        "plotters",
+        "axum",
+        "moka",
+        "metrics-exporter-prometheus",
+        "clap",
+    ] {
+        assert!(
+            !packages.iter().any(|l| l.starts_with(&format!("{heavy} "))),
+            "the agent's crate pulls in {heavy}:\n{tree}"
+        );
+    }
+    // hyper comes with reqwest, as an HTTP client only.
+    for l in packages.iter().filter(|l| l.starts_with("hyper ")) {
+        assert!(!l.contains("server"), "hyper with its server: {l}");
+    }
+}
+
+#[test]
 fn every_wing_has_a_rule() {
     let mut files = Vec::new();
     rust_files(&src(), &mut files);
@@ -200,9 +279,10 @@ fn every_wing_has_a_rule() {
 fn no_source_file_outside_the_gateway_is_over_700_lines() {
     let mut files = Vec::new();
     rust_files(&src(), &mut files);
+    rust_files(&agent_src(), &mut files);
     let long: Vec<String> = files
         .iter()
-        .filter(|f| wing(f) != "gateway")
+        .filter(|f| !f.starts_with(src()) || wing(f) != "gateway")
         .filter_map(|f| {
             let n = std::fs::read_to_string(f).unwrap().lines().count();
             (n > MAX_LINES).then(|| format!("{}: {n} lines", f.display()))

@@ -1,14 +1,9 @@
-//! The contract every part speaks (protocol v1) and the clients of the shared services:
-//! names and shapes of keys, channels and records, the Consul client and its blocking
-//! watch, state records, the containers' ownership labels, TLS and credentials for Consul
-//! and Redis, and URL helpers. Nothing here imports a wing.
+//! The contract every part speaks (protocol v1) and the clients of the shared services. All
+//! of it but the containers' ownership labels lives in the agent's crate (a server embeds
+//! it), re-exported here under the same names.
 
-pub mod consul;
-pub mod consul_watch;
+pub use rebalancer_agent::contract::{
+    consul, consul_watch, protocol, secret, signing, states, tls, urls,
+};
+
 pub mod labels;
-pub mod protocol;
-pub mod secret;
-pub mod signing;
-pub mod states;
-pub mod tls;
-pub mod urls;

@@ -62,7 +62,15 @@ pub struct DemoServerArgs {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis: String,
     /// Which sessions to close first when told to shed.
-    #[arg(long, env = "REBALANCER_AGENT_POLICY", value_enum, default_value_t = VictimPolicy::Random)]
+    #[arg(
+        long,
+        env = "REBALANCER_AGENT_POLICY",
+        default_value_t = VictimPolicy::Random,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(VictimPolicy::ALL.map(VictimPolicy::as_str)),
+            |s| s.parse::<VictimPolicy>().expect("one of the possible values"),
+        ),
+    )]
     pub policy: VictimPolicy,
     /// Sheds are spread over this window.
     #[arg(long, env = "REBALANCER_AGENT_SHED_WINDOW", default_value = "2s", value_parser = humantime::parse_duration)]

@@ -8,7 +8,7 @@ use rand::Rng;
 use tokio::sync::{oneshot, watch};
 
 /// Which sessions to close first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VictimPolicy {
     /// Spread the disruption evenly over old and new clients.
     #[default]
@@ -17,6 +17,39 @@ pub enum VictimPolicy {
     Newest,
     /// The longest-lived first.
     Oldest,
+}
+
+impl VictimPolicy {
+    pub const ALL: [VictimPolicy; 3] = [
+        VictimPolicy::Random,
+        VictimPolicy::Newest,
+        VictimPolicy::Oldest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VictimPolicy::Random => "random",
+            VictimPolicy::Newest => "newest",
+            VictimPolicy::Oldest => "oldest",
+        }
+    }
+}
+
+impl std::fmt::Display for VictimPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VictimPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        VictimPolicy::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a victim policy (random, newest, oldest)"))
+    }
 }
 
 /// Why a session is being closed; servers turn it into a WebSocket close frame.

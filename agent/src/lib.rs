@@ -1,13 +1,21 @@
-//! The agent: what a connection server embeds to take part in protocol v1. It registers the
-//! server in Consul with an HTTP health check, reports the session count to Redis, watches
-//! its own cordon state, and obeys shed and drain commands, acking each on the acks stream.
-//! Redis or Consul outages never crash the server or drop its sessions: every loop retries
-//! with backoff and re-registers, re-reports and resubscribes.
+//! rebalancer's agent: what a connection server embeds to take part in protocol v1. It
+//! registers the server in Consul with an HTTP health check, reports the session count to
+//! Redis, watches its own cordon state, and obeys shed and drain commands, acking each on
+//! the acks stream. Redis or Consul outages never crash the server or drop its sessions:
+//! every loop retries with backoff and re-registers, re-reports and resubscribes.
+//!
+//! A crate of its own so that a server embedding it builds only what an agent needs:
+//! tokio, redis, reqwest (rustls with `ring`), serde, tracing and the metrics facade. The
+//! contract (protocol v1, signing, the Consul client, TLS and credentials) and the stream
+//! stages live here too; the `rebalancer` crate re-exports them. `examples/minimal_server.rs`
+//! is a whole server in one file.
 
 pub mod commands;
+pub mod contract;
 pub mod report;
 pub mod sessions;
 pub mod shed;
+pub mod stages;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

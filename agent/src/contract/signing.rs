@@ -288,7 +288,7 @@ mod tests {
     /// The example in `docs/protocol.md`, read from the doc itself.
     #[test]
     fn the_worked_example_in_the_protocol_doc_holds() {
-        let doc = include_str!("../../docs/protocol.md");
+        let doc = include_str!("../../../docs/protocol.md");
         let field = |name: &str| {
             doc.lines()
                 .find_map(|l| l.strip_prefix(name))
