@@ -1,0 +1,383 @@
+//! The hyper path: every client connection the fast path hands over (upgrades, chunked or
+//! large bodies, cached paths, shared accounting, …), served by hyper, with keep-alive
+//! server connections driven on the client connection's own task.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use http_body_util::Full;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics::counter;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::GW_CACHE as CACHE;
+use crate::telemetry::GW_REQUESTS as REQUESTS;
+
+use super::balancer::Target;
+use super::http1::{idempotent_name, HOP_BY_HOP};
+use super::route::Kind;
+use super::ws_relay::ws;
+use super::{is_upgrade, unavailable, Gateway};
+
+/// A server connection's future, to be polled by the task of the client connection it serves.
+pub(super) type Drive = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A kept HTTP/1 connection to one server.
+pub(super) type Kept = (Arc<str>, SendRequest<Full<Bytes>>);
+
+/// Idle server connections kept in the shared pool, per server, and for how long.
+pub(super) const POOL_MAX_IDLE_PER_SERVER: usize = 256;
+pub(super) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The plain path puts every connection back after each response, so its pool holds as many
+/// as were in use at the busiest moment: more room before connections churn.
+pub(super) const RAW_POOL_MAX_IDLE_PER_SERVER: usize = 1024;
+
+/// The servers' side of one client connection: a keep-alive connection to each server its
+/// requests went to. Their connection futures are polled by the client connection's own task
+/// (handed over on `drive`), so a request and its answer never cross to another task: with
+/// every connection in a pool task of its own, those wake-ups cost more than the proxying
+/// itself (BENCHMARKS.md). Only connections left by ended client connections are shared.
+pub(super) struct Upstreams {
+    peer: SocketAddr,
+    kept: Mutex<Vec<Kept>>,
+    drive: mpsc::UnboundedSender<Drive>,
+}
+
+/// Why forwarding to a server failed.
+pub(super) enum SendFailure {
+    /// The request never reached the server: safe to send elsewhere.
+    NotSent(String),
+    /// It may have been sent: only an idempotent request may be sent again.
+    Sent(String),
+}
+
+impl Upstreams {
+    /// Sends `req` to `target` on a kept connection, or a new one when there is none or the
+    /// server closed it meanwhile; returns the response head, its body streaming behind.
+    pub(super) async fn send(
+        &self,
+        g: &Gateway,
+        target: &Target,
+        mut req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, SendFailure> {
+        let kept = {
+            let mut kept = self.kept.lock().expect("not poisoned");
+            kept.iter()
+                .position(|(id, _)| *id == target.id)
+                .map(|i| kept.swap_remove(i).1)
+        };
+        // None of its own: one another client connection left idle, before a new one.
+        let kept = kept.or_else(|| {
+            let s =
+                g.0.pool
+                    .take(&target.id, Instant::now(), |s| !s.is_closed());
+            if s.is_some() {
+                g.0.pooled.increment(1);
+            }
+            s
+        });
+        if let Some(mut sender) = kept {
+            if sender.ready().await.is_ok() {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.keep(target, sender);
+                        return Ok(resp);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // The connection closed before the request went out: open a new one.
+                        Some(r) => req = r,
+                        None => return Err(SendFailure::Sent(e.into_error().to_string())),
+                    },
+                }
+            }
+        }
+        let tcp = connect(g, target).await.map_err(SendFailure::NotSent)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| SendFailure::NotSent(format!("handshake: {e}")))?;
+        let id = target.id.clone();
+        let driven: Drive = Box::pin(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %id, error = %e, "server connection ended");
+            }
+        });
+        if self.drive.send(driven).is_err() {
+            return Err(SendFailure::NotSent(
+                "the client connection is closing".into(),
+            ));
+        }
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                self.keep(target, sender);
+                Ok(resp)
+            }
+            Err(e) => Err(SendFailure::Sent(e.to_string())),
+        }
+    }
+
+    pub(super) fn keep(&self, target: &Target, sender: SendRequest<Full<Bytes>>) {
+        self.kept
+            .lock()
+            .expect("not poisoned")
+            .push((target.id.clone(), sender));
+    }
+}
+
+/// A new connection to `target`, within the connect timeout; counted as opened.
+pub(super) async fn connect(g: &Gateway, target: &Target) -> Result<TcpStream, String> {
+    let connect = async {
+        let tcp = TcpStream::connect(&*target.host).await?;
+        tcp.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(tcp)
+    };
+    match tokio::time::timeout(g.0.cfg.connect_timeout, connect).await {
+        Ok(Ok(tcp)) => {
+            g.0.opened.increment(1);
+            Ok(tcp)
+        }
+        Ok(Err(e)) => Err(format!("connect: {e}")),
+        Err(_) => Err(format!(
+            "connect: no answer within {:?}",
+            g.0.cfg.connect_timeout
+        )),
+    }
+}
+
+/// Serves one client connection until it closes, or until `stop` (then after the request in
+/// progress). Keep-alive connections that send nothing for `idle_timeout` are closed.
+pub(super) async fn serve_connection<S>(
+    g: Gateway,
+    stream: S,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (drive, mut driven) = mpsc::unbounded_channel::<Drive>();
+    let up = Arc::new(Upstreams {
+        peer,
+        kept: Mutex::new(Vec::new()),
+        drive,
+    });
+    let idle = g.0.cfg.idle_timeout;
+    let (gw, ups) = (g.clone(), up.clone());
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let g = gw.clone();
+        let up = ups.clone();
+        async move { Ok::<_, Infallible>(handle(g, up, req.map(Body::new)).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(idle);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut upstream = FuturesUnordered::new();
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "client connection ended");
+                }
+                break;
+            }
+            Some(f) = driven.recv() => upstream.push(f),
+            Some(()) = upstream.next(), if !upstream.is_empty() => {}
+            () = stop.cancelled(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+    // The idle server connections outlive this client: into the shared pool, driven from
+    // now on by a task of their own, which ends when the last of them closes.
+    let kept = std::mem::take(&mut *up.kept.lock().expect("not poisoned"));
+    let now = Instant::now();
+    for (id, sender) in kept {
+        if sender.is_ready() && !stopping {
+            let _ = g.0.pool.put(id, sender, now); // when full, dropping it closes it
+        }
+    }
+    while let Ok(f) = driven.try_recv() {
+        upstream.push(f);
+    }
+    if !upstream.is_empty() {
+        tokio::spawn(async move { while upstream.next().await.is_some() {} });
+    }
+}
+
+/// Every request: a WebSocket upgrade is relayed to a chosen server, anything else forwarded.
+pub(super) async fn handle(g: Gateway, up: Arc<Upstreams>, req: Request) -> Response {
+    g.0.requests.fetch_add(1, Ordering::Relaxed);
+    if is_upgrade(req.headers()) {
+        ws(g, req).await
+    } else {
+        http(g, &up, req).await
+    }
+}
+
+/// `X-Forwarded-For` as the server should see it: the client's list, then the client.
+pub(super) fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> HeaderValue {
+    let ip = peer.ip().to_string();
+    let joined = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip,
+    };
+    HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+pub(super) fn idempotent(m: &axum::http::Method) -> bool {
+    idempotent_name(m.as_str())
+}
+
+pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let cacheable = method == axum::http::Method::GET && g.0.cache.covers(parts.uri.path());
+    if cacheable {
+        if let Some(hit) = g.0.cache.get(path.as_str()) {
+            counter!(CACHE, "result" => "hit").increment(1);
+            let mut resp = Response::new(Body::from(hit.body.clone()));
+            *resp.status_mut() = StatusCode::from_u16(hit.status).unwrap_or(StatusCode::OK);
+            for (k, v) in &hit.headers {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::try_from(k.as_str()),
+                    HeaderValue::try_from(v.as_str()),
+                ) {
+                    resp.headers_mut().append(k, v);
+                }
+            }
+            resp.headers_mut()
+                .insert("x-cache", HeaderValue::from_static("hit"));
+            return resp;
+        }
+        counter!(CACHE, "result" => "miss").increment(1);
+    }
+    // The request body is kept so that a retry can send it again (most requests have none).
+    let Ok(body) = axum::body::to_bytes(body, 16 << 20).await else {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 16 MiB\n").into_response();
+    };
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    let inflight = match &g.0.accounting {
+        Some(acc) => acc.inflight().await,
+        None => None,
+    };
+    loop {
+        let Some(target) = g.pick_with(&tried, Kind::Request, inflight.as_ref()) else {
+            return unavailable(if tried.is_empty() {
+                "no live server"
+            } else {
+                "every server tried failed"
+            });
+        };
+        // Held until this iteration ends or the future is dropped (the client went away).
+        let _slot = match &g.0.accounting {
+            Some(acc) => acc.acquire(&target.id).await,
+            None => None,
+        };
+        let mut upstream = http::Request::new(Full::new(body.clone()));
+        *upstream.method_mut() = method.clone();
+        *upstream.uri_mut() = http::Uri::from(path.clone());
+        let headers = upstream.headers_mut();
+        for (k, v) in &parts.headers {
+            if !HOP_BY_HOP.contains(&k.as_str()) && k != "x-forwarded-for" {
+                headers.append(k, v.clone());
+            }
+        }
+        if let Ok(host) = HeaderValue::from_str(&target.host) {
+            headers.insert(http::header::HOST, host);
+        }
+        headers.insert("x-forwarded-for", forwarded_for(&parts.headers, up.peer));
+        let err =
+            match tokio::time::timeout(g.0.cfg.request_timeout, up.send(&g, &target, upstream))
+                .await
+            {
+                Ok(Ok(r)) => {
+                    let status = r.status();
+                    g.outcome(
+                        &target,
+                        !status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE,
+                    );
+                    let (mut rparts, incoming) = r.into_parts();
+                    for h in HOP_BY_HOP {
+                        if *h != "content-length" {
+                            rparts.headers.remove(*h);
+                        }
+                    }
+                    g.0.http_duration.record(started.elapsed().as_secs_f64());
+                    target.ok.increment(1);
+                    if cacheable && status == StatusCode::OK {
+                        // Only cached responses are read whole; the rest stream through.
+                        let Ok(collected) = http_body_util::BodyExt::collect(incoming).await else {
+                            return (
+                                StatusCode::BAD_GATEWAY,
+                                format!("reading the response from {} failed\n", target.id),
+                            )
+                                .into_response();
+                        };
+                        let bytes = collected.to_bytes();
+                        let headers = rparts
+                            .headers
+                            .iter()
+                            .filter_map(|(k, v)| {
+                                v.to_str().ok().map(|v| (k.to_string(), v.to_string()))
+                            })
+                            .collect();
+                        if g.0
+                            .cache
+                            .put(path.as_str(), status.as_u16(), headers, bytes.clone())
+                        {
+                            counter!(CACHE, "result" => "store").increment(1);
+                        }
+                        return Response::from_parts(rparts, Body::from(bytes));
+                    }
+                    return Response::from_parts(rparts, Body::new(incoming));
+                }
+                Ok(Err(SendFailure::NotSent(m))) => (m, true),
+                Ok(Err(SendFailure::Sent(m))) => (m, false),
+                Err(_) => (
+                    format!("no answer within {:?}", g.0.cfg.request_timeout),
+                    false,
+                ),
+            };
+        let (message, not_sent) = err;
+        g.outcome(&target, false);
+        tried.push(target.id.clone());
+        // Retried on another server: a request that never reached one (connect failure), or
+        // an idempotent one that failed or timed out.
+        let retry = not_sent || idempotent(&method);
+        if !retry || tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
+            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
+                .increment(1);
+            return (
+                StatusCode::BAD_GATEWAY,
+                format!("{} failed: {message}\n", target.id),
+            )
+                .into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
+    }
+}

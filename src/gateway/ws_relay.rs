@@ -1,0 +1,146 @@
+//! WebSocket upgrades: a server picked (and retried) for each, and messages relayed both
+//! ways until either side closes, close codes passed through.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Request};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use metrics::{counter, gauge, histogram};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as TgCloseFrame;
+use tokio_tungstenite::tungstenite::Message as TgMessage;
+
+use crate::telemetry::GW_WS_OPEN as WS_OPEN;
+use crate::telemetry::{GW_REQUESTS as REQUESTS, GW_REQUEST_DURATION as REQUEST_DURATION};
+
+use super::{unavailable, Gateway};
+
+/// Read and write buffers per relayed WebSocket side. tungstenite's default is 128 KiB
+/// each, which made an idle relayed connection cost ~270 KB (measured, benches/proxy.sh);
+/// the buffers grow as needed for large messages anyway.
+pub(super) const WS_BUFFER: usize = 4 * 1024;
+
+pub(super) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
+}
+
+pub(super) async fn ws(g: Gateway, req: Request) -> Response {
+    let started = Instant::now();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".into(), |p| p.as_str().to_string());
+    let (mut parts, _body) = req.into_parts();
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    loop {
+        let Some(target) = g.pick(&tried) else {
+            return unavailable(if tried.is_empty() {
+                "no live server"
+            } else {
+                "every server tried refused"
+            });
+        };
+        let url = format!("ws://{}{}", target.host, path);
+        let connect =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true);
+        let attempt = tokio::time::timeout(g.0.cfg.connect_timeout, connect).await;
+        match attempt {
+            Ok(Ok((backend, _))) => {
+                g.outcome(&target, true);
+                histogram!(REQUEST_DURATION, "kind" => "ws_connect")
+                    .record(started.elapsed().as_secs_f64());
+                counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "ws")
+                    .increment(1);
+                let id = target.id.clone();
+                return upgrade
+                    .read_buffer_size(WS_BUFFER)
+                    .write_buffer_size(WS_BUFFER)
+                    .on_upgrade(move |client| relay(client, backend, id));
+            }
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+                // The server is up but refuses (full, cordoned, shedding): try another.
+                tracing::debug!(backend = %target.id, status = %resp.status(), "upgrade refused");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(backend = %target.id, error = %e, "cannot connect");
+                g.outcome(&target, false);
+            }
+            Err(_) => g.outcome(&target, false),
+        }
+        tried.push(target.id.clone());
+        if tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
+            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
+                .increment(1);
+            return unavailable("every server tried refused or failed");
+        }
+        tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
+    }
+}
+
+pub(super) type BackendStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Relays messages both ways until either side closes, passing close codes through.
+pub(super) async fn relay(client: WebSocket, backend: BackendStream, id: Arc<str>) {
+    gauge!(WS_OPEN, "backend" => id.to_string()).increment(1.0);
+    let (mut c_tx, mut c_rx) = client.split();
+    let (mut b_tx, mut b_rx) = backend.split();
+    let up = async {
+        while let Some(Ok(m)) = c_rx.next().await {
+            let m = match m {
+                AxMessage::Text(t) => TgMessage::Text(t.as_str().into()),
+                AxMessage::Binary(b) => TgMessage::Binary(b),
+                AxMessage::Ping(p) => TgMessage::Ping(p),
+                AxMessage::Pong(p) => TgMessage::Pong(p),
+                AxMessage::Close(f) => {
+                    let f = f.map(|f| TgCloseFrame {
+                        code: CloseCode::from(f.code),
+                        reason: f.reason.as_str().into(),
+                    });
+                    let _ = b_tx.send(TgMessage::Close(f)).await;
+                    break;
+                }
+            };
+            if b_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async {
+        while let Some(Ok(m)) = b_rx.next().await {
+            let m = match m {
+                TgMessage::Text(t) => AxMessage::Text(t.as_str().into()),
+                TgMessage::Binary(b) => AxMessage::Binary(b),
+                TgMessage::Ping(p) => AxMessage::Ping(p),
+                TgMessage::Pong(p) => AxMessage::Pong(p),
+                TgMessage::Close(f) => {
+                    let f = f.map(|f| CloseFrame {
+                        code: u16::from(f.code),
+                        reason: f.reason.as_str().into(),
+                    });
+                    let _ = c_tx.send(AxMessage::Close(f)).await;
+                    break;
+                }
+                TgMessage::Frame(_) => continue,
+            };
+            if c_tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
+    gauge!(WS_OPEN, "backend" => id.to_string()).decrement(1.0);
+}
