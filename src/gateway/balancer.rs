@@ -54,12 +54,9 @@ impl Gateway {
         format!("{}:{}", s.address, self.0.cfg.target_port.unwrap_or(s.port))
     }
 
-    /// Picks a server for a new connection, other than those in `tried`; reserves a slot on it.
-    pub(super) fn pick(&self, tried: &[Arc<str>]) -> Option<Target> {
-        self.pick_with(tried, Kind::Session, None)
-    }
-
-    /// As `pick`; with shared accounting, `inflight` requests stand for session counts.
+    /// Picks a server for a new connection or request, other than those in `tried`, and
+    /// reserves a slot on it; with shared accounting, `inflight` requests stand for session
+    /// counts.
     pub(super) fn pick_with(
         &self,
         tried: &[Arc<str>],
@@ -170,8 +167,9 @@ impl Gateway {
         }
     }
 
-    /// May one more retry be spent? (A budget: a share of requests, plus 10 spare.)
-    pub(super) fn retry_allowed(&self) -> bool {
+    /// Spends one retry from the budget (a share of requests, plus 10 spare); `false` when
+    /// it is spent.
+    pub(super) fn spend_retry(&self) -> bool {
         let req = self.0.requests.load(Ordering::Relaxed) as f64;
         let ret = self.0.retries.load(Ordering::Relaxed) as f64;
         if ret < req * self.0.cfg.retry_budget + 10.0 {

@@ -31,9 +31,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::attempt::{Ask, AttemptError, Failed, Tries};
 use super::http1::{plan, response_head, Chunked, Framing, Parsed, Plan, ResponseHead, CHUNK};
 use super::route::Kind;
-use super::{counter, Gateway, Target, REQUESTS};
+use super::{Gateway, Target};
 
 /// A connection to one server, in use for one request.
 struct ServerConn {
@@ -59,14 +60,6 @@ impl Idle {
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
-}
-
-/// Why one attempt at a server failed.
-enum Failure {
-    /// The request never reached the server: safe to send elsewhere.
-    NotSent(String),
-    /// It may have been sent.
-    Sent(String),
 }
 
 /// What became of a request after its response head.
@@ -139,7 +132,8 @@ pub(super) async fn serve(
     }
 }
 
-/// Sends one request (retrying as the hyper path does) and relays its response.
+/// Sends one request (on another server when it fails and may be sent again) and relays
+/// its response.
 async fn forward(
     g: &Gateway,
     client: &mut TcpStream,
@@ -148,17 +142,19 @@ async fn forward(
     body: &[u8],
 ) -> Relayed {
     let started = Instant::now();
-    let mut tried: Vec<Arc<str>> = Vec::new();
-    loop {
-        let Some(target) = g.pick_with(&tried, Kind::Request, None) else {
-            counter!(REQUESTS, "backend" => "none", "outcome" => "no_backend").increment(1);
-            let why = if tried.is_empty() {
-                "no live server"
-            } else {
-                "every server tried failed"
-            };
-            let text = format!("no server can take this request: {why}\n");
-            return answer(client, 503, "Service Unavailable", &text, plan.client_close).await;
+    let ask = Ask {
+        kind: Kind::Request,
+        inflight: None,
+        idempotent: plan.idempotent,
+    };
+    let mut tries = Tries::new(g, ask);
+    let (target, mut conn, mut head) = loop {
+        let target = match tries.next() {
+            Ok(t) => t,
+            Err(why) => {
+                let text = format!("no server can take this request: {why}\n");
+                return answer(client, 503, "Service Unavailable", &text, plan.client_close).await;
+            }
         };
         wire.clear();
         wire.extend_from_slice(&plan.head);
@@ -166,48 +162,44 @@ async fn forward(
         wire.extend_from_slice(target.host.as_bytes());
         wire.extend_from_slice(b"\r\n\r\n");
         wire.extend_from_slice(body);
-        let attempt = tokio::time::timeout(
+        let exchanged = tokio::time::timeout(
             g.0.cfg.request_timeout,
             exchange(g, &target, wire, plan.method_head, plan.client_close),
         )
-        .await;
-        let failure = match attempt {
-            Ok(Ok((mut conn, mut head))) => {
-                let ok = head.status < 500 || head.status == 503;
-                g.outcome(&target, ok);
-                g.0.http_duration.record(started.elapsed().as_secs_f64());
-                target.ok.increment(1);
-                let relayed = relay(g, client, &mut conn, &mut head).await;
-                if head.reusable && conn.buf.is_empty() && relayed.is_ok() {
-                    let idle = Idle {
-                        stream: conn.stream,
-                        buf: conn.buf,
-                    };
-                    // When the pool is full, dropping it closes it.
-                    let _ = g.0.raw_pool.put(conn.id, idle, Instant::now());
+        .await
+        .unwrap_or_else(|_| {
+            Err(AttemptError::Sent(format!(
+                "no answer within {:?}",
+                g.0.cfg.request_timeout
+            )))
+        });
+        match exchanged {
+            Ok((conn, head)) => break (target, conn, head),
+            Err(e) => {
+                if let Err(Failed { server, error }) = tries.after_failure(target, e).await {
+                    let text = format!("{server} failed: {}\n", error.message());
+                    return answer(client, 502, "Bad Gateway", &text, plan.client_close).await;
                 }
-                return match relayed {
-                    Ok(()) if head.framing != Framing::Close => Relayed::KeepAlive,
-                    _ => Relayed::Close,
-                };
             }
-            Ok(Err(f)) => f,
-            Err(_) => Failure::Sent(format!("no answer within {:?}", g.0.cfg.request_timeout)),
-        };
-        let (message, not_sent) = match failure {
-            Failure::NotSent(m) => (m, true),
-            Failure::Sent(m) => (m, false),
-        };
-        g.outcome(&target, false);
-        tried.push(target.id.clone());
-        let retry = not_sent || plan.idempotent;
-        if !retry || tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
-            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
-                .increment(1);
-            let text = format!("{} failed: {message}\n", target.id);
-            return answer(client, 502, "Bad Gateway", &text, plan.client_close).await;
         }
-        tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
+    };
+    let ok = head.status < 500 || head.status == 503;
+    g.outcome(&target, ok);
+    g.0.http_duration.record(started.elapsed().as_secs_f64());
+    target.ok.increment(1);
+    drop(target);
+    let relayed = relay(g, client, &mut conn, &mut head).await;
+    if head.reusable && conn.buf.is_empty() && relayed.is_ok() {
+        let idle = Idle {
+            stream: conn.stream,
+            buf: conn.buf,
+        };
+        // When the pool is full, dropping it closes it.
+        let _ = g.0.raw_pool.put(conn.id, idle, Instant::now());
+    }
+    match relayed {
+        Ok(()) if head.framing != Framing::Close => Relayed::KeepAlive,
+        _ => Relayed::Close,
     }
 }
 
@@ -219,14 +211,14 @@ async fn exchange(
     wire: &[u8],
     method_head: bool,
     client_close: bool,
-) -> Result<(ServerConn, ResponseHead), Failure> {
+) -> Result<(ServerConn, ResponseHead), AttemptError> {
     let mut conn = take(g, target).await?;
     if let Err(e) = conn.stream.write_all(wire).await {
         let m = format!("write: {e}");
         return Err(if conn.reused {
-            Failure::NotSent(m)
+            AttemptError::NotSent(m)
         } else {
-            Failure::Sent(m)
+            AttemptError::Sent(m)
         });
     }
     loop {
@@ -239,19 +231,23 @@ async fn exchange(
                 return Ok((conn, head));
             }
             Ok(None) => {}
-            Err(m) => return Err(Failure::Sent(m)),
+            Err(m) => return Err(AttemptError::Sent(m)),
         }
         match conn.stream.read_buf(&mut conn.buf).await {
             Ok(n) if n > 0 => {}
-            Ok(_) => return Err(Failure::Sent("the server closed the connection".into())),
-            Err(e) => return Err(Failure::Sent(format!("read: {e}"))),
+            Ok(_) => {
+                return Err(AttemptError::Sent(
+                    "the server closed the connection".into(),
+                ))
+            }
+            Err(e) => return Err(AttemptError::Sent(format!("read: {e}"))),
         }
     }
 }
 
 /// A connection to `target`: an idle one from the shared pool (the most recently used), or a
 /// new one.
-async fn take(g: &Gateway, target: &Target) -> Result<ServerConn, Failure> {
+async fn take(g: &Gateway, target: &Target) -> Result<ServerConn, AttemptError> {
     if let Some(idle) =
         g.0.raw_pool
             .take(&target.id, Instant::now(), Idle::still_open)
@@ -266,7 +262,7 @@ async fn take(g: &Gateway, target: &Target) -> Result<ServerConn, Failure> {
     }
     let stream = super::hyper_path::connect(g, target)
         .await
-        .map_err(Failure::NotSent)?;
+        .map_err(AttemptError::NotSent)?;
     Ok(ServerConn {
         id: target.id.clone(),
         stream,

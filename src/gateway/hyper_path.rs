@@ -27,8 +27,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::GW_CACHE as CACHE;
-use crate::telemetry::GW_REQUESTS as REQUESTS;
 
+use super::attempt::{Ask, AttemptError, Failed, Tries};
 use super::balancer::Target;
 use super::http1::{idempotent_name, HOP_BY_HOP};
 use super::route::Kind;
@@ -58,14 +58,6 @@ pub(super) struct Upstreams {
     drive: mpsc::UnboundedSender<Drive>,
 }
 
-/// Why forwarding to a server failed.
-pub(super) enum SendFailure {
-    /// The request never reached the server: safe to send elsewhere.
-    NotSent(String),
-    /// It may have been sent: only an idempotent request may be sent again.
-    Sent(String),
-}
-
 impl Upstreams {
     /// Sends `req` to `target` on a kept connection, or a new one when there is none or the
     /// server closed it meanwhile; returns the response head, its body streaming behind.
@@ -74,7 +66,7 @@ impl Upstreams {
         g: &Gateway,
         target: &Target,
         mut req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<hyper::body::Incoming>, SendFailure> {
+    ) -> Result<http::Response<hyper::body::Incoming>, AttemptError> {
         let kept = {
             let mut kept = self.kept.lock().expect("not poisoned");
             kept.iter()
@@ -101,15 +93,15 @@ impl Upstreams {
                     Err(mut e) => match e.take_message() {
                         // The connection closed before the request went out: open a new one.
                         Some(r) => req = r,
-                        None => return Err(SendFailure::Sent(e.into_error().to_string())),
+                        None => return Err(AttemptError::Sent(e.into_error().to_string())),
                     },
                 }
             }
         }
-        let tcp = connect(g, target).await.map_err(SendFailure::NotSent)?;
+        let tcp = connect(g, target).await.map_err(AttemptError::NotSent)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| SendFailure::NotSent(format!("handshake: {e}")))?;
+            .map_err(|e| AttemptError::NotSent(format!("handshake: {e}")))?;
         let id = target.id.clone();
         let driven: Drive = Box::pin(async move {
             if let Err(e) = conn.await {
@@ -117,7 +109,7 @@ impl Upstreams {
             }
         });
         if self.drive.send(driven).is_err() {
-            return Err(SendFailure::NotSent(
+            return Err(AttemptError::NotSent(
                 "the client connection is closing".into(),
             ));
         }
@@ -126,7 +118,7 @@ impl Upstreams {
                 self.keep(target, sender);
                 Ok(resp)
             }
-            Err(e) => Err(SendFailure::Sent(e.to_string())),
+            Err(e) => Err(AttemptError::Sent(e.to_string())),
         }
     }
 
@@ -280,21 +272,24 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
     let Ok(body) = axum::body::to_bytes(body, 16 << 20).await else {
         return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 16 MiB\n").into_response();
     };
-    let mut tried: Vec<Arc<str>> = Vec::new();
     let inflight = match &g.0.accounting {
         Some(acc) => acc.inflight().await,
         None => None,
     };
-    loop {
-        let Some(target) = g.pick_with(&tried, Kind::Request, inflight.as_ref()) else {
-            return unavailable(if tried.is_empty() {
-                "no live server"
-            } else {
-                "every server tried failed"
-            });
+    let ask = Ask {
+        kind: Kind::Request,
+        inflight: inflight.as_ref(),
+        // Sent again after it may have reached a server only when idempotent.
+        idempotent: idempotent(&method),
+    };
+    let mut tries = Tries::new(&g, ask);
+    let (target, r, _slot) = loop {
+        let target = match tries.next() {
+            Ok(t) => t,
+            Err(why) => return unavailable(why),
         };
-        // Held until this iteration ends or the future is dropped (the client went away).
-        let _slot = match &g.0.accounting {
+        // Held until this attempt fails, or the response is made (or the client went away).
+        let slot = match &g.0.accounting {
             Some(acc) => acc.acquire(&target.id).await,
             None => None,
         };
@@ -311,73 +306,63 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
             headers.insert(http::header::HOST, host);
         }
         headers.insert("x-forwarded-for", forwarded_for(&parts.headers, up.peer));
-        let err =
-            match tokio::time::timeout(g.0.cfg.request_timeout, up.send(&g, &target, upstream))
-                .await
-            {
-                Ok(Ok(r)) => {
-                    let status = r.status();
-                    g.outcome(
-                        &target,
-                        !status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE,
-                    );
-                    let (mut rparts, incoming) = r.into_parts();
-                    for h in HOP_BY_HOP {
-                        if *h != "content-length" {
-                            rparts.headers.remove(*h);
-                        }
-                    }
-                    g.0.http_duration.record(started.elapsed().as_secs_f64());
-                    target.ok.increment(1);
-                    if cacheable && status == StatusCode::OK {
-                        // Only cached responses are read whole; the rest stream through.
-                        let Ok(collected) = http_body_util::BodyExt::collect(incoming).await else {
-                            return (
-                                StatusCode::BAD_GATEWAY,
-                                format!("reading the response from {} failed\n", target.id),
-                            )
-                                .into_response();
-                        };
-                        let bytes = collected.to_bytes();
-                        let headers = rparts
-                            .headers
-                            .iter()
-                            .filter_map(|(k, v)| {
-                                v.to_str().ok().map(|v| (k.to_string(), v.to_string()))
-                            })
-                            .collect();
-                        if g.0
-                            .cache
-                            .put(path.as_str(), status.as_u16(), headers, bytes.clone())
-                        {
-                            counter!(CACHE, "result" => "store").increment(1);
-                        }
-                        return Response::from_parts(rparts, Body::from(bytes));
-                    }
-                    return Response::from_parts(rparts, Body::new(incoming));
+        let sent = tokio::time::timeout(g.0.cfg.request_timeout, up.send(&g, &target, upstream))
+            .await
+            .unwrap_or_else(|_| {
+                Err(AttemptError::Sent(format!(
+                    "no answer within {:?}",
+                    g.0.cfg.request_timeout
+                )))
+            });
+        match sent {
+            Ok(r) => break (target, r, slot),
+            Err(e) => {
+                drop(slot);
+                if let Err(Failed { server, error }) = tries.after_failure(target, e).await {
+                    return (
+                        StatusCode::BAD_GATEWAY,
+                        format!("{server} failed: {}\n", error.message()),
+                    )
+                        .into_response();
                 }
-                Ok(Err(SendFailure::NotSent(m))) => (m, true),
-                Ok(Err(SendFailure::Sent(m))) => (m, false),
-                Err(_) => (
-                    format!("no answer within {:?}", g.0.cfg.request_timeout),
-                    false,
-                ),
-            };
-        let (message, not_sent) = err;
-        g.outcome(&target, false);
-        tried.push(target.id.clone());
-        // Retried on another server: a request that never reached one (connect failure), or
-        // an idempotent one that failed or timed out.
-        let retry = not_sent || idempotent(&method);
-        if !retry || tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
-            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
-                .increment(1);
+            }
+        }
+    };
+    let status = r.status();
+    g.outcome(
+        &target,
+        !status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE,
+    );
+    let (mut rparts, incoming) = r.into_parts();
+    for h in HOP_BY_HOP {
+        if *h != "content-length" {
+            rparts.headers.remove(*h);
+        }
+    }
+    g.0.http_duration.record(started.elapsed().as_secs_f64());
+    target.ok.increment(1);
+    if cacheable && status == StatusCode::OK {
+        // Only cached responses are read whole; the rest stream through.
+        let Ok(collected) = http_body_util::BodyExt::collect(incoming).await else {
             return (
                 StatusCode::BAD_GATEWAY,
-                format!("{} failed: {message}\n", target.id),
+                format!("reading the response from {} failed\n", target.id),
             )
                 .into_response();
+        };
+        let bytes = collected.to_bytes();
+        let headers = rparts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.to_string(), v.to_string())))
+            .collect();
+        if g.0
+            .cache
+            .put(path.as_str(), status.as_u16(), headers, bytes.clone())
+        {
+            counter!(CACHE, "result" => "store").increment(1);
         }
-        tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
+        return Response::from_parts(rparts, Body::from(bytes));
     }
+    Response::from_parts(rparts, Body::new(incoming))
 }

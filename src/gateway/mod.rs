@@ -5,6 +5,7 @@
 //! connect failures are retried on another server; static GETs are cached.
 
 pub mod accounting;
+mod attempt;
 mod balancer;
 pub mod cache;
 mod forward;

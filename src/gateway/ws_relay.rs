@@ -2,7 +2,6 @@
 //! ways until either side closes, close codes passed through.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Request};
@@ -17,6 +16,8 @@ use tokio_tungstenite::tungstenite::Message as TgMessage;
 use crate::telemetry::GW_WS_OPEN as WS_OPEN;
 use crate::telemetry::{GW_REQUESTS as REQUESTS, GW_REQUEST_DURATION as REQUEST_DURATION};
 
+use super::attempt::{Ask, AttemptError, Tries};
+use super::route::Kind;
 use super::{unavailable, Gateway};
 
 /// Read and write buffers per relayed WebSocket side. tungstenite's default is 128 KiB
@@ -41,50 +42,48 @@ pub(super) async fn ws(g: Gateway, req: Request) -> Response {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let mut tried: Vec<Arc<str>> = Vec::new();
-    loop {
-        let Some(target) = g.pick(&tried) else {
-            return unavailable(if tried.is_empty() {
-                "no live server"
-            } else {
-                "every server tried refused"
-            });
+    // A WebSocket upgrade is a GET: tried on another server whatever went wrong.
+    let ask = Ask {
+        kind: Kind::Session,
+        inflight: None,
+        idempotent: true,
+    };
+    let mut tries = Tries::new(&g, ask);
+    let (target, backend) = loop {
+        let target = match tries.next() {
+            Ok(t) => t,
+            Err(why) => return unavailable(why),
         };
         let url = format!("ws://{}{}", target.host, path);
         let connect =
             tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true);
-        let attempt = tokio::time::timeout(g.0.cfg.connect_timeout, connect).await;
-        match attempt {
-            Ok(Ok((backend, _))) => {
-                g.outcome(&target, true);
-                histogram!(REQUEST_DURATION, "kind" => "ws_connect")
-                    .record(started.elapsed().as_secs_f64());
-                counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "ws")
-                    .increment(1);
-                let id = target.id.clone();
-                return upgrade
-                    .read_buffer_size(WS_BUFFER)
-                    .write_buffer_size(WS_BUFFER)
-                    .on_upgrade(move |client| relay(client, backend, id));
-            }
+        let error = match tokio::time::timeout(g.0.cfg.connect_timeout, connect).await {
+            Ok(Ok((backend, _))) => break (target, backend),
+            // The server is up but refuses (full, cordoned, shedding): try another.
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
-                // The server is up but refuses (full, cordoned, shedding): try another.
                 tracing::debug!(backend = %target.id, status = %resp.status(), "upgrade refused");
+                AttemptError::Refused(format!("upgrade refused: {}", resp.status()))
             }
             Ok(Err(e)) => {
                 tracing::warn!(backend = %target.id, error = %e, "cannot connect");
-                g.outcome(&target, false);
+                AttemptError::NotSent(e.to_string())
             }
-            Err(_) => g.outcome(&target, false),
-        }
-        tried.push(target.id.clone());
-        if tried.len() > g.0.cfg.retries as usize || !g.retry_allowed() {
-            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
-                .increment(1);
+            Err(_) => {
+                AttemptError::NotSent(format!("no upgrade within {:?}", g.0.cfg.connect_timeout))
+            }
+        };
+        if tries.after_failure(target, error).await.is_err() {
             return unavailable("every server tried refused or failed");
         }
-        tokio::time::sleep(Duration::from_millis(20 * tried.len() as u64)).await;
-    }
+    };
+    g.outcome(&target, true);
+    histogram!(REQUEST_DURATION, "kind" => "ws_connect").record(started.elapsed().as_secs_f64());
+    counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "ws").increment(1);
+    let id = target.id.clone();
+    upgrade
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
+        .on_upgrade(move |client| relay(client, backend, id))
 }
 
 pub(super) type BackendStream =
