@@ -686,3 +686,36 @@ async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_aske
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_routes_on_every_change_not_after_the_controllers_debounce() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _servers = fleet(&redis, &consul, 2).await;
+    // A debounce the controller would wait out (counts change every second, so the quiet
+    // never comes and only max_delay would end it): the gateway does not wait for it.
+    let gw = GatewayProc::start_with_env(
+        &redis,
+        &consul,
+        "",
+        &[
+            ("REBALANCER_DEBOUNCE_QUIET", "30s"),
+            ("REBALANCER_DEBOUNCE_MAX_DELAY", "60s"),
+        ],
+    )
+    .await;
+    let both = eventually("both servers answering", WAIT, || async {
+        let seen = answered_by(&gw, 20).await;
+        (seen.len() == 2).then_some(seen)
+    })
+    .await;
+    println!("answered by {both:?}");
+    consul
+        .kv_put("rebalancer/ws/servers/s2", r#"{"state":"cordoned"}"#)
+        .await;
+    // Within WAIT (20 s), well before the 30 s quiet or the 60 s max_delay.
+    eventually("only s1 answering once s2 is cordoned", WAIT, || async {
+        let seen = answered_by(&gw, 20).await;
+        (seen.len() == 1 && seen.contains("s1")).then_some(())
+    })
+    .await;
+}

@@ -43,8 +43,13 @@ impl Drop for Running {
 
 fn topology(c: &PipelineConfig) -> Running {
     let stop = CancellationToken::new();
-    let (rx, _task) =
-        rebalancer::fleet::view::spawn(c, Events::new(&c.name), stop.clone()).unwrap();
+    let (rx, _task) = rebalancer::fleet::view::spawn(
+        c,
+        rebalancer::fleet::view::Pacing::Debounced,
+        Events::new(&c.name),
+        stop.clone(),
+    )
+    .unwrap();
     Running { rx, stop }
 }
 

@@ -112,7 +112,12 @@ pub fn spawn_pipeline(
     shutdown: &CancellationToken,
 ) -> Result<JoinHandle<()>, ViewError> {
     let events = Events::new(&cfg.name);
-    let (snapshots, fold) = view::spawn(&cfg, events.clone(), shutdown.clone())?;
+    let (snapshots, fold) = view::spawn(
+        &cfg,
+        view::Pacing::Debounced,
+        events.clone(),
+        shutdown.clone(),
+    )?;
     if let Some(feeds) = feeds {
         feeds.add(feed::Feed {
             pipeline: cfg.name.clone(),

@@ -81,10 +81,25 @@ where
         .boxed()
 }
 
+/// How changes are gathered into folds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pacing {
+    /// Gathered for `debounce.quiet` (at most `debounce.max_delay`): the controller decides
+    /// on a settled fleet, not on every blip.
+    Debounced,
+    /// Every change folded as soon as it comes, with whatever else is already waiting: the
+    /// gateway routes on the newest fleet (a server gone is not routed to for a second more).
+    EveryChange,
+}
+
+/// Most changes folded at once when folding every change: a burst already queued.
+const EVERY_CHANGE_BATCH: usize = 1024;
+
 /// Starts the sources and the fold of one pipeline's fleet; returns the snapshot channel
 /// (version 0 until the first fold) and the task that owns its only writer.
 pub fn spawn(
     cfg: &PipelineConfig,
+    pacing: Pacing,
     events: Events,
     shutdown: CancellationToken,
 ) -> Result<(watch::Receiver<Arc<Topology>>, JoinHandle<()>), ViewError> {
@@ -133,20 +148,24 @@ pub fn spawn(
         );
     }
     let ev = events.clone();
-    let batches = sources
-        .map(move |(kind, r)| {
-            let change = r.unwrap_or_else(|e| {
-                ev.source_error(kind, &e);
-                Change::Down(kind)
-            });
-            // A read of changed counts dates from its first notification, not its answer.
-            let at = match &change {
-                Change::Sessions(SessionsUpdate::Patch { noticed_at, .. }) => *noticed_at,
-                _ => Instant::now(),
-            };
-            Stamped { at, change }
-        })
-        .debounce(cfg.debounce.quiet, cfg.debounce.max_delay);
+    let changes = sources.map(move |(kind, r)| {
+        let change = r.unwrap_or_else(|e| {
+            ev.source_error(kind, &e);
+            Change::Down(kind)
+        });
+        // A read of changed counts dates from its first notification, not its answer.
+        let at = match &change {
+            Change::Sessions(SessionsUpdate::Patch { noticed_at, .. }) => *noticed_at,
+            _ => Instant::now(),
+        };
+        Stamped { at, change }
+    });
+    let batches: BoxStream<'static, Vec<Stamped>> = match pacing {
+        Pacing::Debounced => changes
+            .debounce(cfg.debounce.quiet, cfg.debounce.max_delay)
+            .boxed(),
+        Pacing::EveryChange => changes.ready_chunks(EVERY_CHANGE_BATCH).boxed(),
+    };
     let limits = Limits {
         count_ttl: cfg.redis.count_ttl,
         ..Limits::from(&cfg.decide.safety)

@@ -42,8 +42,8 @@ use crate::fleet::events::Events;
 use crate::fleet::topology::Topology;
 use cache::StaticCache;
 
+use crate::telemetry::GW_REQUEST_DURATION as REQUEST_DURATION;
 use crate::telemetry::GW_SERVER_CONNECTIONS as SERVER_CONNECTIONS;
-use crate::telemetry::{GW_REQUESTS as REQUESTS, GW_REQUEST_DURATION as REQUEST_DURATION};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
@@ -118,8 +118,8 @@ impl Gateway {
     }
 }
 
+/// A 503 naming why no server can take the request (counted where it is decided).
 pub(super) fn unavailable(why: &str) -> Response {
-    counter!(REQUESTS, "backend" => "none", "outcome" => "no_backend").increment(1);
     (
         StatusCode::SERVICE_UNAVAILABLE,
         format!("no server can take this request: {why}\n"),
@@ -150,7 +150,12 @@ pub async fn run(
     // sources and snapshot code, run here.
     let (topology, _fold) = match &gw_cfg.topology_feed {
         Some(url) => crate::fleet::follow::follow(url.clone(), shutdown.clone()),
-        None => crate::fleet::view::spawn(&cfg, Events::new(&cfg.name), shutdown.clone())?,
+        None => crate::fleet::view::spawn(
+            &cfg,
+            crate::fleet::view::Pacing::EveryChange,
+            Events::new(&cfg.name),
+            shutdown.clone(),
+        )?,
     };
     let accounting = if gw_cfg.shared_accounting {
         let redis = cfg
