@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Every test target of both crates (the product and the agent's), the agent's example built,
-# plus the decide bench run once as a smoke test (the latency bench is a measurement: run
+# plus the decide and pick benches run once as a smoke test (the latency bench is a measurement: run
 # it with `cargo bench --bench latency`).
-cargo test --locked --workspace --lib --bins --tests --examples --bench decide "$@"
+cargo test --locked --workspace --lib --bins --tests --examples --bench decide --bench pick "$@"

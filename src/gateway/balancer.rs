@@ -1,35 +1,23 @@
-//! The balancer: per-backend state (health, breaker, reservations, in-flight requests) and
-//! picking a server for each new connection or request, and the retry budget.
+//! The balancer: picking a server for each new connection or request from the routing
+//! table (`table.rs`), recording outcomes in the server's breaker, keeping the table, and
+//! the retry budget.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use metrics::{counter, gauge};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::fleet::topology::Admin;
+use crate::fleet::topology::Topology;
+use crate::telemetry::GW_BACKEND_UP as BACKEND_UP;
 use crate::telemetry::GW_CIRCUIT as CIRCUIT;
-use crate::telemetry::GW_REQUESTS as REQUESTS;
 use crate::telemetry::GW_RETRIES as RETRIES;
 
-use super::health::{Active, Breaker};
-use super::route::{choose, ramp, Candidate, Kind};
+use super::route::Kind;
+use super::table::{Backend, PickRules, Table};
 use super::Gateway;
-
-#[derive(Default)]
-pub(super) struct Backend {
-    pub(super) first_seen: Option<Instant>,
-    pub(super) active: Active,
-    pub(super) breaker: Breaker,
-    pub(super) reservations: VecDeque<Instant>,
-    /// `requests_total{backend, outcome="ok"}`, looked up once instead of per request.
-    pub(super) ok: Option<metrics::Counter>,
-    /// `address:port` as last formatted, with the address and port it came from.
-    pub(super) host: Option<(Arc<str>, u16, Arc<str>)>,
-    /// Plain requests this gateway has in flight there.
-    pub(super) inflight: Arc<AtomicU64>,
-}
 
 /// One plain request in flight at a server, counted until dropped (whatever way the request
 /// ends: answered, failed, or its client gone).
@@ -46,124 +34,83 @@ pub(super) struct Target {
     pub(super) id: Arc<str>,
     pub(super) host: Arc<str>,
     pub(super) ok: metrics::Counter,
+    pub(super) backend: Arc<Backend>,
     pub(super) _inflight: Option<InFlight>,
 }
 
 impl Gateway {
-    pub(super) fn host_of(&self, s: &crate::fleet::topology::Server) -> String {
-        format!("{}:{}", s.address, self.0.cfg.target_port.unwrap_or(s.port))
-    }
-
     /// Picks a server for a new connection or request, other than those in `tried`, and
     /// reserves a slot on it; with shared accounting, `inflight` requests stand for session
-    /// counts.
+    /// counts. Reads the routing table without a lock; draws two servers, whatever the
+    /// fleet's size.
     pub(super) fn pick_with(
         &self,
         tried: &[Arc<str>],
         kind: Kind,
         inflight: Option<&HashMap<String, f64>>,
     ) -> Option<Target> {
-        let t = self.0.topology.borrow().clone();
-        let now = Instant::now();
         let cfg = &self.0.cfg;
-        let mut backends = self.0.backends.lock().expect("not poisoned");
-        let mut ids = Vec::new();
-        let mut cands = Vec::new();
-        let mut exclude = Vec::new();
-        for s in &t.servers {
-            if !s.passing || s.admin != Admin::Active {
-                continue;
-            }
-            let b = backends.entry(s.id.clone()).or_default();
-            let first = *b.first_seen.get_or_insert(now);
-            if !b.active.up()
-                || b.breaker.state(now, cfg.breaker_open) == super::health::BreakerState::Open
-            {
-                continue;
-            }
-            while b
-                .reservations
-                .front()
-                .is_some_and(|at| now.saturating_duration_since(*at) > cfg.reservation_ttl)
-            {
-                b.reservations.pop_front();
-            }
-            if tried.iter().any(|x| **x == *s.id) {
-                exclude.push(cands.len());
-            }
-            ids.push(s);
-            let sessions = match inflight {
-                Some(m) => m.get(&*s.id).copied().unwrap_or(0.0).max(0.0) as u64,
-                None => s.sessions.known().unwrap_or(0),
-            };
-            cands.push(Candidate {
-                sessions,
-                reserved: b.reservations.len() as u64,
-                // With shared accounting, `sessions` are every gateway's requests already.
-                inflight: match inflight {
-                    Some(_) => 0,
-                    None => b.inflight.load(Ordering::Relaxed),
-                },
-                capacity: s.capacity,
-                weight: s.weight,
-                ramp: ramp(
-                    now.saturating_duration_since(first).as_secs_f64(),
-                    cfg.slow_start.as_secs_f64(),
-                ),
-            });
-        }
-        let i = choose(&cands, &exclude, kind, &mut rand::rng())?;
-        let s = ids[i];
-        let b = backends.get_mut(&s.id).expect("present");
-        if !b.breaker.allow(now, cfg.breaker_open) {
-            return None;
-        }
-        if kind == Kind::Session {
-            b.reservations.push_back(now);
-        }
-        let ok =
-            b.ok.get_or_insert_with(|| {
-                let id = metrics::SharedString::from_shared(s.id.clone());
-                counter!(REQUESTS, "backend" => id, "outcome" => "ok")
-            })
-            .clone();
-        let port = self.0.cfg.target_port.unwrap_or(s.port);
-        let host = match &b.host {
-            Some((a, p, h)) if *a == s.address && *p == port => h.clone(),
-            _ => {
-                let h: Arc<str> = self.host_of(s).into();
-                b.host = Some((s.address.clone(), port, h.clone()));
-                h
-            }
+        let rules = PickRules {
+            reservation_ttl: cfg.reservation_ttl,
+            slow_start: cfg.slow_start,
+            breaker_open: cfg.breaker_open,
         };
+        let table = self.0.table.load();
+        let slot = table.pick(
+            tried,
+            kind,
+            inflight,
+            rules,
+            Instant::now(),
+            &mut rand::rng(),
+        )?;
+        let b = &slot.backend;
         let inflight = (kind == Kind::Request).then(|| {
             b.inflight.fetch_add(1, Ordering::Relaxed);
             InFlight(b.inflight.clone())
         });
         Some(Target {
-            id: s.id.clone(),
-            host,
-            ok,
+            id: b.id.clone(),
+            host: slot.host.clone(),
+            ok: b.ok.clone(),
+            backend: b.clone(),
             _inflight: inflight,
         })
     }
 
     pub(super) fn outcome(&self, target: &Target, ok: bool) {
-        let now = Instant::now();
-        let mut backends = self.0.backends.lock().expect("not poisoned");
-        let Some(b) = backends.get_mut(&target.id) else {
-            return;
-        };
-        let before = b.breaker.state(now, self.0.cfg.breaker_open);
-        if ok {
-            b.breaker.success();
-        } else if b.breaker.failure(now, self.0.cfg.breaker_failures) {
-            tracing::warn!(backend = %target.id, "circuit breaker opened");
-        }
-        // Set the gauge when the state changes, not on every request (it is on the hot path).
-        let after = b.breaker.state(now, self.0.cfg.breaker_open);
-        if after != before {
+        let cfg = &self.0.cfg;
+        let changed =
+            target
+                .backend
+                .outcome(ok, Instant::now(), cfg.breaker_failures, cfg.breaker_open);
+        // The gauge follows changes of state, not every request (it is on the hot path).
+        if let Some((_, after)) = changed.filter(|(before, after)| before != after) {
             gauge!(CIRCUIT, "backend" => target.id.to_string()).set(after.as_f64());
+        }
+    }
+
+    /// Rebuilds the routing table whenever the fleet changes, until `stop`: the one writer
+    /// of the table and of the servers' state registry.
+    pub(super) async fn keep_table(self, stop: CancellationToken) {
+        let mut topology = self.0.topology.clone();
+        loop {
+            self.rebuild_table(&topology.borrow_and_update().clone());
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = topology.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    pub(super) fn rebuild_table(&self, t: &Topology) {
+        let mut registry = self.0.registry.lock().expect("not poisoned");
+        let (table, left) = Table::build(t, &mut registry, self.0.cfg.target_port, Instant::now());
+        drop(registry);
+        self.0.table.store(Arc::new(table));
+        for b in left {
+            // A server that left the fleet is not up: say so, not its last check.
+            gauge!(BACKEND_UP, "backend" => b.id.to_string()).set(0.0);
         }
     }
 

@@ -15,6 +15,7 @@ mod hyper_path;
 pub mod pool;
 mod probe;
 pub mod route;
+pub mod table;
 mod ws_relay;
 
 use std::collections::HashMap;
@@ -32,7 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use balancer::{Backend, Target};
+use balancer::Target;
 use hyper_path::{
     serve_connection, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_SERVER, RAW_POOL_MAX_IDLE_PER_SERVER,
 };
@@ -61,7 +62,10 @@ pub struct GatewayArgs {
 struct Shared {
     cfg: GatewayConfig,
     topology: watch::Receiver<Arc<Topology>>,
-    backends: Mutex<HashMap<Arc<str>, Backend>>,
+    /// The routing table, swapped whole when the fleet changes (`balancer::keep_table`).
+    table: arc_swap::ArcSwap<table::Table>,
+    /// Every server's state, by id: written by the table's keeper only.
+    registry: Mutex<HashMap<Arc<str>, Arc<table::Backend>>>,
     cache: StaticCache,
     http_duration: metrics::Histogram,
     /// Idle server connections left by client connections that ended.
@@ -104,7 +108,8 @@ impl Gateway {
         Gateway(Arc::new(Shared {
             cfg,
             topology,
-            backends: Mutex::new(HashMap::new()),
+            table: arc_swap::ArcSwap::from_pointee(table::Table::default()),
+            registry: Mutex::new(HashMap::new()),
             cache,
             http_duration: histogram!(REQUEST_DURATION, "kind" => "http"),
             pool: pool::IdlePool::new(POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
@@ -178,6 +183,8 @@ pub async fn run(
         .0
         .cache
         .spawn_collector(Duration::from_secs(5), shutdown.clone());
+    gateway.rebuild_table(&gateway.0.topology.borrow().clone());
+    tokio::spawn(gateway.clone().keep_table(shutdown.clone()));
     tokio::spawn(gateway.clone().check_health(shutdown.clone()));
     {
         let (g, stop) = (gateway.clone(), shutdown.clone());

@@ -1,4 +1,4 @@
-//! The active health probe loop: every server the snapshot knows, checked at
+//! The active health probe loop: every server of the routing table, checked at
 //! `health_interval`, fed to its rise/fall state.
 
 use std::time::Duration;
@@ -18,39 +18,25 @@ impl Gateway {
             .build()
             .expect("a plain HTTP client builds");
         loop {
-            let t = self.0.topology.borrow().clone();
-            let checks = t.servers.iter().map(|s| {
-                let url = format!("http://{}{}", self.host_of(s), self.0.cfg.health_path);
-                let id = s.id.clone();
-                let client = client.clone();
-                async move {
-                    (
-                        id,
-                        matches!(client.get(url).send().await, Ok(r) if r.status().is_success()),
-                    )
-                }
-            });
+            let table = self.0.table.load_full();
+            let checks =
+                table.all.iter().map(|slot| {
+                    let url = format!("http://{}{}", slot.host, self.0.cfg.health_path);
+                    let client = client.clone();
+                    async move {
+                        matches!(client.get(url).send().await, Ok(r) if r.status().is_success())
+                    }
+                });
             let results = futures::future::join_all(checks).await;
-            {
-                let mut backends = self.0.backends.lock().expect("not poisoned");
-                for (id, passed) in results {
-                    let b = backends.entry(id.clone()).or_default();
-                    if let Some(up) = b.active.record(passed, self.0.cfg.rise, self.0.cfg.fall) {
-                        tracing::info!(backend = %id, up, "health check state changed");
-                    }
-                    gauge!(BACKEND_UP, "backend" => id.to_string()).set(if b.active.up() {
-                        1.0
-                    } else {
-                        0.0
-                    });
+            for (slot, passed) in table.all.iter().zip(results) {
+                let b = &slot.backend;
+                if let Some(up) = b.checked(passed, self.0.cfg.rise, self.0.cfg.fall) {
+                    tracing::info!(backend = %b.id, up, "health check state changed");
                 }
-                // A server that left the fleet is not up: say so, not its last check.
-                backends.retain(|id, _| {
-                    let stays = t.get(id).is_some();
-                    if !stays {
-                        gauge!(BACKEND_UP, "backend" => id.to_string()).set(0.0);
-                    }
-                    stays
+                gauge!(BACKEND_UP, "backend" => b.id.to_string()).set(if b.up() {
+                    1.0
+                } else {
+                    0.0
                 });
             }
             tokio::select! {

@@ -1,7 +1,8 @@
 //! Choosing a server for a new connection: weighted least-connections on utilization,
 //! `(sessions + reservations + requests in flight) / (capacity × weight × ramp)`, by power
 //! of two choices among the servers that may take it, so a burst does not all land on the
-//! single emptiest one.
+//! single emptiest one. Two servers are drawn, not all looked at, so a pick costs the same
+//! at ten servers and at ten thousand.
 //! Pure: the candidates and the random draws come in.
 
 use rand::Rng;
@@ -59,25 +60,65 @@ pub fn choose(
     kind: Kind,
     rng: &mut impl Rng,
 ) -> Option<usize> {
-    let open: Vec<usize> = (0..cands.len())
-        .filter(|i| !exclude.contains(i) && (kind == Kind::Request || !cands[*i].full()))
-        .collect();
-    match open.len() {
-        0 => None,
-        1 => Some(open[0]),
-        n => {
-            let a = open[rng.random_range(0..n)];
-            let mut b = open[rng.random_range(0..n - 1)];
-            if b == a {
-                b = open[n - 1];
+    pick_two(
+        cands.len(),
+        |i| {
+            let c = &cands[i];
+            (!exclude.contains(&i) && (kind == Kind::Request || !c.full())).then(|| c.load())
+        },
+        rng,
+    )
+}
+
+/// Random draws spent looking for two eligible servers before scanning them all: enough
+/// that a fleet with one server in ten able to take a session is still not scanned (99 %
+/// of picks find two), and cheap where most can (two draws, usually).
+const DRAWS: usize = 64;
+
+/// Power of two choices over `n` servers, of which `load(i)` says whether server `i` may
+/// take the connection (`Some(its load)`) or not: two distinct eligible servers drawn at
+/// random, the less loaded wins (the first drawn on a tie). Its cost does not grow with
+/// `n`: only when [`DRAWS`] draws find fewer than two eligible servers (nearly all of the
+/// fleet full, down or tried) are all `n` looked at, and two drawn from those that are.
+pub fn pick_two(
+    n: usize,
+    mut load: impl FnMut(usize) -> Option<f64>,
+    rng: &mut impl Rng,
+) -> Option<usize> {
+    if n == 0 {
+        return None;
+    }
+    let mut found: Vec<(usize, f64)> = Vec::with_capacity(2);
+    // A small fleet is scanned sooner: a scan of it costs less than many draws.
+    for _ in 0..DRAWS.min(2 * n) {
+        let i = rng.random_range(0..n);
+        if found.iter().any(|(j, _)| *j == i) {
+            continue;
+        }
+        if let Some(l) = load(i) {
+            found.push((i, l));
+            if found.len() == 2 {
+                break;
             }
-            Some(if cands[b].load() < cands[a].load() {
-                b
-            } else {
-                a
-            })
         }
     }
+    if found.len() < 2 {
+        let open: Vec<(usize, f64)> = (0..n).filter_map(|i| load(i).map(|l| (i, l))).collect();
+        found = match open.len() {
+            0 => return None,
+            1 => return Some(open[0].0),
+            m => {
+                let a = rng.random_range(0..m);
+                let mut b = rng.random_range(0..m - 1);
+                if b == a {
+                    b = m - 1;
+                }
+                vec![open[a], open[b]]
+            }
+        };
+    }
+    let (a, b) = (found[0], found[1]);
+    Some(if b.1 < a.1 { b.0 } else { a.0 })
 }
 
 #[cfg(test)]
@@ -193,5 +234,41 @@ mod tests {
         assert_eq!(tally(&[c(40, 100), fresh], 10), vec![10, 0]);
         assert_eq!(ramp(20.0, 10.0), 1.0);
         assert_eq!(ramp(0.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn two_draws_suffice_in_a_large_fleet_and_a_mostly_closed_one_is_scanned() {
+        let mut rng = rand::rng();
+        // 10,000 open servers: a pick looks at no more than DRAWS of them.
+        let mut looked = 0;
+        let pick = pick_two(
+            10_000,
+            |i| {
+                looked += 1;
+                Some(i as f64)
+            },
+            &mut rng,
+        );
+        assert!(pick.is_some());
+        assert!(looked <= DRAWS, "looked at {looked}");
+        // Only three of 10,000 may take it: found by the scan, and the emptiest of the
+        // two drawn wins; never one that may not.
+        let open = [17usize, 4_242, 9_999];
+        let load = |i: usize| {
+            open.contains(&i)
+                .then_some(if i == 4_242 { 0.1 } else { 0.5 })
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let p = pick_two(10_000, load, &mut rng).unwrap();
+            assert!(open.contains(&p), "{p}");
+            seen.insert(p);
+        }
+        assert!(seen.contains(&4_242));
+        assert_eq!(pick_two(10_000, |_| None, &mut rng), None);
+        assert_eq!(
+            pick_two(10_000, |i| (i == 5).then_some(1.0), &mut rng),
+            Some(5)
+        );
     }
 }
