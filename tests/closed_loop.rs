@@ -256,7 +256,6 @@ async fn a_redis_restart_drops_no_client_and_reports_resume() {
         c.len() == 3 && total(c) == 120
     })
     .await;
-    let shed_before = shed_in_acks(&redis.acks("ws").await);
 
     redis.restart().await; // empty, notifications off
     let after = counts_where(&redis, "every server reporting again", |c| {
@@ -277,17 +276,19 @@ async fn a_redis_restart_drops_no_client_and_reports_resume() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let summary = load.finish();
     println!("redis restart: before {before:?} after {after:?} loadgen {summary}");
-    assert_eq!(after, before, "the servers kept their sessions");
     assert_eq!(
         redis.acks("ws").await.len(),
         0,
         "nothing was shed after the restart"
     );
     assert_eq!(summary["connected_at_end"], 120);
-    // Every reconnect of the run is one of the sheds commanded before the restart.
+    // No client was dropped: every reconnect of the run was a shed the controller commanded
+    // (close code 1013), none a connection lost. (A shed of the last rounds before the
+    // restart may still move a client after `before` was read, so the counts are compared
+    // by their total.)
     assert_eq!(
         summary["reconnects"].as_u64(),
-        Some(shed_before),
+        summary["close_codes"]["1013"].as_u64().or(Some(0)),
         "a client was dropped: {summary}"
     );
 }
