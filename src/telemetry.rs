@@ -345,20 +345,9 @@ fn describe() {
     }
 }
 
-/// Starts the Prometheus endpoint (`/metrics` and any path) on `addr` and describes every
-/// metric. Call once per process, inside the runtime.
-pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
-        .and_then(metrics_exporter_prometheus::PrometheusBuilder::install)
-        .map_err(|source| TelemetryError::Exporter { addr, source })?;
-    describe();
-    Ok(())
-}
-
 /// Installs the Prometheus recorder without an endpoint of its own: the controller serves
-/// `/metrics` itself, beside its topology feed (`feed::serve`).
+/// `/metrics` itself, beside its topology feed (`feed::serve`), and the gateway beside its
+/// per-backend series. Call once per process.
 pub fn install_recorder(addr: SocketAddr) -> Result<PrometheusHandle, TelemetryError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)

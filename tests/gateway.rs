@@ -215,7 +215,14 @@ async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(answered[20..].iter().all(|s| s == "s1"), "{answered:?}");
-    until_reported_up(&gw, "s2", false).await;
+    // Stopped, s2 deregistered and left the fleet: its series went with it.
+    eventually("s2 no longer reported up", WAIT, || async {
+        (gw.metric("rebalancer_gateway_backend_up", &[("backend", "s2")])
+            .await
+            != Some(1.0))
+        .then_some(())
+    })
+    .await;
     servers[1].restart();
     eventually("s2 restored", LOOP_WAIT, || async {
         for _ in 0..20 {
@@ -718,4 +725,53 @@ async fn the_gateway_routes_on_every_change_not_after_the_controllers_debounce()
         (seen.len() == 1 && seen.contains("s1")).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_series_are_counted_while_it_serves_and_gone_once_it_leaves() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let mut servers = fleet(&redis, &consul, 2).await;
+    let gw = GatewayProc::start(&redis, &consul).await;
+    eventually("both servers answering", WAIT, || async {
+        (answered_by(&gw, 20).await.len() == 2).then_some(())
+    })
+    .await;
+    let ok = |id: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(
+                "rebalancer_gateway_requests_total",
+                &[("backend", id), ("outcome", "ok")],
+            )
+            .await
+        }
+    };
+    let (s1, s2) = (ok("s1").await, ok("s2").await);
+    assert!(s1 > Some(0.0) && s2 > Some(0.0), "{}", gw.metrics().await);
+    assert_eq!(
+        gw.metric("rebalancer_gateway_backend_up", &[("backend", "s2")])
+            .await,
+        Some(1.0)
+    );
+    // s2 stops: it deregisters, leaves the fleet, and its series go with it.
+    servers[1].stop();
+    eventually("s2's series gone", WAIT, || async {
+        let page = gw.metrics().await;
+        (!page.is_empty() && !page.contains("backend=\"s2\"")).then_some(page)
+    })
+    .await;
+    assert!(ok("s1").await >= s1, "s1's count stays");
+    let page = gw.metrics().await;
+    for family in [
+        "rebalancer_gateway_requests_total",
+        "rebalancer_gateway_backend_up",
+        "rebalancer_gateway_circuit_state",
+        "rebalancer_gateway_websockets_open",
+    ] {
+        assert_eq!(
+            page.matches(&format!("# TYPE {family} ")).count(),
+            1,
+            "one family {family}:\n{page}"
+        );
+    }
 }

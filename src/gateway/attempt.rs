@@ -4,15 +4,13 @@
 //! retry budget, with a short growing pause between tries.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-use metrics::counter;
 
 use super::balancer::Target;
 use super::route::Kind;
 use super::Gateway;
-use crate::telemetry::GW_REQUESTS as REQUESTS;
 
 /// Why one attempt at a server failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +89,7 @@ impl<'a> Tries<'a> {
             .g
             .pick_with(&self.tried, self.ask.kind, self.ask.inflight);
         picked.ok_or_else(|| {
-            counter!(REQUESTS, "backend" => "none", "outcome" => "no_backend").increment(1);
+            self.g.0.no_backend.fetch_add(1, Ordering::Relaxed);
             if self.tried.is_empty() {
                 "no live server"
             } else {
@@ -117,8 +115,7 @@ impl<'a> Tries<'a> {
             || self.tried.len() > self.g.0.cfg.retries as usize
             || !self.g.spend_retry()
         {
-            counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "error")
-                .increment(1);
+            target.backend.counts.error.fetch_add(1, Ordering::Relaxed);
             return Err(Failed {
                 server: target.id.clone(),
                 error,

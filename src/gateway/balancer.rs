@@ -6,13 +6,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use metrics::{counter, gauge};
+use metrics::counter;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::topology::Topology;
-use crate::telemetry::GW_BACKEND_UP as BACKEND_UP;
-use crate::telemetry::GW_CIRCUIT as CIRCUIT;
 use crate::telemetry::GW_RETRIES as RETRIES;
 
 use super::route::Kind;
@@ -33,7 +31,6 @@ impl Drop for InFlight {
 pub(super) struct Target {
     pub(super) id: Arc<str>,
     pub(super) host: Arc<str>,
-    pub(super) ok: metrics::Counter,
     pub(super) backend: Arc<Backend>,
     pub(super) _inflight: Option<InFlight>,
 }
@@ -72,22 +69,17 @@ impl Gateway {
         Some(Target {
             id: b.id.clone(),
             host: slot.host.clone(),
-            ok: b.ok.clone(),
             backend: b.clone(),
             _inflight: inflight,
         })
     }
 
+    /// Records a request's outcome in its server's breaker.
     pub(super) fn outcome(&self, target: &Target, ok: bool) {
         let cfg = &self.0.cfg;
-        let changed =
-            target
-                .backend
-                .outcome(ok, Instant::now(), cfg.breaker_failures, cfg.breaker_open);
-        // The gauge follows changes of state, not every request (it is on the hot path).
-        if let Some((_, after)) = changed.filter(|(before, after)| before != after) {
-            gauge!(CIRCUIT, "backend" => target.id.to_string()).set(after.as_f64());
-        }
+        target
+            .backend
+            .outcome(ok, Instant::now(), cfg.breaker_failures, cfg.breaker_open);
     }
 
     /// Rebuilds the routing table whenever the fleet changes, until `stop`: the one writer
@@ -105,13 +97,10 @@ impl Gateway {
 
     pub(super) fn rebuild_table(&self, t: &Topology) {
         let mut registry = self.0.registry.lock().expect("not poisoned");
-        let (table, left) = Table::build(t, &mut registry, self.0.cfg.target_port, Instant::now());
+        // Servers that left go with their series (rendered from the table at each scrape).
+        let (table, _left) = Table::build(t, &mut registry, self.0.cfg.target_port, Instant::now());
         drop(registry);
         self.0.table.store(Arc::new(table));
-        for b in left {
-            // A server that left the fleet is not up: say so, not its last check.
-            gauge!(BACKEND_UP, "backend" => b.id.to_string()).set(0.0);
-        }
     }
 
     /// Spends one retry from the budget (a share of requests, plus 10 spare); `false` when

@@ -21,6 +21,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -186,7 +187,7 @@ async fn forward(
     let ok = head.status < 500 || head.status == 503;
     g.outcome(&target, ok);
     g.0.http_duration.record(started.elapsed().as_secs_f64());
-    target.ok.increment(1);
+    target.backend.counts.ok.fetch_add(1, Ordering::Relaxed);
     drop(target);
     let relayed = relay(g, client, &mut conn, &mut head).await;
     if head.reusable && conn.buf.is_empty() && relayed.is_ok() {

@@ -340,7 +340,7 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         }
     }
     g.0.http_duration.record(started.elapsed().as_secs_f64());
-    target.ok.increment(1);
+    target.backend.counts.ok.fetch_add(1, Ordering::Relaxed);
     if cacheable && status == StatusCode::OK {
         // Only cached responses are read whole; the rest stream through.
         let Ok(collected) = http_body_util::BodyExt::collect(incoming).await else {

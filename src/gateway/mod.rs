@@ -15,6 +15,7 @@ mod hyper_path;
 pub mod pool;
 mod probe;
 pub mod route;
+mod series;
 pub mod table;
 mod ws_relay;
 
@@ -78,6 +79,8 @@ struct Shared {
     pooled: metrics::Counter,
     requests: AtomicU64,
     retries: AtomicU64,
+    /// Requests and upgrades no server could take (`requests_total{outcome="no_backend"}`).
+    no_backend: AtomicU64,
     accounting: Option<accounting::Accounting>,
 }
 
@@ -118,8 +121,58 @@ impl Gateway {
             pooled: counter!(SERVER_CONNECTIONS, "source" => "pool"),
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            no_backend: AtomicU64::new(0),
             accounting,
         }))
+    }
+}
+
+impl Gateway {
+    /// Serves `/metrics` until `stop`: the recorder's series, then the per-backend ones
+    /// rendered from the routing table (a server's go with it when it leaves).
+    async fn serve_metrics(
+        self,
+        listener: tokio::net::TcpListener,
+        recorder: metrics_exporter_prometheus::PrometheusHandle,
+        stop: CancellationToken,
+    ) {
+        let upkeep = {
+            let (r, stop) = (recorder.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = every.tick() => r.run_upkeep(),
+                    }
+                }
+            })
+        };
+        let render = move || {
+            let mut out = recorder.render();
+            series::render(
+                &self.0.table.load(),
+                self.0.no_backend.load(std::sync::atomic::Ordering::Relaxed),
+                Instant::now(),
+                self.0.cfg.breaker_open,
+                &mut out,
+            );
+            out
+        };
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let render = render.clone();
+                async move { render() }
+            }),
+        );
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the metrics endpoint stopped");
+        }
+        upkeep.abort();
     }
 }
 
@@ -147,7 +200,13 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     let gw_cfg = cfg.gateway.clone();
     let addr = listen.unwrap_or(gw_cfg.listen);
-    crate::telemetry::install_exporter(gw_cfg.metrics_listen)?;
+    let recorder = crate::telemetry::install_recorder(gw_cfg.metrics_listen)?;
+    let metrics_listener = tokio::net::TcpListener::bind(gw_cfg.metrics_listen)
+        .await
+        .map_err(|source| GatewayError::Listen {
+            addr: gw_cfg.metrics_listen,
+            source,
+        })?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| GatewayError::Listen { addr, source })?;
@@ -185,6 +244,11 @@ pub async fn run(
         .spawn_collector(Duration::from_secs(5), shutdown.clone());
     gateway.rebuild_table(&gateway.0.topology.borrow().clone());
     tokio::spawn(gateway.clone().keep_table(shutdown.clone()));
+    tokio::spawn(
+        gateway
+            .clone()
+            .serve_metrics(metrics_listener, recorder, shutdown.clone()),
+    );
     tokio::spawn(gateway.clone().check_health(shutdown.clone()));
     {
         let (g, stop) = (gateway.clone(), shutdown.clone());

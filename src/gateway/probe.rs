@@ -3,10 +3,7 @@
 
 use std::time::Duration;
 
-use metrics::gauge;
 use tokio_util::sync::CancellationToken;
-
-use crate::telemetry::GW_BACKEND_UP as BACKEND_UP;
 
 use super::Gateway;
 
@@ -33,11 +30,6 @@ impl Gateway {
                 if let Some(up) = b.checked(passed, self.0.cfg.rise, self.0.cfg.fall) {
                     tracing::info!(backend = %b.id, up, "health check state changed");
                 }
-                gauge!(BACKEND_UP, "backend" => b.id.to_string()).set(if b.up() {
-                    1.0
-                } else {
-                    0.0
-                });
             }
             tokio::select! {
                 () = stop.cancelled() => return,

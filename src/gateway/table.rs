@@ -14,10 +14,10 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::fleet::topology::{Admin, Topology};
-use crate::telemetry::GW_REQUESTS as REQUESTS;
 
 use super::health::{Active, Breaker, BreakerState};
 use super::route::{pick_two, ramp, Candidate, Kind};
+use super::series::BackendCounts;
 
 /// What the gateway keeps of one server while it is in the fleet.
 pub struct Backend {
@@ -36,15 +36,14 @@ pub struct Backend {
     reservations: Mutex<VecDeque<Instant>>,
     /// Plain requests this gateway has in flight there.
     pub inflight: Arc<AtomicU64>,
-    /// `requests_total{backend, outcome="ok"}`, registered once.
-    pub ok: metrics::Counter,
+    /// Its series (`requests_total`, `websockets_open`), rendered at each scrape.
+    pub counts: BackendCounts,
 }
 
 impl Backend {
     pub fn new(id: Arc<str>, now: Instant) -> Backend {
-        let label = metrics::SharedString::from_shared(id.clone());
         Backend {
-            ok: metrics::counter!(REQUESTS, "backend" => label, "outcome" => "ok"),
+            counts: BackendCounts::default(),
             id,
             first_seen: now,
             up: AtomicBool::new(true),
@@ -71,6 +70,14 @@ impl Backend {
         let changed = a.record(passed, rise, fall);
         self.up.store(a.up(), Ordering::Relaxed);
         changed
+    }
+
+    /// The breaker's state now, for the metrics.
+    pub fn breaker_state(&self, now: Instant, open_for: Duration) -> BreakerState {
+        self.breaker
+            .lock()
+            .expect("not poisoned")
+            .state(now, open_for)
     }
 
     /// The breaker keeps requests away now.

@@ -1,23 +1,25 @@
 //! WebSocket upgrades: a server picked (and retried) for each, and messages relayed both
 //! ways until either side closes, close codes passed through.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
-use metrics::{counter, gauge, histogram};
+use metrics::histogram;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as TgCloseFrame;
 use tokio_tungstenite::tungstenite::Message as TgMessage;
 
-use crate::telemetry::GW_WS_OPEN as WS_OPEN;
-use crate::telemetry::{GW_REQUESTS as REQUESTS, GW_REQUEST_DURATION as REQUEST_DURATION};
+use crate::telemetry::GW_REQUEST_DURATION as REQUEST_DURATION;
 
 use super::attempt::{Ask, AttemptError, Tries};
 use super::route::Kind;
+use super::series::WsOpen;
+use super::table::Backend;
 use super::{unavailable, Gateway};
 
 /// Read and write buffers per relayed WebSocket side. tungstenite's default is 128 KiB
@@ -78,20 +80,20 @@ pub(super) async fn ws(g: Gateway, req: Request) -> Response {
     };
     g.outcome(&target, true);
     histogram!(REQUEST_DURATION, "kind" => "ws_connect").record(started.elapsed().as_secs_f64());
-    counter!(REQUESTS, "backend" => target.id.to_string(), "outcome" => "ws").increment(1);
-    let id = target.id.clone();
+    target.backend.counts.ws.fetch_add(1, Ordering::Relaxed);
+    let server = target.backend.clone();
     upgrade
         .read_buffer_size(WS_BUFFER)
         .write_buffer_size(WS_BUFFER)
-        .on_upgrade(move |client| relay(client, backend, id))
+        .on_upgrade(move |client| relay(client, backend, server))
 }
 
 pub(super) type BackendStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Relays messages both ways until either side closes, passing close codes through.
-pub(super) async fn relay(client: WebSocket, backend: BackendStream, id: Arc<str>) {
-    gauge!(WS_OPEN, "backend" => id.to_string()).increment(1.0);
+pub(super) async fn relay(client: WebSocket, backend: BackendStream, server: Arc<Backend>) {
+    let _open = WsOpen::new(&server.counts.ws_open);
     let (mut c_tx, mut c_rx) = client.split();
     let (mut b_tx, mut b_rx) = backend.split();
     let up = async {
@@ -141,5 +143,4 @@ pub(super) async fn relay(client: WebSocket, backend: BackendStream, id: Arc<str
         () = up => {}
         () = down => {}
     }
-    gauge!(WS_OPEN, "backend" => id.to_string()).decrement(1.0);
 }

@@ -630,14 +630,16 @@ impl GatewayProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its `/metrics` page (empty when it does not answer).
+    pub async fn metrics(&self) -> String {
+        match get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        sample(&text, name, labels)
+        sample(&self.metrics().await, name, labels)
     }
 }
 
