@@ -357,6 +357,23 @@ pub fn install_recorder(addr: SocketAddr) -> Result<PrometheusHandle, TelemetryE
     Ok(handle)
 }
 
+/// Drains the recorder's histograms every 5 s until `stop` (an exporter with its own
+/// listener does this itself; a role serving `/metrics` itself needs it).
+pub fn spawn_upkeep(
+    recorder: PrometheusHandle,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => recorder.run_upkeep(),
+            }
+        }
+    })
+}
+
 /// Logs as text (default) or JSON, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing(json: bool) {
     use std::io::IsTerminal;

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -86,20 +85,7 @@ pub async fn serve(
     feeds: Registry,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // Histograms and summaries need draining now and then (the exporter's own listener
-    // does this itself).
-    let upkeep = {
-        let (m, stop) = (metrics.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = every.tick() => m.run_upkeep(),
-                }
-            }
-        })
-    };
+    let upkeep = crate::telemetry::spawn_upkeep(metrics.clone(), shutdown.clone());
     let api = Api {
         metrics,
         feeds,

@@ -136,18 +136,7 @@ impl Gateway {
         recorder: metrics_exporter_prometheus::PrometheusHandle,
         stop: CancellationToken,
     ) {
-        let upkeep = {
-            let (r, stop) = (recorder.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        _ = every.tick() => r.run_upkeep(),
-                    }
-                }
-            })
-        };
+        let upkeep = crate::telemetry::spawn_upkeep(recorder.clone(), stop.clone());
         let render = move || {
             let mut out = recorder.render();
             series::render(
