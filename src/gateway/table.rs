@@ -34,6 +34,8 @@ pub struct Backend {
     breaker: Mutex<Breaker>,
     /// Connections routed here that the server's count may not show yet.
     reservations: Mutex<VecDeque<Instant>>,
+    /// The count of the last table, to see how many reservations a rise shows.
+    last_count: AtomicU64,
     /// Plain requests this gateway has in flight there.
     pub inflight: Arc<AtomicU64>,
     /// Its series (`requests_total`, `websockets_open`), rendered at each scrape.
@@ -52,6 +54,7 @@ impl Backend {
             open_until_ms: AtomicU64::new(0),
             breaker: Mutex::new(Breaker::default()),
             reservations: Mutex::new(VecDeque::new()),
+            last_count: AtomicU64::new(u64::MAX),
             inflight: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -137,6 +140,21 @@ impl Backend {
         r.len() as u64
     }
 
+    /// The server's count is now `count`: a rise since the last table shows that many of the
+    /// connections routed there, so that many reservations (the oldest) are dropped; they
+    /// would otherwise be counted twice until their TTL.
+    fn counted(&self, count: u64) {
+        let last = self.last_count.swap(count, Ordering::Relaxed);
+        if last == u64::MAX || count <= last {
+            return;
+        }
+        let mut r = self.reservations.lock().expect("not poisoned");
+        let shown = usize::try_from(count - last)
+            .unwrap_or(usize::MAX)
+            .min(r.len());
+        r.drain(..shown);
+    }
+
     fn reserve(&self, now: Instant) {
         self.reservations
             .lock()
@@ -190,6 +208,9 @@ impl Table {
                 .entry(s.id.clone())
                 .or_insert_with(|| Arc::new(Backend::new(s.id.clone(), now)))
                 .clone();
+            if let Some(n) = s.sessions.known() {
+                backend.counted(n);
+            }
             if s.passing && s.admin == Admin::Active {
                 routable.push(all.len());
             }
@@ -347,6 +368,29 @@ mod tests {
         gone.sort_unstable();
         assert_eq!(gone, ["b", "c", "d"]);
         assert_eq!(backends.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reported_rise_takes_the_reservations_it_shows() {
+        let now = Instant::now();
+        let mut backends = HashMap::new();
+        let fleet = |n| topology(1, vec![server("a", n, true, Admin::Active)]);
+        let (table, _) = Table::build(&fleet(10), &mut backends, None, now);
+        for _ in 0..5 {
+            table
+                .pick(&[], Kind::Session, None, RULES, now, &mut rand::rng())
+                .unwrap();
+        }
+        let a = table.all[0].backend.clone();
+        assert_eq!(a.reserved(now, RULES.reservation_ttl), 5);
+        // Three of the five are counted now: two reservations remain, not five.
+        Table::build(&fleet(13), &mut backends, None, now);
+        assert_eq!(a.reserved(now, RULES.reservation_ttl), 2);
+        // A fall takes none; a larger rise takes what is left.
+        Table::build(&fleet(12), &mut backends, None, now);
+        assert_eq!(a.reserved(now, RULES.reservation_ttl), 2);
+        Table::build(&fleet(40), &mut backends, None, now);
+        assert_eq!(a.reserved(now, RULES.reservation_ttl), 0);
     }
 
     #[tokio::test(start_paused = true)]
