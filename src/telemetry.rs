@@ -54,6 +54,8 @@ pub const GW_BACKEND_UP: &str = "rebalancer_gateway_backend_up";
 pub const GW_FEED_CONNECTED: &str = "rebalancer_gateway_feed_connected";
 pub const GW_SERVER_CONNECTIONS: &str = "rebalancer_gateway_server_connections_total";
 pub const GW_CACHE: &str = "rebalancer_gateway_cache_total";
+pub const GW_LIMITED: &str = "rebalancer_gateway_limited_total";
+pub const GW_CLIENT_CONNECTIONS: &str = "rebalancer_gateway_client_connections";
 pub const PROVISION: &str = "rebalancer_provision_seconds";
 pub const RUNTIME_TASKS: &str = "rebalancer_runtime_tasks";
 
@@ -312,6 +314,18 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Keep-alive connections to the servers a client connection took, by source: opened, pool",
+    ),
+    (
+        GW_LIMITED,
+        Kind::Counter,
+        Unit::Count,
+        "Connections, requests and WebSocket sessions a [gateway] limit stopped, by limit",
+    ),
+    (
+        GW_CLIENT_CONNECTIONS,
+        Kind::Gauge,
+        Unit::Count,
+        "Client connections the gateway holds open",
     ),
     (
         GW_FEED_CONNECTED,

@@ -33,6 +33,57 @@ pub struct GatewayConfig {
     pub redis_timeout: Duration,
     /// The watch URL of the controller's topology feed to route from, when set.
     pub topology_feed: Option<String>,
+    /// The limits that keep every client's share of the gateway bounded.
+    pub limits: Limits,
+}
+
+/// What one client may hold or send, each a `[gateway]` key; every time one bites, it is
+/// counted in `rebalancer_gateway_limited_total{limit}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Client connections open at once; past it, accepting pauses for `queue_timeout`, then
+    /// new connections are answered 503 until one closes.
+    pub max_connections: usize,
+    pub queue_timeout: Duration,
+    /// Client connections open at once from one IP address; 0: no limit. Past it, 429.
+    pub max_connections_per_ip: usize,
+    /// A request head must arrive whole within this of its first byte (else 408).
+    pub header_timeout: Duration,
+    /// Largest request head, request line included (else 431), and most header fields.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Largest request body (else 413), and how long the whole of it may take (else 408).
+    pub max_body_bytes: usize,
+    pub body_timeout: Duration,
+    /// Largest response head a server may send (else the client gets 502).
+    pub max_response_header_bytes: usize,
+    /// A relayed WebSocket's sides are pinged this often; a side that sends nothing (pongs
+    /// included) for `ws_idle_timeout` ends the session.
+    pub ws_ping_interval: Duration,
+    pub ws_idle_timeout: Duration,
+    /// Largest WebSocket frame and message either side may send (else close 1009).
+    pub ws_max_frame_bytes: usize,
+    pub ws_max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            queue_timeout: Duration::from_secs(1),
+            max_connections_per_ip: 0,
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_body_bytes: 1 << 20,
+            body_timeout: Duration::from_secs(30),
+            max_response_header_bytes: 64 * 1024,
+            ws_ping_interval: Duration::from_secs(20),
+            ws_idle_timeout: Duration::from_secs(60),
+            ws_max_frame_bytes: 1 << 20,
+            ws_max_message_bytes: 1 << 20,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -61,6 +112,7 @@ impl Default for GatewayConfig {
             shared_accounting: false,
             redis_timeout: Duration::from_millis(50),
             topology_feed: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -137,7 +189,75 @@ pub(super) fn compile(g: &RawGateway, pipeline: &str, ck: &mut Checker) -> Gatew
         shared_accounting: g.shared_accounting,
         redis_timeout: ck.duration("gateway.redis_timeout", &g.redis_timeout),
         topology_feed,
+        limits: limits(g, ck),
     }
+}
+
+fn limits(g: &RawGateway, ck: &mut Checker) -> Limits {
+    const MIB: i64 = 1 << 20;
+    let bytes = |ck: &mut Checker, key: &str, v: i64, lo: i64, hi: i64| {
+        ck.count(&format!("gateway.{key}"), v, lo..=hi) as usize
+    };
+    let l = Limits {
+        max_connections: bytes(ck, "max_connections", g.max_connections, 1, 1_000_000),
+        queue_timeout: ck.duration("gateway.queue_timeout", &g.queue_timeout),
+        max_connections_per_ip: bytes(
+            ck,
+            "max_connections_per_ip",
+            g.max_connections_per_ip,
+            0,
+            1_000_000,
+        ),
+        header_timeout: ck.duration("gateway.header_timeout", &g.header_timeout),
+        // hyper reads a head into a buffer of at least 8 KiB.
+        max_header_bytes: bytes(ck, "max_header_bytes", g.max_header_bytes, 8192, MIB),
+        max_headers: bytes(ck, "max_headers", g.max_headers, 1, 10_000),
+        max_body_bytes: bytes(ck, "max_body_bytes", g.max_body_bytes, 0, 1 << 30),
+        body_timeout: ck.duration("gateway.body_timeout", &g.body_timeout),
+        max_response_header_bytes: bytes(
+            ck,
+            "max_response_header_bytes",
+            g.max_response_header_bytes,
+            8192,
+            MIB,
+        ),
+        ws_ping_interval: ck.duration("gateway.ws_ping_interval", &g.ws_ping_interval),
+        ws_idle_timeout: ck.duration("gateway.ws_idle_timeout", &g.ws_idle_timeout),
+        ws_max_frame_bytes: bytes(
+            ck,
+            "ws_max_frame_bytes",
+            g.ws_max_frame_bytes,
+            1024,
+            1 << 30,
+        ),
+        ws_max_message_bytes: bytes(
+            ck,
+            "ws_max_message_bytes",
+            g.ws_max_message_bytes,
+            1024,
+            1 << 30,
+        ),
+    };
+    if l.ws_max_frame_bytes > l.ws_max_message_bytes {
+        ck.err(
+            "gateway.ws_max_frame_bytes",
+            format!(
+                "{} is more than ws_max_message_bytes ({}): a frame is part of a message",
+                l.ws_max_frame_bytes, l.ws_max_message_bytes
+            ),
+        );
+    }
+    if l.ws_idle_timeout <= l.ws_ping_interval {
+        ck.err(
+            "gateway.ws_idle_timeout",
+            format!(
+                "{:?} must be longer than ws_ping_interval ({:?}), or an idle session that \
+                 answers every ping is closed",
+                l.ws_idle_timeout, l.ws_ping_interval
+            ),
+        );
+    }
+    l
 }
 
 /// The Rust balancer's environment variable names, accepted as aliases of gateway keys:

@@ -29,7 +29,7 @@ use raw::RawPipeline;
 use schema::{apply_env, check_tree, env_name, leaves, schema};
 
 pub use docker::DockerConfig;
-pub use gateway::{gateway_env_aliases, GatewayConfig};
+pub use gateway::{gateway_env_aliases, GatewayConfig, Limits};
 
 /// Prefix of the environment variables that override pipeline keys.
 pub const ENV_PREFIX: &str = "REBALANCER_";

@@ -76,6 +76,27 @@ pub struct RawGateway {
     /// The controller's feed (`http://host:port`, its metrics.listen) to route from, instead
     /// of watching Consul and Redis; empty: watch them.
     pub topology_feed: String,
+    /// Client connections open at once; past it accepting pauses `queue_timeout`, then 503.
+    pub max_connections: i64,
+    pub queue_timeout: String,
+    /// Client connections from one IP address at once (429 past it); 0: no limit.
+    pub max_connections_per_ip: i64,
+    /// A request head must arrive whole within this of its first byte (408).
+    pub header_timeout: String,
+    /// Largest request head in bytes, and most header fields (431).
+    pub max_header_bytes: i64,
+    pub max_headers: i64,
+    /// Largest request body in bytes (413), and the time the whole of it may take (408).
+    pub max_body_bytes: i64,
+    pub body_timeout: String,
+    /// Largest response head a server may send (502).
+    pub max_response_header_bytes: i64,
+    /// Relayed `WebSockets`: pinged this often; a side silent for `ws_idle_timeout` ends it.
+    pub ws_ping_interval: String,
+    pub ws_idle_timeout: String,
+    /// Largest WebSocket frame and message, in bytes (close 1009).
+    pub ws_max_frame_bytes: i64,
+    pub ws_max_message_bytes: i64,
 }
 
 impl Default for RawGateway {
@@ -104,6 +125,19 @@ impl Default for RawGateway {
             shared_accounting: d.shared_accounting,
             redis_timeout: text(d.redis_timeout),
             topology_feed: d.topology_feed.unwrap_or_default(),
+            max_connections: d.limits.max_connections as i64,
+            queue_timeout: text(d.limits.queue_timeout),
+            max_connections_per_ip: d.limits.max_connections_per_ip as i64,
+            header_timeout: text(d.limits.header_timeout),
+            max_header_bytes: d.limits.max_header_bytes as i64,
+            max_headers: d.limits.max_headers as i64,
+            max_body_bytes: d.limits.max_body_bytes as i64,
+            body_timeout: text(d.limits.body_timeout),
+            max_response_header_bytes: d.limits.max_response_header_bytes as i64,
+            ws_ping_interval: text(d.limits.ws_ping_interval),
+            ws_idle_timeout: text(d.limits.ws_idle_timeout),
+            ws_max_frame_bytes: d.limits.ws_max_frame_bytes as i64,
+            ws_max_message_bytes: d.limits.ws_max_message_bytes as i64,
         }
     }
 }

@@ -33,7 +33,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::attempt::{Ask, AttemptError, Failed, Tries};
-use super::http1::{plan, response_head, Chunked, Framing, Parsed, Plan, ResponseHead, CHUNK};
+use super::http1::{
+    plan, response_head, Chunked, Framing, HeadLimits, Parsed, Plan, ResponseError, ResponseHead,
+    CHUNK,
+};
+use super::limits::{answer_and_close, Limit};
 use super::route::Kind;
 use super::{Gateway, Target};
 
@@ -82,12 +86,20 @@ pub(super) async fn serve(
     let ip = peer.ip().to_string();
     let mut cbuf = BytesMut::with_capacity(4096);
     let mut wire: Vec<u8> = Vec::new();
-    let idle = g.0.cfg.idle_timeout;
+    let limits = &g.0.cfg.limits;
+    let head_limits = HeadLimits::from(limits);
     loop {
-        // The next request's head, within the idle timeout.
-        let deadline = Instant::now() + idle;
+        // The next request's head: its first byte within the idle timeout, the whole of it
+        // within the header timeout of that.
+        let mut started = !cbuf.is_empty();
+        let mut deadline = Instant::now()
+            + if started {
+                limits.header_timeout
+            } else {
+                g.0.cfg.idle_timeout
+            };
         let plan = loop {
-            match plan(&cbuf, &ip, |p| g.0.cache.covers(p)) {
+            match plan(&cbuf, &ip, head_limits, |p| g.0.cache.covers(p)) {
                 Parsed::Forward(p) => break p,
                 Parsed::Fallback(why) => {
                     tracing::trace!(%peer, why, "to hyper");
@@ -100,24 +112,51 @@ pub(super) async fn serve(
                     super::serve_connection(g, rest, peer, stop).await;
                     return;
                 }
+                Parsed::Refuse(limit) => return refuse(&g, client, limit).await,
+                Parsed::BadUpgrade(why) => {
+                    let _ = client.write_all(&super::websocket::bad_upgrade(why)).await;
+                    let _ = client.shutdown().await;
+                    return;
+                }
+                Parsed::Upgrade(p) => {
+                    // The connection becomes the session: keep nothing of this path but
+                    // what the client sent after its head.
+                    g.0.requests.fetch_add(1, Ordering::Relaxed);
+                    let early = cbuf[p.head_len..].to_vec();
+                    drop((cbuf, wire, ip));
+                    super::ws_relay::open(g, client, early, p.head, stop).await;
+                    return;
+                }
                 Parsed::Partial => {}
             }
             let read = tokio::select! {
-                () = stop.cancelled() => None,
-                r = tokio::time::timeout_at(deadline, client.read_buf(&mut cbuf)) => match r {
-                    Ok(Ok(n)) if n > 0 => Some(()),
-                    _ => None,
-                },
+                () = stop.cancelled() => return,
+                r = tokio::time::timeout_at(deadline, client.read_buf(&mut cbuf)) => r,
             };
-            if read.is_none() {
-                return;
+            match read {
+                Ok(Ok(n)) if n > 0 => {
+                    if !started {
+                        started = true;
+                        deadline = Instant::now() + limits.header_timeout;
+                    }
+                }
+                Ok(_) => return,
+                Err(_) if started => return refuse(&g, client, Limit::HeaderTimeout).await,
+                Err(_) => {
+                    g.0.bitten.count(Limit::IdleTimeout);
+                    return;
+                }
             }
         };
         cbuf.advance(plan.head_len);
+        // The whole body within the body timeout.
+        let deadline = Instant::now() + limits.body_timeout;
         while cbuf.len() < plan.body_len {
-            let r = tokio::time::timeout(g.0.cfg.request_timeout, client.read_buf(&mut cbuf)).await;
-            if !matches!(r, Ok(Ok(n)) if n > 0) {
-                return;
+            cbuf.reserve(plan.body_len - cbuf.len());
+            match tokio::time::timeout_at(deadline, client.read_buf(&mut cbuf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => return refuse(&g, client, Limit::BodyTimeout).await,
             }
         }
         let body = cbuf.split_to(plan.body_len);
@@ -131,6 +170,12 @@ pub(super) async fn serve(
             }
         }
     }
+}
+
+/// Answers a request a limit refuses, counted, and closes the connection.
+async fn refuse(g: &Gateway, client: TcpStream, limit: Limit) {
+    g.0.bitten.count(limit);
+    answer_and_close(client, limit, true).await;
 }
 
 /// Sends one request (on another server when it fails and may be sent again) and relays
@@ -222,8 +267,9 @@ async fn exchange(
             AttemptError::Sent(m)
         });
     }
+    let max_head = g.0.cfg.limits.max_response_header_bytes;
     loop {
-        match response_head(&conn.buf, method_head, client_close) {
+        match response_head(&conn.buf, method_head, client_close, max_head) {
             Ok(Some(head)) if (100..200).contains(&head.status) => {
                 conn.buf.advance(head.head_len);
             }
@@ -232,7 +278,12 @@ async fn exchange(
                 return Ok((conn, head));
             }
             Ok(None) => {}
-            Err(m) => return Err(AttemptError::Sent(m)),
+            Err(e) => {
+                if e == ResponseError::TooLarge {
+                    g.0.bitten.count(Limit::ResponseHeaderBytes);
+                }
+                return Err(AttemptError::Sent(e.to_string()));
+            }
         }
         match conn.stream.read_buf(&mut conn.buf).await {
             Ok(n) if n > 0 => {}
@@ -377,6 +428,20 @@ async fn answer(
 pub(super) struct Rewind<S> {
     prefix: BytesMut,
     inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub(super) fn new(inner: S) -> Rewind<S> {
+        Rewind {
+            prefix: BytesMut::new(),
+            inner,
+        }
+    }
+
+    /// The stream, and the bytes read from it that were not yielded yet.
+    pub(super) fn into_parts(self) -> (S, BytesMut) {
+        (self.inner, self.prefix)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {

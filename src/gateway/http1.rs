@@ -2,6 +2,8 @@
 //! planned (forwarded here, or handed to hyper), a response head parsed and rewritten with
 //! how its body is framed, and where a chunked body ends. No I/O; `forward.rs` drives it.
 
+use super::limits::Limit;
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those the gateway sets itself: never relayed.
 pub(super) const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -24,15 +26,32 @@ pub(super) fn idempotent_name(m: &str) -> bool {
     matches!(m, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
 }
 
-/// A request head larger than this goes to hyper (which answers 431 past its own limit).
-const MAX_HEAD: usize = 64 * 1024;
-/// A request body up to this size is read here (kept for a retry); a larger one goes to
-/// hyper.
+/// A request body up to this size is read here (kept for a retry); a larger one, within
+/// `max_body_bytes`, goes to hyper.
 const MAX_BODY: usize = 1 << 20;
-/// Headers parsed in place; a request with more goes to hyper.
+/// Headers parsed in place; a request with more, within `max_headers`, goes to hyper.
 const MAX_HEADERS: usize = 64;
 /// A response with more headers than this is answered 502.
 const MAX_RESPONSE_HEADERS: usize = 128;
+
+/// The `[gateway]` limits a request head is held to.
+#[allow(clippy::struct_field_names)] // the keys' own names
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HeadLimits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+}
+
+impl From<&crate::config::Limits> for HeadLimits {
+    fn from(l: &crate::config::Limits) -> HeadLimits {
+        HeadLimits {
+            max_header_bytes: l.max_header_bytes,
+            max_headers: l.max_headers,
+            max_body_bytes: l.max_body_bytes,
+        }
+    }
+}
 
 /// What a parsed request asks of this path.
 #[derive(Debug, PartialEq)]
@@ -41,7 +60,13 @@ pub(super) enum Parsed {
     Partial,
     /// Not for this path: hand the connection to hyper.
     Fallback(&'static str),
+    /// A limit refuses it: answer and close.
+    Refuse(Limit),
+    /// A WebSocket upgrade that RFC 6455 refuses: 400.
+    BadUpgrade(&'static str),
     Forward(Plan),
+    /// A WebSocket upgrade: `head` is to go to a server; the connection becomes the session.
+    Upgrade(Plan),
 }
 
 /// A request this path forwards: its head rewritten, less `Host` and the blank line (they
@@ -77,18 +102,30 @@ fn listed_in(connection: &[&[u8]], name: &str) -> bool {
 
 /// Parses the request head at the start of `buf` and plans its forwarding. Pure: the
 /// decision whether this path or hyper serves it, and the bytes to send.
-pub(super) fn plan(buf: &[u8], client_ip: &str, cached: impl Fn(&str) -> bool) -> Parsed {
+pub(super) fn plan(
+    buf: &[u8],
+    client_ip: &str,
+    limits: HeadLimits,
+    cached: impl Fn(&str) -> bool,
+) -> Parsed {
     // Uninitialized: zeroing 64 headers per request showed in the profile.
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) if n > limits.max_header_bytes => {
+            return Parsed::Refuse(Limit::HeaderBytes)
+        }
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Parsed::Fallback("a large head")
+        Ok(httparse::Status::Partial) if buf.len() > limits.max_header_bytes => {
+            return Parsed::Refuse(Limit::HeaderBytes)
         }
         Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => return many_headers(buf, limits),
         Err(_) => return Parsed::Fallback("a head httparse refuses"),
     };
+    if req.headers.len() > limits.max_headers {
+        return Parsed::Refuse(Limit::HeaderCount);
+    }
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Fallback("not HTTP/1.1");
     };
@@ -101,19 +138,23 @@ pub(super) fn plan(buf: &[u8], client_ip: &str, cached: impl Fn(&str) -> bool) -
     let connection = connection_values(req.headers);
     let mut body_len = None;
     let mut prior_xff: Vec<&[u8]> = Vec::new();
+    let mut upgrade = None;
     for h in req.headers.iter() {
         let name = h.name;
-        if name.eq_ignore_ascii_case("upgrade")
-            || name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("expect")
-        {
-            return Parsed::Fallback("an upgrade, a chunked body or an expectation");
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = Some(has_token(h.value, "websocket"));
+        }
+        if name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("expect") {
+            return Parsed::Fallback("a chunked body or an expectation");
         }
         if name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok());
             match (n, body_len) {
+                (Some(n), None) if n > limits.max_body_bytes => {
+                    return Parsed::Refuse(Limit::BodyBytes)
+                }
                 (Some(n), None) if n <= MAX_BODY => body_len = Some(n),
                 _ => return Parsed::Fallback("a large, repeated or invalid Content-Length"),
             }
@@ -122,9 +163,18 @@ pub(super) fn plan(buf: &[u8], client_ip: &str, cached: impl Fn(&str) -> bool) -
             prior_xff.push(h.value);
         }
     }
-    if listed_in(&connection, "upgrade") {
-        return Parsed::Fallback("an upgrade");
-    }
+    let websocket = match (upgrade, listed_in(&connection, "upgrade")) {
+        (None, false) => false,
+        (Some(true), true) if method == "GET" && body_len.unwrap_or(0) == 0 => {
+            if let Err(why) =
+                super::websocket::check_upgrade(req.headers.iter().map(|h| (h.name, h.value)))
+            {
+                return Parsed::BadUpgrade(why);
+            }
+            true
+        }
+        _ => return Parsed::Fallback("an upgrade other than WebSocket's"),
+    };
     let mut head = Vec::with_capacity(head_len + 64);
     head.extend_from_slice(method.as_bytes());
     head.push(b' ');
@@ -143,8 +193,11 @@ pub(super) fn plan(buf: &[u8], client_ip: &str, cached: impl Fn(&str) -> bool) -
         head.extend_from_slice(h.value);
         head.extend_from_slice(b"\r\n");
     }
-    if let Some(n) = body_len {
+    if let Some(n) = body_len.filter(|_| !websocket) {
         head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+    }
+    if websocket {
+        head.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n");
     }
     head.extend_from_slice(b"x-forwarded-for: ");
     for prior in prior_xff.iter().filter(|v| !v.trim_ascii().is_empty()) {
@@ -153,14 +206,32 @@ pub(super) fn plan(buf: &[u8], client_ip: &str, cached: impl Fn(&str) -> bool) -
     }
     head.extend_from_slice(client_ip.as_bytes());
     head.extend_from_slice(b"\r\n");
-    Parsed::Forward(Plan {
+    let plan = Plan {
         head_len,
         body_len: body_len.unwrap_or(0),
         head,
         idempotent: idempotent_name(method),
         method_head: method == "HEAD",
         client_close: listed_in(&connection, "close"),
-    })
+    };
+    if websocket {
+        Parsed::Upgrade(plan)
+    } else {
+        Parsed::Forward(plan)
+    }
+}
+
+/// A head with more fields than this path parses in place: within `max_headers`, hyper's
+/// (configured with the same limit); past it, refused.
+fn many_headers(buf: &[u8], limits: HeadLimits) -> Parsed {
+    if limits.max_headers > MAX_HEADERS {
+        let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+        let mut req = httparse::Request::new(&mut headers);
+        if !matches!(req.parse(buf), Err(httparse::Error::TooManyHeaders)) {
+            return Parsed::Fallback("many header fields");
+        }
+    }
+    Parsed::Refuse(Limit::HeaderCount)
 }
 
 /// How a response's body is delimited.
@@ -183,13 +254,45 @@ pub(super) struct ResponseHead {
     pub reusable: bool,
 }
 
+/// Why a response head cannot be relayed.
+#[derive(Debug, PartialEq)]
+pub(super) enum ResponseError {
+    /// Over `max_response_header_bytes`.
+    TooLarge,
+    Invalid(String),
+}
+
+impl From<String> for ResponseError {
+    fn from(m: String) -> ResponseError {
+        ResponseError::Invalid(m)
+    }
+}
+
+impl From<&str> for ResponseError {
+    fn from(m: &str) -> ResponseError {
+        ResponseError::Invalid(m.to_string())
+    }
+}
+
+impl std::fmt::Display for ResponseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResponseError::TooLarge => {
+                f.write_str("a response head over max_response_header_bytes")
+            }
+            ResponseError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
 /// Parses the response head at the start of `buf` (`None`: more bytes needed) and rewrites
 /// it for the client. `close_client` adds `Connection: close`.
 pub(super) fn response_head(
     buf: &[u8],
     method_head: bool,
     close_client: bool,
-) -> Result<Option<ResponseHead>, String> {
+    max_head: usize,
+) -> Result<Option<ResponseHead>, ResponseError> {
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -198,12 +301,13 @@ pub(super) fn response_head(
         &mut headers,
     );
     let head_len = match parsed {
+        Ok(httparse::Status::Complete(n)) if n > max_head => return Err(ResponseError::TooLarge),
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err("a response head over 64 KiB".into())
+        Ok(httparse::Status::Partial) if buf.len() > max_head => {
+            return Err(ResponseError::TooLarge)
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(format!("an invalid response head ({e})")),
+        Err(e) => return Err(format!("an invalid response head ({e})").into()),
     };
     let status = resp.code.unwrap_or(0);
     let version = resp.version.unwrap_or(0);
@@ -251,7 +355,7 @@ pub(super) fn response_head(
     let mut head = Vec::with_capacity(buf.len().min(head_len + CHUNK) + 32);
     head.extend_from_slice(b"HTTP/1.1 ");
     if !(100..1000).contains(&status) {
-        return Err(format!("an invalid status code {status}"));
+        return Err(format!("an invalid status code {status}").into());
     }
     head.extend_from_slice(&[
         b'0' + (status / 100) as u8,
@@ -377,9 +481,22 @@ impl Chunked {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fmt::Write as _;
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_header_bytes: 16 * 1024,
+        max_headers: 100,
+        max_body_bytes: 1 << 20,
+    };
+
+    fn planned(raw: &[u8]) -> Parsed {
+        plan(raw, "1.1.1.1", LIMITS, |p| p.starts_with("/static/"))
+    }
 
     fn forward(raw: &str) -> Plan {
-        match plan(raw.as_bytes(), "127.0.0.9", |p| p.starts_with("/static/")) {
+        match plan(raw.as_bytes(), "127.0.0.9", LIMITS, |p| {
+            p.starts_with("/static/")
+        }) {
             Parsed::Forward(p) => p,
             other => panic!("not forwarded: {other:?}"),
         }
@@ -413,7 +530,7 @@ mod tests {
     #[test]
     fn anything_unusual_goes_to_hyper() {
         let cases = [
-            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET /a HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
             "POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST /a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
             "GET /a HTTP/1.0\r\n\r\n",
@@ -421,30 +538,115 @@ mod tests {
             "CONNECT example:443 HTTP/1.1\r\n\r\n",
             "GET /static/app.js HTTP/1.1\r\n\r\n",
             "POST /a HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            "POST /a HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
             "GET /a HTTP/1.1\r\nBad Header\r\n\r\n",
         ];
         for raw in cases {
             assert!(
-                matches!(
-                    plan(raw.as_bytes(), "1.1.1.1", |p| p.starts_with("/static/")),
-                    Parsed::Fallback(_)
-                ),
+                matches!(planned(raw.as_bytes()), Parsed::Fallback(_)),
                 "{raw:?}"
             );
         }
-        assert_eq!(
-            plan(b"GET /a HTTP/1.1\r\nHost:", "1.1.1.1", |_| false),
-            Parsed::Partial
-        );
+        assert_eq!(planned(b"GET /a HTTP/1.1\r\nHost:"), Parsed::Partial);
         // A cached path is only the cache's for GET.
         forward("POST /static/x HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
     }
 
     #[test]
+    fn a_websocket_upgrade_keeps_its_end_to_end_headers_and_a_bad_one_is_refused() {
+        let raw = "GET /ws?room=1 HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Protocol: chat\r\nOrigin: http://app\r\nCookie: a=1\r\n\r\n";
+        let Parsed::Upgrade(p) = planned(raw.as_bytes()) else {
+            panic!("not an upgrade: {:?}", planned(raw.as_bytes()));
+        };
+        let head = head_text(&p);
+        for kept in [
+            "GET /ws?room=1 HTTP/1.1\r\n",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            "Sec-WebSocket-Protocol: chat\r\n",
+            "Origin: http://app\r\n",
+            "Cookie: a=1\r\n",
+            "connection: upgrade\r\nupgrade: websocket\r\n",
+        ] {
+            assert!(head.contains(kept), "{kept:?} in {head}");
+        }
+        assert!(
+            !head.contains("keep-alive") && !head.contains("Host: gw"),
+            "{head}"
+        );
+        let bad_key = raw.replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
+        assert!(matches!(planned(bad_key.as_bytes()), Parsed::BadUpgrade(_)));
+        let bad_version = raw.replace("Version: 13", "Version: 12");
+        assert!(matches!(
+            planned(bad_version.as_bytes()),
+            Parsed::BadUpgrade(_)
+        ));
+    }
+
+    #[test]
+    fn a_head_past_its_limits_is_refused_with_the_limit_that_bit() {
+        let big = format!("GET /a HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+        assert_eq!(planned(big.as_bytes()), Parsed::Refuse(Limit::HeaderBytes));
+        // Known before the head ends.
+        assert_eq!(
+            planned(&big.as_bytes()[..17_000]),
+            Parsed::Refuse(Limit::HeaderBytes)
+        );
+        let fields = |n: usize| {
+            let mut raw = String::from("GET /a HTTP/1.1\r\n");
+            for i in 0..n {
+                let _ = write!(raw, "X-{i}: v\r\n");
+            }
+            raw + "\r\n"
+        };
+        assert!(matches!(planned(fields(64).as_bytes()), Parsed::Forward(_)));
+        // More than this path parses in place, within max_headers: hyper's.
+        assert!(matches!(
+            planned(fields(80).as_bytes()),
+            Parsed::Fallback(_)
+        ));
+        assert_eq!(
+            planned(fields(101).as_bytes()),
+            Parsed::Refuse(Limit::HeaderCount)
+        );
+        let few = HeadLimits {
+            max_headers: 10,
+            ..LIMITS
+        };
+        assert_eq!(
+            plan(fields(11).as_bytes(), "1.1.1.1", few, |_| false),
+            Parsed::Refuse(Limit::HeaderCount)
+        );
+        assert_eq!(
+            plan(fields(70).as_bytes(), "1.1.1.1", few, |_| false),
+            Parsed::Refuse(Limit::HeaderCount)
+        );
+        assert_eq!(
+            planned(b"POST /a HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n"),
+            Parsed::Refuse(Limit::BodyBytes)
+        );
+        let roomy = HeadLimits {
+            max_body_bytes: 1 << 30,
+            ..LIMITS
+        };
+        assert!(matches!(
+            plan(
+                b"POST /a HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+                "1.1.1.1",
+                roomy,
+                |_| false
+            ),
+            Parsed::Fallback(_)
+        ));
+    }
+
+    #[test]
     fn response_framing_follows_the_rules_of_http_1_1() {
-        let h =
-            |raw: &str, head: bool| response_head(raw.as_bytes(), head, false).unwrap().unwrap();
+        let h = |raw: &str, head: bool| {
+            response_head(raw.as_bytes(), head, false, 65536)
+                .unwrap()
+                .unwrap()
+        };
         assert_eq!(
             h("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false).framing,
             Framing::Length(3)
@@ -488,19 +690,31 @@ mod tests {
         assert!(response_head(
             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
             false,
-            false
+            false,
+            65536
         )
         .is_err());
         assert!(response_head(
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             false,
-            false
+            false,
+            65536
         )
         .is_err());
         assert_eq!(
-            response_head(b"HTTP/1.1 200 OK\r\nContent", false, false).unwrap(),
+            response_head(b"HTTP/1.1 200 OK\r\nContent", false, false, 65536).unwrap(),
             None
         );
+        let big = format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+        assert_eq!(
+            response_head(big.as_bytes(), false, false, 8192),
+            Err(ResponseError::TooLarge)
+        );
+        assert_eq!(
+            response_head(&big.as_bytes()[..8500], false, false, 8192),
+            Err(ResponseError::TooLarge)
+        );
+        assert!(response_head(big.as_bytes(), false, false, 65536).is_ok());
     }
 
     #[test]

@@ -31,8 +31,8 @@ use crate::telemetry::GW_CACHE as CACHE;
 use super::attempt::{Ask, AttemptError, Failed, Tries};
 use super::balancer::Target;
 use super::http1::{idempotent_name, HOP_BY_HOP};
+use super::limits::Limit;
 use super::route::Kind;
-use super::ws_relay::ws;
 use super::{is_upgrade, unavailable, Gateway};
 
 /// A server connection's future, to be polled by the task of the client connection it serves.
@@ -54,6 +54,7 @@ pub(super) const RAW_POOL_MAX_IDLE_PER_SERVER: usize = 1024;
 /// itself (BENCHMARKS.md). Only connections left by ended client connections are shared.
 pub(super) struct Upstreams {
     peer: SocketAddr,
+    stop: CancellationToken,
     kept: Mutex<Vec<Kept>>,
     drive: mpsc::UnboundedSender<Drive>,
 }
@@ -93,13 +94,15 @@ impl Upstreams {
                     Err(mut e) => match e.take_message() {
                         // The connection closed before the request went out: open a new one.
                         Some(r) => req = r,
-                        None => return Err(AttemptError::Sent(e.into_error().to_string())),
+                        None => return Err(sent_failed(g, &e.into_error())),
                     },
                 }
             }
         }
         let tcp = connect(g, target).await.map_err(AttemptError::NotSent)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_header_size(g.0.cfg.limits.max_response_header_bytes)
+            .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| AttemptError::NotSent(format!("handshake: {e}")))?;
         let id = target.id.clone();
@@ -118,7 +121,7 @@ impl Upstreams {
                 self.keep(target, sender);
                 Ok(resp)
             }
-            Err(e) => Err(AttemptError::Sent(e.to_string())),
+            Err(e) => Err(sent_failed(g, &e)),
         }
     }
 
@@ -128,6 +131,15 @@ impl Upstreams {
             .expect("not poisoned")
             .push((target.id.clone(), sender));
     }
+}
+
+/// A request that failed after it was sent; a response head over its limit is counted.
+fn sent_failed(g: &Gateway, e: &hyper::Error) -> AttemptError {
+    if e.is_parse_too_large() {
+        g.0.bitten.count(Limit::ResponseHeaderBytes);
+        return AttemptError::Sent("a response head over max_response_header_bytes".to_string());
+    }
+    AttemptError::Sent(e.to_string())
 }
 
 /// A new connection to `target`, within the connect timeout; counted as opened.
@@ -152,17 +164,16 @@ pub(super) async fn connect(g: &Gateway, target: &Target) -> Result<TcpStream, S
 
 /// Serves one client connection until it closes, or until `stop` (then after the request in
 /// progress). Keep-alive connections that send nothing for `idle_timeout` are closed.
-pub(super) async fn serve_connection<S>(
+pub(super) async fn serve_connection(
     g: Gateway,
-    stream: S,
+    stream: super::forward::Rewind<TcpStream>,
     peer: SocketAddr,
     stop: CancellationToken,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let (drive, mut driven) = mpsc::unbounded_channel::<Drive>();
     let up = Arc::new(Upstreams {
         peer,
+        stop: stop.clone(),
         kept: Mutex::new(Vec::new()),
         drive,
     });
@@ -174,7 +185,13 @@ pub(super) async fn serve_connection<S>(
         async move { Ok::<_, Infallible>(handle(g, up, req.map(Body::new)).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(idle);
+    // hyper answers 431 past these itself. Its head timer runs from when it starts waiting
+    // for a head, idle keep-alive included, so it is the idle timeout here.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle)
+        .max_headers(g.0.cfg.limits.max_headers)
+        .max_header_size(g.0.cfg.limits.max_header_bytes);
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -219,7 +236,7 @@ pub(super) async fn serve_connection<S>(
 pub(super) async fn handle(g: Gateway, up: Arc<Upstreams>, req: Request) -> Response {
     g.0.requests.fetch_add(1, Ordering::Relaxed);
     if is_upgrade(req.headers()) {
-        ws(g, req).await
+        super::ws_relay::from_hyper(g, up.peer, req, up.stop.clone()).await
     } else {
         http(g, &up, req).await
     }
@@ -233,6 +250,32 @@ pub(super) fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> HeaderValu
         _ => ip,
     };
     HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// A limit's answer to a request, counted; the connection closes after it.
+pub(super) fn refused(g: &Gateway, limit: Limit) -> Response {
+    g.0.bitten.count(limit);
+    let (status, _, text) = limit.answer();
+    let mut resp = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        text,
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Whether reading a body failed on its length limit (`http_body_util::LengthLimitError`).
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 pub(super) fn idempotent(m: &axum::http::Method) -> bool {
@@ -268,9 +311,33 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         }
         counter!(CACHE, "result" => "miss").increment(1);
     }
-    // The request body is kept so that a retry can send it again (most requests have none).
-    let Ok(body) = axum::body::to_bytes(body, 16 << 20).await else {
-        return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 16 MiB\n").into_response();
+    // The request body is kept so that a retry can send it again (most requests have none):
+    // read whole, within `max_body_bytes` and `body_timeout`.
+    let limits = &g.0.cfg.limits;
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return refused(&g, Limit::BodyBytes);
+    }
+    let body = match tokio::time::timeout(
+        limits.body_timeout,
+        axum::body::to_bytes(body, limits.max_body_bytes),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) if is_length_limit(&e) => return refused(&g, Limit::BodyBytes),
+        Ok(Err(e)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                [(http::header::CONNECTION, "close")],
+                format!("the request body could not be read: {e}\n"),
+            )
+                .into_response()
+        }
+        Err(_) => return refused(&g, Limit::BodyTimeout),
     };
     let inflight = match &g.0.accounting {
         Some(acc) => acc.inflight().await,

@@ -12,11 +12,13 @@ mod forward;
 pub mod health;
 mod http1;
 mod hyper_path;
+mod limits;
 pub mod pool;
 mod probe;
 pub mod route;
 mod series;
 pub mod table;
+mod websocket;
 mod ws_relay;
 
 use std::collections::HashMap;
@@ -69,6 +71,7 @@ struct Shared {
     registry: Mutex<HashMap<Arc<str>, Arc<table::Backend>>>,
     cache: StaticCache,
     http_duration: metrics::Histogram,
+    ws_connect: metrics::Histogram,
     /// Idle server connections left by client connections that ended.
     pool: pool::IdlePool<SendRequest<Full<Bytes>>>,
     /// Idle server connections of the plain forwarding path (`forward`), taken by a
@@ -82,6 +85,9 @@ struct Shared {
     /// Requests and upgrades no server could take (`requests_total{outcome="no_backend"}`).
     no_backend: AtomicU64,
     accounting: Option<accounting::Accounting>,
+    /// Who may hold a client connection, and the count of each limit that bit.
+    admission: limits::Admission,
+    bitten: limits::Bitten,
 }
 
 #[derive(Clone)]
@@ -108,6 +114,7 @@ impl Gateway {
         accounting: Option<accounting::Accounting>,
     ) -> Gateway {
         let cache = StaticCache::new(cfg.cache_capacity, cfg.cache_ttl, cfg.cache_paths.clone());
+        let cfg_limits = cfg.limits.clone();
         Gateway(Arc::new(Shared {
             cfg,
             topology,
@@ -115,6 +122,7 @@ impl Gateway {
             registry: Mutex::new(HashMap::new()),
             cache,
             http_duration: histogram!(REQUEST_DURATION, "kind" => "http"),
+            ws_connect: histogram!(REQUEST_DURATION, "kind" => "ws_connect"),
             pool: pool::IdlePool::new(POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
             raw_pool: pool::IdlePool::new(RAW_POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
             opened: counter!(SERVER_CONNECTIONS, "source" => "opened"),
@@ -123,6 +131,8 @@ impl Gateway {
             retries: AtomicU64::new(0),
             no_backend: AtomicU64::new(0),
             accounting,
+            admission: limits::Admission::new(&cfg_limits),
+            bitten: limits::Bitten::new(),
         }))
     }
 }
@@ -256,7 +266,13 @@ pub async fn run(
     }
     tracing::info!(%addr, service = %cfg.service, metrics = %gw_cfg.metrics_listen, "gateway up");
     let connections = tokio_util::task::TaskTracker::new();
+    let admission = &gateway.0.admission;
     loop {
+        // A slot first: with every one taken, accepting pauses (`Admission::slot`).
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = admission.slot() => slot,
+        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -270,21 +286,30 @@ pub async fn run(
             },
         };
         let _ = stream.set_nodelay(true);
+        let admitted = match slot.map(|s| admission.admit(s, peer.ip())) {
+            Some(Ok(a)) => a,
+            refused => {
+                let limit = match refused {
+                    Some(Err(limit)) => limit,
+                    _ => limits::Limit::MaxConnections,
+                };
+                gateway.0.bitten.count(limit);
+                admission.refuse(stream, limit);
+                continue;
+            }
+        };
+        let (g, stop) = (gateway.clone(), shutdown.clone());
         if gateway.0.accounting.is_some() {
             // Shared accounting holds a slot in Redis per request: hyper's path does that.
-            connections.spawn(serve_connection(
-                gateway.clone(),
-                stream,
-                peer,
-                shutdown.clone(),
-            ));
+            connections.spawn(async move {
+                let _admitted = admitted;
+                serve_connection(g, forward::Rewind::new(stream), peer, stop).await;
+            });
         } else {
-            connections.spawn(forward::serve(
-                gateway.clone(),
-                stream,
-                peer,
-                shutdown.clone(),
-            ));
+            connections.spawn(async move {
+                let _admitted = admitted;
+                forward::serve(g, stream, peer, stop).await;
+            });
         }
     }
     // Requests in progress finish (each connection closes after its current one).
