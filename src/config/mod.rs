@@ -518,6 +518,49 @@ mod tests {
     }
 
     #[test]
+    fn the_gateways_limits_have_their_documented_defaults_and_are_checked() {
+        let c = parse(Path::new("p.toml"), "", &no_env).unwrap();
+        let l = &c.gateway.limits;
+        assert_eq!(
+            (l.max_connections, l.queue_timeout, l.max_connections_per_ip),
+            (10_000, Duration::from_secs(1), 0)
+        );
+        assert_eq!(
+            (l.header_timeout, l.max_header_bytes, l.max_headers),
+            (Duration::from_secs(10), 16 * 1024, 100)
+        );
+        assert_eq!(
+            (
+                l.max_body_bytes,
+                l.body_timeout,
+                l.max_response_header_bytes
+            ),
+            (1 << 20, Duration::from_secs(30), 64 * 1024)
+        );
+        assert_eq!(
+            (l.ws_ping_interval, l.ws_idle_timeout),
+            (Duration::from_secs(20), Duration::from_secs(60))
+        );
+        assert_eq!(
+            (l.ws_max_frame_bytes, l.ws_max_message_bytes),
+            (1 << 20, 1 << 20)
+        );
+        let errs = errors(
+            "[gateway]\nmax_connections = 0\nmax_header_bytes = 100\nws_max_frame_bytes = 4096\n\
+             ws_max_message_bytes = 2048\nws_ping_interval = \"30s\"\nws_idle_timeout = \"30s\"\n",
+        );
+        let all = errs.join("\n");
+        for key in [
+            "gateway.max_connections",
+            "gateway.max_header_bytes",
+            "gateway.ws_max_frame_bytes",
+            "gateway.ws_idle_timeout",
+        ] {
+            assert!(all.contains(key), "missing {key} in\n{all}");
+        }
+    }
+
+    #[test]
     fn broken_toml_is_one_error_with_a_position() {
         let errs = errors("name = \n");
         assert_eq!(errs.len(), 1);

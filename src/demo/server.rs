@@ -192,6 +192,7 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
         .route("/hello", get(hello))
         .route("/slow", get(slow))
         .route("/echo", axum::routing::any(echo))
+        .route("/header", get(big_header))
         .route("/static/{*file}", get(static_file))
         .with_state(app);
     let http_stop = CancellationToken::new();
@@ -269,6 +270,15 @@ async fn echo(
         Ok("\nend\n".into()),
     ];
     axum::body::Body::from_stream(futures::stream::iter(pieces)).into_response()
+}
+
+/// A response whose head carries an `x-filler` header of `?bytes=` bytes (at most 1 MiB):
+/// for trying a proxy's limit on response heads.
+async fn big_header(
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, usize>>,
+) -> Response {
+    let n = q.get("bytes").copied().unwrap_or(1000).min(1 << 20);
+    ([("x-filler", "f".repeat(n))], "a large head\n").into_response()
 }
 
 /// A cacheable "static" file that names the server it came from.

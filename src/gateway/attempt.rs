@@ -23,12 +23,20 @@ pub(super) enum AttemptError {
     /// The server is up and said no (a WebSocket upgrade refused: full, cordoned,
     /// shedding): sent elsewhere, and not held against the server's health.
     Refused(String),
+    /// The server answered what the gateway will not relay (a response head over
+    /// `max_response_header_bytes`): another would likely answer the same, so it is sent
+    /// nowhere else; the client gets 502. Not held against the server's health either: it
+    /// is one response, not the server.
+    Unrelayable(String),
 }
 
 impl AttemptError {
     pub(super) fn message(&self) -> &str {
         match self {
-            AttemptError::NotSent(m) | AttemptError::Sent(m) | AttemptError::Refused(m) => m,
+            AttemptError::NotSent(m)
+            | AttemptError::Sent(m)
+            | AttemptError::Refused(m)
+            | AttemptError::Unrelayable(m) => m,
         }
     }
 
@@ -36,6 +44,7 @@ impl AttemptError {
         match self {
             AttemptError::NotSent(_) | AttemptError::Refused(_) => true,
             AttemptError::Sent(_) => idempotent,
+            AttemptError::Unrelayable(_) => false,
         }
     }
 }
@@ -107,7 +116,7 @@ impl<'a> Tries<'a> {
         target: Target,
         error: AttemptError,
     ) -> Result<(), Failed> {
-        if !matches!(error, AttemptError::Refused(_)) {
+        if matches!(error, AttemptError::NotSent(_) | AttemptError::Sent(_)) {
             self.g.outcome(&target, false);
         }
         self.tried.push(target.id.clone());
@@ -140,6 +149,7 @@ mod tests {
         assert!(refused.may_go_elsewhere(false));
         assert!(!sent.may_go_elsewhere(false));
         assert!(sent.may_go_elsewhere(true));
+        assert!(!AttemptError::Unrelayable("head".into()).may_go_elsewhere(true));
         assert_eq!(sent.message(), "reset");
     }
 }

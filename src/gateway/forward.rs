@@ -84,7 +84,7 @@ pub(super) async fn serve(
     stop: CancellationToken,
 ) {
     let ip = peer.ip().to_string();
-    let mut cbuf = BytesMut::with_capacity(4096);
+    let mut cbuf = BytesMut::new();
     let mut wire: Vec<u8> = Vec::new();
     let limits = &g.0.cfg.limits;
     let head_limits = HeadLimits::from(limits);
@@ -109,7 +109,9 @@ pub(super) async fn serve(
                         prefix: cbuf,
                         inner: client,
                     };
-                    super::serve_connection(g, rest, peer, stop).await;
+                    // Boxed, like every long or large part of a connection's life, so that
+                    // a connection waiting for its next request holds only this loop.
+                    Box::pin(super::serve_connection(g, rest, peer, stop)).await;
                     return;
                 }
                 Parsed::Refuse(limit) => return refuse(&g, client, limit).await,
@@ -124,14 +126,14 @@ pub(super) async fn serve(
                     g.0.requests.fetch_add(1, Ordering::Relaxed);
                     let early = cbuf[p.head_len..].to_vec();
                     drop((cbuf, wire, ip));
-                    super::ws_relay::open(g, client, early, p.head, stop).await;
+                    Box::pin(super::ws_upgrade::open(g, client, early, p.head, stop)).await;
                     return;
                 }
                 Parsed::Partial => {}
             }
             let read = tokio::select! {
                 () = stop.cancelled() => return,
-                r = tokio::time::timeout_at(deadline, client.read_buf(&mut cbuf)) => r,
+                r = tokio::time::timeout_at(deadline, read_some(&mut client, &mut cbuf)) => r,
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {
@@ -152,8 +154,9 @@ pub(super) async fn serve(
         // The whole body within the body timeout.
         let deadline = Instant::now() + limits.body_timeout;
         while cbuf.len() < plan.body_len {
-            cbuf.reserve(plan.body_len - cbuf.len());
-            match tokio::time::timeout_at(deadline, client.read_buf(&mut cbuf)).await {
+            // Grown as the body comes, not reserved for what the head declares: a slow
+            // client holds only what it sent.
+            match tokio::time::timeout_at(deadline, read_some(&mut client, &mut cbuf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return,
                 Err(_) => return refuse(&g, client, Limit::BodyTimeout).await,
@@ -162,7 +165,7 @@ pub(super) async fn serve(
         let body = cbuf.split_to(plan.body_len);
         g.0.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match forward(&g, &mut client, &mut wire, &plan, &body).await {
+        match Box::pin(forward(&g, &mut client, &mut wire, &plan, &body)).await {
             Relayed::KeepAlive if !plan.client_close => {}
             _ => {
                 let _ = client.shutdown().await;
@@ -172,10 +175,28 @@ pub(super) async fn serve(
     }
 }
 
+/// Reads what the client sends next into `buf`. While `buf` holds nothing, it holds no
+/// memory either until the client sends: an idle keep-alive connection costs no buffer.
+async fn read_some(client: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if !buf.is_empty() {
+        buf.reserve(1024);
+        return client.read_buf(buf).await;
+    }
+    *buf = BytesMut::new();
+    loop {
+        client.readable().await?;
+        buf.reserve(4096);
+        match client.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = BytesMut::new(),
+            r => return r,
+        }
+    }
+}
+
 /// Answers a request a limit refuses, counted, and closes the connection.
 async fn refuse(g: &Gateway, client: TcpStream, limit: Limit) {
     g.0.bitten.count(limit);
-    answer_and_close(client, limit, true).await;
+    Box::pin(answer_and_close(client, limit, true)).await;
 }
 
 /// Sends one request (on another server when it fails and may be sent again) and relays
@@ -278,12 +299,11 @@ async fn exchange(
                 return Ok((conn, head));
             }
             Ok(None) => {}
-            Err(e) => {
-                if e == ResponseError::TooLarge {
-                    g.0.bitten.count(Limit::ResponseHeaderBytes);
-                }
-                return Err(AttemptError::Sent(e.to_string()));
+            Err(e @ ResponseError::TooLarge) => {
+                g.0.bitten.count(Limit::ResponseHeaderBytes);
+                return Err(AttemptError::Unrelayable(e.to_string()));
             }
+            Err(e) => return Err(AttemptError::Sent(e.to_string())),
         }
         match conn.stream.read_buf(&mut conn.buf).await {
             Ok(n) if n > 0 => {}
@@ -490,5 +510,45 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::config::GatewayConfig;
+    use crate::fleet::topology::Topology;
+
+    /// What every client connection holds while it waits for a request, and every relayed
+    /// WebSocket while it is idle, is the future of its task: the long or large parts of
+    /// their lives are boxed, so that these stay small (what more they cost is measured in
+    /// BENCHMARKS.md).
+    #[tokio::test]
+    async fn a_waiting_connection_and_an_idle_session_hold_small_futures() {
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Topology::default()));
+        let g = super::Gateway::new(GatewayConfig::default(), rx, None);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let conn = || TcpStream::connect(l.local_addr().unwrap());
+        let c = conn().await.unwrap();
+        let peer = c.local_addr().unwrap();
+        let waiting = super::serve(g.clone(), c, peer, CancellationToken::new());
+        let session = crate::gateway::ws_upgrade::open(
+            g,
+            conn().await.unwrap(),
+            Vec::new(),
+            Vec::new(),
+            CancellationToken::new(),
+        );
+        let (waiting, session) = (
+            std::mem::size_of_val(&waiting),
+            std::mem::size_of_val(&session),
+        );
+        println!("a waiting connection: {waiting} bytes; a session: {session} bytes");
+        assert!(waiting <= 1536, "{waiting} bytes");
+        assert!(session <= 3072, "{session} bytes");
     }
 }

@@ -236,7 +236,7 @@ pub(super) async fn serve_connection(
 pub(super) async fn handle(g: Gateway, up: Arc<Upstreams>, req: Request) -> Response {
     g.0.requests.fetch_add(1, Ordering::Relaxed);
     if is_upgrade(req.headers()) {
-        super::ws_relay::from_hyper(g, up.peer, req, up.stop.clone()).await
+        super::ws_upgrade::from_hyper(g, up.peer, req, up.stop.clone()).await
     } else {
         http(g, &up, req).await
     }

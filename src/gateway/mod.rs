@@ -20,6 +20,7 @@ mod series;
 pub mod table;
 mod websocket;
 mod ws_relay;
+mod ws_upgrade;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -191,6 +192,22 @@ pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// Raises the soft open-file limit to the hard one: each client connection holds a socket,
+/// and one to its server. Says so when even that is too few for `max_connections`.
+fn raise_open_files(max_connections: usize) {
+    let needed = max_connections as u64 * 2 + 256;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < needed => tracing::warn!(
+            open_files = n,
+            max_connections,
+            "the open-file limit is too low for max_connections: raise the hard limit \
+             (ulimit -Hn, LimitNOFILE=) or lower gateway.max_connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 /// Runs the gateway until `shutdown`.
 pub async fn run(
     cfg: PipelineConfig,
@@ -199,6 +216,7 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     let gw_cfg = cfg.gateway.clone();
     let addr = listen.unwrap_or(gw_cfg.listen);
+    raise_open_files(gw_cfg.limits.max_connections);
     let recorder = crate::telemetry::install_recorder(gw_cfg.metrics_listen)?;
     let metrics_listener = tokio::net::TcpListener::bind(gw_cfg.metrics_listen)
         .await

@@ -3,9 +3,14 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Gateway;
+
+/// Health checks in flight at once: a fleet of thousands is checked in waves, not with
+/// thousands of requests (and sockets) at the same moment.
+const PROBES_AT_ONCE: usize = 64;
 
 impl Gateway {
     /// Active health checks of every server the snapshot knows, until `stop`.
@@ -16,15 +21,21 @@ impl Gateway {
             .expect("a plain HTTP client builds");
         loop {
             let table = self.0.table.load_full();
-            let checks =
-                table.all.iter().map(|slot| {
-                    let url = format!("http://{}{}", slot.host, self.0.cfg.health_path);
+            let urls: Vec<String> = table
+                .all
+                .iter()
+                .map(|slot| format!("http://{}{}", slot.host, self.0.cfg.health_path))
+                .collect();
+            let results: Vec<bool> = futures::stream::iter(urls)
+                .map(|url| {
                     let client = client.clone();
                     async move {
                         matches!(client.get(url).send().await, Ok(r) if r.status().is_success())
                     }
-                });
-            let results = futures::future::join_all(checks).await;
+                })
+                .buffered(PROBES_AT_ONCE)
+                .collect()
+                .await;
             for (slot, passed) in table.all.iter().zip(results) {
                 let b = &slot.backend;
                 if let Some(up) = b.checked(passed, self.0.cfg.rise, self.0.cfg.fall) {

@@ -641,6 +641,24 @@ impl GatewayProc {
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         sample(&self.metrics().await, name, labels)
     }
+
+    /// How many times `limit` has bitten (`rebalancer_gateway_limited_total`).
+    pub async fn limited(&self, limit: &str) -> f64 {
+        self.metric("rebalancer_gateway_limited_total", &[("limit", limit)])
+            .await
+            .unwrap_or(-1.0)
+    }
+
+    /// Its resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the gateway's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
+    }
 }
 
 impl Drop for GatewayProc {

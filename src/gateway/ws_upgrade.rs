@@ -1,0 +1,284 @@
+//! WebSocket upgrades: the client's upgrade checked (400 when RFC 6455 refuses it), sent on
+//! to a server picked for a new session (another tried when one refuses), and its 101
+//! relayed; then the session is `ws_relay`'s. From the fast path, which read the upgrade
+//! itself, or from hyper, on a connection handed over before.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::attempt::{Ask, AttemptError, Tries};
+use super::route::Kind;
+use super::table::Backend;
+use super::websocket;
+use super::ws_relay::session;
+use super::Gateway;
+
+/// Header fields as a server sent them.
+type Headers = Vec<(String, Vec<u8>)>;
+
+/// The connection hyper gives back after an upgrade.
+type HyperIo = hyper_util::rt::TokioIo<super::forward::Rewind<TcpStream>>;
+
+/// A server that took the upgrade: its connection, the headers of its 101 for the client,
+/// and any bytes it sent after them.
+pub(super) struct Accepted {
+    pub(super) stream: TcpStream,
+    pub(super) headers: Headers,
+    pub(super) early: BytesMut,
+    pub(super) backend: std::sync::Arc<Backend>,
+}
+
+/// Headers of a server's 101 that are the gateway's to set, not to pass on.
+const NOT_RELAYED: &[&str] = &[
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "proxy-connection",
+    "te",
+    "trailer",
+];
+
+/// Sends the upgrade `head` (less `Host` and its blank line) to a server picked for a new
+/// session, another when one refuses or fails, and returns the one that answered 101, or
+/// why none did.
+pub(super) async fn upgrade_upstream(g: &Gateway, head: &[u8]) -> Result<Accepted, String> {
+    let ask = Ask {
+        kind: Kind::Session,
+        inflight: None,
+        // A WebSocket upgrade is a GET: tried on another server whatever went wrong.
+        idempotent: true,
+    };
+    let mut tries = Tries::new(g, ask);
+    let started = Instant::now();
+    loop {
+        let target = tries.next().map_err(str::to_string)?;
+        let attempt = async {
+            let mut stream = super::hyper_path::connect(g, &target)
+                .await
+                .map_err(AttemptError::NotSent)?;
+            let mut wire = Vec::with_capacity(head.len() + target.host.len() + 10);
+            wire.extend_from_slice(head);
+            wire.extend_from_slice(b"host: ");
+            wire.extend_from_slice(target.host.as_bytes());
+            wire.extend_from_slice(b"\r\n\r\n");
+            stream
+                .write_all(&wire)
+                .await
+                .map_err(|e| AttemptError::NotSent(format!("write: {e}")))?;
+            let mut buf = BytesMut::with_capacity(1024);
+            loop {
+                match switched(&buf, g.0.cfg.limits.max_response_header_bytes) {
+                    Ok(Some((n, headers))) => {
+                        let _ = buf.split_to(n);
+                        return Ok((stream, headers, buf));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(e),
+                }
+                match stream.read_buf(&mut buf).await {
+                    Ok(n) if n > 0 => {}
+                    Ok(_) => return Err(AttemptError::Sent("the server closed".into())),
+                    Err(e) => return Err(AttemptError::Sent(format!("read: {e}"))),
+                }
+            }
+        };
+        let error = match tokio::time::timeout(g.0.cfg.connect_timeout, attempt).await {
+            Ok(Ok((stream, headers, early))) => {
+                g.outcome(&target, true);
+                g.0.ws_connect.record(started.elapsed().as_secs_f64());
+                target
+                    .backend
+                    .counts
+                    .ws
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(Accepted {
+                    stream,
+                    headers,
+                    early,
+                    backend: target.backend.clone(),
+                });
+            }
+            Ok(Err(e)) => e,
+            Err(_) => {
+                AttemptError::NotSent(format!("no upgrade within {:?}", g.0.cfg.connect_timeout))
+            }
+        };
+        if let AttemptError::Refused(why) = &error {
+            tracing::debug!(backend = %target.id, why, "upgrade refused");
+        }
+        if tries.after_failure(target, error).await.is_err() {
+            return Err("every server tried refused or failed".into());
+        }
+    }
+}
+
+/// A server's answer to an upgrade: `Some` once its head is whole and it is a 101, with the
+/// head's length and its headers to relay; a refusal otherwise.
+fn switched(buf: &[u8], max_head: usize) -> Result<Option<(usize, Headers)>, AttemptError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= max_head => {
+            if resp.code != Some(101) {
+                return Err(AttemptError::Refused(format!(
+                    "upgrade refused: {}",
+                    resp.code.unwrap_or(0)
+                )));
+            }
+            let keep = resp
+                .headers
+                .iter()
+                .filter(|h| !NOT_RELAYED.iter().any(|x| x.eq_ignore_ascii_case(h.name)))
+                .map(|h| (h.name.to_string(), h.value.to_vec()))
+                .collect();
+            Ok(Some((n, keep)))
+        }
+        Ok(httparse::Status::Partial) if buf.len() <= max_head => Ok(None),
+        Ok(_) => Err(AttemptError::Unrelayable(
+            "a response head over max_response_header_bytes".into(),
+        )),
+        Err(e) => Err(AttemptError::Sent(format!(
+            "an invalid response head ({e})"
+        ))),
+    }
+}
+
+/// The 101 for the client, with the server's headers.
+pub(super) fn switching_head(headers: &Headers) -> Vec<u8> {
+    let mut out =
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            .to_vec();
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Opens a session for an upgrade the fast path read: the server's 101 relayed, then the
+/// session; or 503 when no server takes it.
+pub(super) async fn open(
+    g: Gateway,
+    mut client: TcpStream,
+    early: Vec<u8>,
+    head: Vec<u8>,
+    stop: CancellationToken,
+) {
+    // Boxed: the upgrade's buffers and the closing's are not held through the session.
+    let accepted = Box::pin(upgrade_upstream(&g, &head)).await;
+    drop(head);
+    match accepted {
+        Ok(accepted) => {
+            if client
+                .write_all(&switching_head(&accepted.headers))
+                .await
+                .is_ok()
+            {
+                session(g, client, early, accepted, stop).await;
+            }
+        }
+        Err(why) => {
+            let text = format!("no server can take this request: {why}\n");
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{text}",
+                text.len()
+            );
+            let _ = client.write_all(answer.as_bytes()).await;
+            let _ = client.shutdown().await;
+        }
+    }
+}
+
+/// An upgrade hyper read (on a connection the fast path handed over): checked, sent to a
+/// server, and answered with its 101; the session runs on the connection hyper gives back.
+pub(super) async fn from_hyper(
+    g: Gateway,
+    peer: std::net::SocketAddr,
+    mut req: axum::extract::Request,
+    stop: CancellationToken,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let headers = req.headers();
+    if let Err(why) =
+        websocket::check_upgrade(headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    {
+        return (
+            http::StatusCode::BAD_REQUEST,
+            [("sec-websocket-version", "13"), ("connection", "close")],
+            format!("not a valid WebSocket upgrade: {why}\n"),
+        )
+            .into_response();
+    }
+    let head = upgrade_head(&req, peer);
+    let accepted = match upgrade_upstream(&g, &head).await {
+        Ok(a) => a,
+        Err(why) => return super::unavailable(&why),
+    };
+    let mut resp = http::Response::builder()
+        .status(http::StatusCode::SWITCHING_PROTOCOLS)
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade");
+    for (name, value) in &accepted.headers {
+        resp = resp.header(name.as_str(), value.as_slice());
+    }
+    let Ok(resp) = resp.body(axum::body::Body::empty()) else {
+        return (
+            http::StatusCode::BAD_GATEWAY,
+            "the server's 101 has an invalid header\n",
+        )
+            .into_response();
+    };
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on.await else { return };
+        let Ok(parts) = upgraded.downcast::<HyperIo>() else {
+            tracing::error!("an upgraded connection of an unexpected type");
+            return;
+        };
+        let (tcp, prefix) = parts.io.into_inner().into_parts();
+        let mut early = prefix.to_vec();
+        early.extend_from_slice(&parts.read_buf);
+        session(g, tcp, early, accepted, stop).await;
+    });
+    resp
+}
+
+/// The upgrade request for a server, from the one hyper read: end-to-end headers kept, the
+/// hop-by-hop ones (and those `Connection` names) dropped, less `Host` and the blank line.
+fn upgrade_head(req: &axum::extract::Request, peer: std::net::SocketAddr) -> Vec<u8> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut head = format!("GET {path} HTTP/1.1\r\n").into_bytes();
+    let connection: Vec<String> = req
+        .headers()
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .collect();
+    for (name, value) in req.headers() {
+        let n = name.as_str();
+        if super::http1::HOP_BY_HOP.contains(&n)
+            || n == "x-forwarded-for"
+            || connection.iter().any(|c| c == n)
+        {
+            continue;
+        }
+        head.extend_from_slice(n.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\nx-forwarded-for: ");
+    head.extend_from_slice(super::hyper_path::forwarded_for(req.headers(), peer).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    head
+}
