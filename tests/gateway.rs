@@ -262,7 +262,12 @@ async fn idle_keep_alive_clients_are_closed_and_servers_learn_who_the_client_was
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     let _servers = fleet(&redis, &consul, 1).await;
-    let gw = GatewayProc::start_with(&redis, &consul, "idle_timeout = \"1s\"\n").await;
+    let gw = GatewayProc::start_with(
+        &redis,
+        &consul,
+        "idle_timeout = \"1s\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    )
+    .await;
     let hello = eventually("the gateway serving", WAIT, || async {
         let r = http()
             .get(gw.http_url("/hello"))
@@ -274,6 +279,8 @@ async fn idle_keep_alive_clients_are_closed_and_servers_learn_who_the_client_was
     })
     .await;
     let body: serde_json::Value = hello.json().await.unwrap();
+    // The test is a trusted proxy here: its chain goes on (tests/gateway_proxying.rs checks
+    // that an untrusted client's is replaced).
     assert_eq!(body["forwarded_for"], "203.0.113.9, 127.0.0.1", "{body}");
 
     // One request on a raw keep-alive connection, then silence: closed after about 1 s.

@@ -160,10 +160,10 @@ async fn requests_past_a_limit_are_answered_with_its_status_and_counted() {
         .starts_with("POST 1048576 bytes"));
 
     // A server's response head over 64 KiB: the client gets 502, counted.
-    let r = get(gw.http_url("/header?bytes=70000")).await.unwrap();
+    let r = get(gw.http_url("/large-head?bytes=70000")).await.unwrap();
     assert_eq!(r.status(), 502, "{:?}", r.text().await);
     assert!(gw.limited("max_response_header_bytes").await >= 1.0);
-    let r = get(gw.http_url("/header?bytes=60000")).await.unwrap();
+    let r = get(gw.http_url("/large-head?bytes=60000")).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-filler"].len(), 60_000);
 }

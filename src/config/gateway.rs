@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub topology_feed: Option<String>,
     /// The limits that keep every client's share of the gateway bounded.
     pub limits: Limits,
+    /// Proxies in front whose own forwarding headers are believed (else replaced).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// What one client may hold or send, each a `[gateway]` key; every time one bites, it is
@@ -113,6 +115,7 @@ impl Default for GatewayConfig {
             redis_timeout: Duration::from_millis(50),
             topology_feed: None,
             limits: Limits::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -190,7 +193,27 @@ pub(super) fn compile(g: &RawGateway, pipeline: &str, ck: &mut Checker) -> Gatew
         redis_timeout: ck.duration("gateway.redis_timeout", &g.redis_timeout),
         topology_feed,
         limits: limits(g, ck),
+        trusted_proxies: trusted_proxies(&g.trusted_proxies, ck),
     }
+}
+
+/// `trusted_proxies`: CIDR blocks, or single addresses.
+fn trusted_proxies(list: &[String], ck: &mut Checker) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for (i, s) in list.iter().enumerate() {
+        let s = s.trim();
+        match s
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        {
+            Ok(net) => out.push(net),
+            Err(_) => ck.err(
+                &format!("gateway.trusted_proxies[{i}]"),
+                format!("{s:?} is not an address or a CIDR block such as 10.0.0.0/8"),
+            ),
+        }
+    }
+    out
 }
 
 fn limits(g: &RawGateway, ck: &mut Checker) -> Limits {

@@ -545,9 +545,14 @@ mod tests {
             (l.ws_max_frame_bytes, l.ws_max_message_bytes),
             (1 << 20, 1 << 20)
         );
+        assert!(
+            c.gateway.trusted_proxies.is_empty(),
+            "no proxy is trusted by default"
+        );
         let errs = errors(
             "[gateway]\nmax_connections = 0\nmax_header_bytes = 100\nws_max_frame_bytes = 4096\n\
-             ws_max_message_bytes = 2048\nws_ping_interval = \"30s\"\nws_idle_timeout = \"30s\"\n",
+             ws_max_message_bytes = 2048\nws_ping_interval = \"30s\"\nws_idle_timeout = \"30s\"\n\
+             trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n",
         );
         let all = errs.join("\n");
         for key in [
@@ -555,6 +560,7 @@ mod tests {
             "gateway.max_header_bytes",
             "gateway.ws_max_frame_bytes",
             "gateway.ws_idle_timeout",
+            "gateway.trusted_proxies[1]",
         ] {
             assert!(all.contains(key), "missing {key} in\n{all}");
         }

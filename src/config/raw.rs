@@ -97,6 +97,8 @@ pub struct RawGateway {
     /// Largest WebSocket frame and message, in bytes (close 1009).
     pub ws_max_frame_bytes: i64,
     pub ws_max_message_bytes: i64,
+    /// Proxies in front (CIDR blocks or addresses) whose forwarding headers are believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawGateway {
@@ -138,6 +140,7 @@ impl Default for RawGateway {
             ws_idle_timeout: text(d.limits.ws_idle_timeout),
             ws_max_frame_bytes: d.limits.ws_max_frame_bytes as i64,
             ws_max_message_bytes: d.limits.ws_max_message_bytes as i64,
+            trusted_proxies: d.trusted_proxies.iter().map(ToString::to_string).collect(),
         }
     }
 }

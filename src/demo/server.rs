@@ -192,7 +192,8 @@ pub async fn run(args: DemoServerArgs, shutdown: CancellationToken) -> Result<()
         .route("/hello", get(hello))
         .route("/slow", get(slow))
         .route("/echo", axum::routing::any(echo))
-        .route("/header", get(big_header))
+        .route("/large-head", get(large_head))
+        .route("/request-headers", axum::routing::any(request_headers))
         .route("/static/{*file}", get(static_file))
         .with_state(app);
     let http_stop = CancellationToken::new();
@@ -274,11 +275,47 @@ async fn echo(
 
 /// A response whose head carries an `x-filler` header of `?bytes=` bytes (at most 1 MiB):
 /// for trying a proxy's limit on response heads.
-async fn big_header(
+async fn large_head(
     axum::extract::Query(q): axum::extract::Query<HashMap<String, usize>>,
 ) -> Response {
     let n = q.get("bytes").copied().unwrap_or(1000).min(1 << 20);
     ([("x-filler", "f".repeat(n))], "a large head\n").into_response()
+}
+
+/// The request as this server got it (method, every header field in order, body length):
+/// for trying what a proxy passes on. A WebSocket upgrade (offering the `chat` subprotocol,
+/// which is chosen) gets the same as its first message, then a normal close.
+async fn request_headers(
+    method: axum::http::Method,
+    headers: axum::http::HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let seen =
+        serde_json::json!({ "method": method.as_str(), "headers": fields, "body": body.len() });
+    match ws {
+        Ok(ws) => ws
+            .protocols(["chat"])
+            .on_upgrade(move |mut socket| async move {
+                let _ = socket.send(Message::Text(seen.to_string().into())).await;
+                let frame = CloseFrame {
+                    code: 1000,
+                    reason: "done".into(),
+                };
+                let _ = socket.send(Message::Close(Some(frame))).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), socket.recv()).await;
+            }),
+        Err(_) => axum::Json(seen).into_response(),
+    }
 }
 
 /// A cacheable "static" file that names the server it came from.

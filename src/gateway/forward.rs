@@ -83,7 +83,6 @@ pub(super) async fn serve(
     peer: SocketAddr,
     stop: CancellationToken,
 ) {
-    let ip = peer.ip().to_string();
     let mut cbuf = BytesMut::new();
     let mut wire: Vec<u8> = Vec::new();
     let limits = &g.0.cfg.limits;
@@ -99,12 +98,14 @@ pub(super) async fn serve(
                 g.0.cfg.idle_timeout
             };
         let plan = loop {
-            match plan(&cbuf, &ip, head_limits, |p| g.0.cache.covers(p)) {
+            match plan(&cbuf, peer.ip(), &g.0.forwarding, head_limits, |p| {
+                g.0.cache.covers(p)
+            }) {
                 Parsed::Forward(p) => break p,
                 Parsed::Fallback(why) => {
                     tracing::trace!(%peer, why, "to hyper");
                     // A WebSocket relayed by hyper lives long: keep nothing of this path.
-                    drop((wire, ip));
+                    drop(wire);
                     let rest = Rewind {
                         prefix: cbuf,
                         inner: client,
@@ -125,7 +126,7 @@ pub(super) async fn serve(
                     // what the client sent after its head.
                     g.0.requests.fetch_add(1, Ordering::Relaxed);
                     let early = cbuf[p.head_len..].to_vec();
-                    drop((cbuf, wire, ip));
+                    drop((cbuf, wire));
                     Box::pin(super::ws_upgrade::open(g, client, early, p.head, stop)).await;
                     return;
                 }

@@ -30,6 +30,7 @@ use crate::telemetry::GW_CACHE as CACHE;
 
 use super::attempt::{Ask, AttemptError, Failed, Tries};
 use super::balancer::Target;
+use super::forwarding::{Prior, FORWARDING};
 use super::http1::{idempotent_name, HOP_BY_HOP};
 use super::limits::Limit;
 use super::route::Kind;
@@ -242,14 +243,58 @@ pub(super) async fn handle(g: Gateway, up: Arc<Upstreams>, req: Request) -> Resp
     }
 }
 
-/// `X-Forwarded-For` as the server should see it: the client's list, then the client.
-pub(super) fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> HeaderValue {
-    let ip = peer.ip().to_string();
-    let joined = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
-    };
-    HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+/// The names a message's `Connection` headers list (lowercased): hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// A request's end-to-end headers: not hop-by-hop, not named in `Connection`, and not the
+/// forwarding headers (which the gateway sets).
+pub(super) fn end_to_end(headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    let listed = connection_listed(headers);
+    headers.iter().filter(move |(k, _)| {
+        let k = k.as_str();
+        !HOP_BY_HOP.contains(&k) && !FORWARDING.contains(&k) && !listed.iter().any(|l| l == k)
+    })
+}
+
+/// The forwarding headers for a request hyper read from `peer`.
+pub(super) fn forwarding_for(
+    g: &Gateway,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Vec<(String, Vec<u8>)> {
+    let mut prior = Prior::default();
+    for (k, v) in headers {
+        prior.note(k.as_str(), v.as_bytes());
+    }
+    g.0.forwarding.pairs(peer.ip(), &prior)
+}
+
+/// A response's headers as the client gets them: hop-by-hop ones (and those `Connection`
+/// names) out, `Content-Length` kept for hyper to frame by, unless the server also sent
+/// `Transfer-Encoding`, which overrides it (RFC 9112 §6.3): the body was decoded by that.
+fn response_headers(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
+    for h in HOP_BY_HOP {
+        if *h != "content-length" {
+            headers.remove(*h);
+        }
+    }
+    for l in listed {
+        if l != "content-length" {
+            headers.remove(l.as_str());
+        }
+    }
 }
 
 /// A limit's answer to a request, counted; the connection closes after it.
@@ -349,6 +394,7 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         // Sent again after it may have reached a server only when idempotent.
         idempotent: idempotent(&method),
     };
+    let forwarding = forwarding_for(&g, &parts.headers, up.peer);
     let mut tries = Tries::new(&g, ask);
     let (target, r, _slot) = loop {
         let target = match tries.next() {
@@ -364,15 +410,17 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         *upstream.method_mut() = method.clone();
         *upstream.uri_mut() = http::Uri::from(path.clone());
         let headers = upstream.headers_mut();
-        for (k, v) in &parts.headers {
-            if !HOP_BY_HOP.contains(&k.as_str()) && k != "x-forwarded-for" {
-                headers.append(k, v.clone());
-            }
+        for (k, v) in end_to_end(&parts.headers) {
+            headers.append(k, v.clone());
         }
         if let Ok(host) = HeaderValue::from_str(&target.host) {
             headers.insert(http::header::HOST, host);
         }
-        headers.insert("x-forwarded-for", forwarded_for(&parts.headers, up.peer));
+        for (k, v) in &forwarding {
+            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_bytes(v)) {
+                headers.append(k, v);
+            }
+        }
         let sent = tokio::time::timeout(g.0.cfg.request_timeout, up.send(&g, &target, upstream))
             .await
             .unwrap_or_else(|_| {
@@ -401,11 +449,7 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         !status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE,
     );
     let (mut rparts, incoming) = r.into_parts();
-    for h in HOP_BY_HOP {
-        if *h != "content-length" {
-            rparts.headers.remove(*h);
-        }
-    }
+    response_headers(&mut rparts.headers);
     g.0.http_duration.record(started.elapsed().as_secs_f64());
     target.backend.counts.ok.fetch_add(1, Ordering::Relaxed);
     if cacheable && status == StatusCode::OK {
@@ -432,4 +476,46 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         return Response::from_parts(rparts, Body::from(bytes));
     }
     Response::from_parts(rparts, Body::new(incoming))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relayed_response_loses_its_hop_by_hop_headers_and_a_content_length_beside_an_encoding() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("content-length", "3"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-kept", "yes"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        response_headers(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, vec!["x-kept"]);
+        let mut h = HeaderMap::new();
+        h.append("content-length", HeaderValue::from_static("3"));
+        response_headers(&mut h);
+        assert!(
+            h.contains_key("content-length"),
+            "kept for hyper to frame by"
+        );
+        let mut req = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-hop"),
+            ("x-hop", "1"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=x"),
+            ("origin", "https://app"),
+        ] {
+            req.append(k, HeaderValue::from_static(v));
+        }
+        let kept: Vec<&str> = end_to_end(&req).map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kept, vec!["origin"]);
+    }
 }

@@ -9,6 +9,7 @@ mod attempt;
 mod balancer;
 pub mod cache;
 mod forward;
+mod forwarding;
 pub mod health;
 mod http1;
 mod hyper_path;
@@ -89,6 +90,7 @@ struct Shared {
     /// Who may hold a client connection, and the count of each limit that bit.
     admission: limits::Admission,
     bitten: limits::Bitten,
+    forwarding: forwarding::Forwarding,
 }
 
 #[derive(Clone)]
@@ -116,6 +118,7 @@ impl Gateway {
     ) -> Gateway {
         let cache = StaticCache::new(cfg.cache_capacity, cfg.cache_ttl, cfg.cache_paths.clone());
         let cfg_limits = cfg.limits.clone();
+        let trusted = cfg.trusted_proxies.clone();
         Gateway(Arc::new(Shared {
             cfg,
             topology,
@@ -134,6 +137,7 @@ impl Gateway {
             accounting,
             admission: limits::Admission::new(&cfg_limits),
             bitten: limits::Bitten::new(),
+            forwarding: forwarding::Forwarding::new(trusted, false),
         }))
     }
 }

@@ -218,7 +218,7 @@ pub(super) async fn from_hyper(
         )
             .into_response();
     }
-    let head = upgrade_head(&req, peer);
+    let head = upgrade_head(&g, &req, peer);
     let accepted = match upgrade_upstream(&g, &head).await {
         Ok(a) => a,
         Err(why) => return super::unavailable(&why),
@@ -253,32 +253,20 @@ pub(super) async fn from_hyper(
 }
 
 /// The upgrade request for a server, from the one hyper read: end-to-end headers kept, the
-/// hop-by-hop ones (and those `Connection` names) dropped, less `Host` and the blank line.
-fn upgrade_head(req: &axum::extract::Request, peer: std::net::SocketAddr) -> Vec<u8> {
+/// hop-by-hop ones (and those `Connection` names) dropped, the forwarding ones set; less
+/// `Host` and the blank line.
+fn upgrade_head(g: &Gateway, req: &axum::extract::Request, peer: std::net::SocketAddr) -> Vec<u8> {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut head = format!("GET {path} HTTP/1.1\r\n").into_bytes();
-    let connection: Vec<String> = req
-        .headers()
-        .get_all("connection")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .collect();
-    for (name, value) in req.headers() {
-        let n = name.as_str();
-        if super::http1::HOP_BY_HOP.contains(&n)
-            || n == "x-forwarded-for"
-            || connection.iter().any(|c| c == n)
-        {
-            continue;
-        }
-        head.extend_from_slice(n.as_bytes());
+    let fields = super::hyper_path::end_to_end(req.headers())
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .chain(super::hyper_path::forwarding_for(g, req.headers(), peer));
+    for (name, value) in fields {
+        head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(&value);
         head.extend_from_slice(b"\r\n");
     }
-    head.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\nx-forwarded-for: ");
-    head.extend_from_slice(super::hyper_path::forwarded_for(req.headers(), peer).as_bytes());
-    head.extend_from_slice(b"\r\n");
+    head.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n");
     head
 }

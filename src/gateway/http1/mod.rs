@@ -2,6 +2,9 @@
 //! planned (forwarded here, or handed to hyper), a response head parsed and rewritten with
 //! how its body is framed, and where a chunked body ends. No I/O; `forward.rs` drives it.
 
+use std::net::IpAddr;
+
+use super::forwarding::{Forwarding, Prior, FORWARDING};
 use super::limits::Limit;
 
 mod response;
@@ -107,7 +110,8 @@ pub(super) fn listed_in(connection: &[&[u8]], name: &str) -> bool {
 /// decision whether this path or hyper serves it, and the bytes to send.
 pub(super) fn plan(
     buf: &[u8],
-    client_ip: &str,
+    peer: IpAddr,
+    forwarding: &Forwarding,
     limits: HeadLimits,
     cached: impl Fn(&str) -> bool,
 ) -> Parsed {
@@ -140,7 +144,7 @@ pub(super) fn plan(
     }
     let connection = connection_values(req.headers);
     let mut body_len = None;
-    let mut prior_xff: Vec<&[u8]> = Vec::new();
+    let mut prior = Prior::default();
     let mut upgrade = None;
     for h in req.headers.iter() {
         let name = h.name;
@@ -153,7 +157,10 @@ pub(super) fn plan(
         if name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok());
+                .map(str::trim)
+                // 1*DIGIT (RFC 9110 §8.6): Rust's parse would take "+5" too.
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok());
             match (n, body_len) {
                 (Some(n), None) if n > limits.max_body_bytes => {
                     return Parsed::Refuse(Limit::BodyBytes)
@@ -162,9 +169,7 @@ pub(super) fn plan(
                 _ => return Parsed::Fallback("a large, repeated or invalid Content-Length"),
             }
         }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            prior_xff.push(h.value);
-        }
+        prior.note(name, h.value);
     }
     let websocket = match (upgrade, listed_in(&connection, "upgrade")) {
         (None, false) => false,
@@ -186,7 +191,7 @@ pub(super) fn plan(
     for h in req.headers.iter() {
         let name = h.name;
         if HOP_BY_HOP.iter().any(|x| x.eq_ignore_ascii_case(name))
-            || name.eq_ignore_ascii_case("x-forwarded-for")
+            || FORWARDING.iter().any(|x| x.eq_ignore_ascii_case(name))
             || listed_in(&connection, name)
         {
             continue;
@@ -202,13 +207,7 @@ pub(super) fn plan(
     if websocket {
         head.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n");
     }
-    head.extend_from_slice(b"x-forwarded-for: ");
-    for prior in prior_xff.iter().filter(|v| !v.trim_ascii().is_empty()) {
-        head.extend_from_slice(prior.trim_ascii());
-        head.extend_from_slice(b", ");
-    }
-    head.extend_from_slice(client_ip.as_bytes());
-    head.extend_from_slice(b"\r\n");
+    forwarding.write(peer, &prior, &mut head);
     let plan = Plan {
         head_len,
         body_len: body_len.unwrap_or(0),
@@ -248,12 +247,22 @@ mod tests {
         max_body_bytes: 1 << 20,
     };
 
+    fn peer(ip: &str) -> IpAddr {
+        ip.parse().unwrap()
+    }
+
+    fn fwd() -> Forwarding {
+        Forwarding::new(Vec::new(), false)
+    }
+
     fn planned(raw: &[u8]) -> Parsed {
-        plan(raw, "1.1.1.1", LIMITS, |p| p.starts_with("/static/"))
+        plan(raw, peer("1.1.1.1"), &fwd(), LIMITS, |p| {
+            p.starts_with("/static/")
+        })
     }
 
     fn forward(raw: &str) -> Plan {
-        match plan(raw.as_bytes(), "127.0.0.9", LIMITS, |p| {
+        match plan(raw.as_bytes(), peer("127.0.0.9"), &fwd(), LIMITS, |p| {
             p.starts_with("/static/")
         }) {
             Parsed::Forward(p) => p,
@@ -266,13 +275,16 @@ mod tests {
     }
 
     #[test]
-    fn a_plain_request_loses_its_hop_by_hop_headers_and_gains_x_forwarded_for() {
-        let raw = "GET /hello?x=1 HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nAccept: */*\r\nX-Forwarded-For: 203.0.113.9\r\n\r\nNEXT";
+    fn a_plain_request_loses_its_hop_by_hop_headers_and_gains_the_forwarding_ones() {
+        let raw = "GET /hello?x=1 HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nAccept: */*\r\nX-Forwarded-For: 203.0.113.9\r\nForwarded: for=1.2.3.4\r\n\r\nNEXT";
         let p = forward(raw);
         assert_eq!(p.head_len, raw.len() - 4);
+        // The client is no trusted proxy: what it said of forwarding is replaced.
         assert_eq!(
             head_text(&p),
-            "GET /hello?x=1 HTTP/1.1\r\nAccept: */*\r\nx-forwarded-for: 203.0.113.9, 127.0.0.9\r\n"
+            "GET /hello?x=1 HTTP/1.1\r\nAccept: */*\r\nx-forwarded-for: 127.0.0.9\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: gw\r\n\
+             forwarded: for=127.0.0.9;host=\"gw\";proto=http\r\n"
         );
         assert!(p.idempotent && !p.method_head && !p.client_close);
         assert_eq!(p.body_len, 0);
@@ -297,6 +309,7 @@ mod tests {
             "CONNECT example:443 HTTP/1.1\r\n\r\n",
             "GET /static/app.js HTTP/1.1\r\n\r\n",
             "POST /a HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST /a HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
             "GET /a HTTP/1.1\r\nBad Header\r\n\r\n",
         ];
         for raw in cases {
@@ -373,11 +386,15 @@ mod tests {
             ..LIMITS
         };
         assert_eq!(
-            plan(fields(11).as_bytes(), "1.1.1.1", few, |_| false),
+            plan(fields(11).as_bytes(), peer("1.1.1.1"), &fwd(), few, |_| {
+                false
+            }),
             Parsed::Refuse(Limit::HeaderCount)
         );
         assert_eq!(
-            plan(fields(70).as_bytes(), "1.1.1.1", few, |_| false),
+            plan(fields(70).as_bytes(), peer("1.1.1.1"), &fwd(), few, |_| {
+                false
+            }),
             Parsed::Refuse(Limit::HeaderCount)
         );
         assert_eq!(
@@ -391,7 +408,8 @@ mod tests {
         assert!(matches!(
             plan(
                 b"POST /a HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
-                "1.1.1.1",
+                peer("1.1.1.1"),
+                &fwd(),
                 roomy,
                 |_| false
             ),

@@ -136,7 +136,8 @@ pub(in crate::gateway) fn response_head(
     head.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
         let name = h.name;
-        let keep = name.eq_ignore_ascii_case("content-length")
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): never both.
+        let keep = (name.eq_ignore_ascii_case("content-length") && !encoded)
             || (name.eq_ignore_ascii_case("transfer-encoding") && chunked);
         if !keep
             && (HOP_BY_HOP.iter().any(|x| x.eq_ignore_ascii_case(name))
@@ -278,6 +279,16 @@ mod tests {
         assert!(String::from_utf8(chunked.head)
             .unwrap()
             .contains("Transfer-Encoding: gzip, chunked\r\n"));
+        let both = h(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(both.framing, Framing::Chunked);
+        assert_eq!(
+            String::from_utf8(both.head).unwrap(),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "Content-Length dropped"
+        );
         let until_close = h("HTTP/1.1 200 OK\r\n\r\nabc", false);
         assert_eq!(until_close.framing, Framing::Close);
         assert!(!until_close.reusable);
