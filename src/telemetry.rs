@@ -54,6 +54,7 @@ pub const GW_BACKEND_UP: &str = "rebalancer_gateway_backend_up";
 pub const GW_FEED_CONNECTED: &str = "rebalancer_gateway_feed_connected";
 pub const GW_SERVER_CONNECTIONS: &str = "rebalancer_gateway_server_connections_total";
 pub const GW_CACHE: &str = "rebalancer_gateway_cache_total";
+pub const GW_CACHE_BYTES: &str = "rebalancer_gateway_cache_bytes";
 pub const GW_LIMITED: &str = "rebalancer_gateway_limited_total";
 pub const GW_CLIENT_CONNECTIONS: &str = "rebalancer_gateway_client_connections";
 pub const PROVISION: &str = "rebalancer_provision_seconds";
@@ -314,6 +315,12 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Keep-alive connections to the servers a client connection took, by source: opened, pool",
+    ),
+    (
+        GW_CACHE_BYTES,
+        Kind::Gauge,
+        Unit::Bytes,
+        "Bytes the static cache holds, as its entries weigh against cache_max_bytes",
     ),
     (
         GW_LIMITED,

@@ -276,3 +276,85 @@ async fn smuggling_probes_and_bad_upgrades_are_refused_or_normalized_never_passe
     let after = get(gw.http_url("/hello")).await.unwrap();
     assert_eq!(after.status(), 200, "the gateway serves on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_never_serves_one_clients_response_to_another_and_stays_within_its_bytes() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _server = one_server(&redis, &consul).await;
+    let gw = GatewayProc::start(&redis, &consul).await;
+    serving(&gw).await;
+    let fetch = |path: &str, headers: &[(&str, &str)]| {
+        let mut r = http().get(gw.http_url(path));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let hit = r.headers().contains_key("x-cache");
+            (hit, r.text().await.unwrap())
+        }
+    };
+    let twice = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let fetch = &fetch;
+        async move {
+            fetch(path, headers).await;
+            fetch(path, headers).await.0
+        }
+    };
+    assert!(
+        twice("/static/plain", &[]).await,
+        "a public response is cached"
+    );
+    assert!(
+        !twice("/static/cookie?set_cookie=1", &[]).await,
+        "a response with Set-Cookie is never stored"
+    );
+    assert!(
+        !twice(
+            "/static/mine?cache_control=max-age%3D60",
+            &[("cookie", "s=1")]
+        )
+        .await,
+        "an answer to a request with a Cookie is not stored unless public"
+    );
+    assert!(
+        !twice(
+            "/static/token?cache_control=max-age%3D60",
+            &[("authorization", "Bearer t")]
+        )
+        .await,
+        "nor one to a request with Authorization"
+    );
+    assert!(
+        twice("/static/shared", &[("authorization", "Bearer t")]).await,
+        "unless the server says public"
+    );
+    // Vary: a stored French answer is never served to a German request.
+    let fr = [("accept-language", "fr")];
+    let path = "/static/v?vary=accept-language";
+    assert!(!fetch(path, &fr).await.0);
+    let (hit, body) = fetch(path, &fr).await;
+    assert!(hit && body.contains("accept-language: fr"), "{body}");
+    let (hit, body) = fetch(path, &[("accept-language", "de")]).await;
+    assert!(!hit && body.contains("accept-language: de"), "{body}");
+    // Over the per-entry limit (1 MiB): streamed whole, not stored.
+    let (hit, body) = fetch("/static/big?bytes=2000000", &[]).await;
+    assert!(!hit && body.len() == 2_000_000);
+    let (hit, body) = fetch("/static/big?bytes=2000000", &[]).await;
+    assert!(!hit && body.len() == 2_000_000, "not stored");
+    // 80 entries of 1,000,000 bytes: the cache holds at most its 64 MiB.
+    for i in 0..80 {
+        fetch(&format!("/static/fill-{i}?bytes=1000000"), &[]).await;
+    }
+    let bytes = gw
+        .metric("rebalancer_gateway_cache_bytes", &[])
+        .await
+        .unwrap();
+    println!("the cache holds {bytes} bytes after 80 MB of responses");
+    assert!(bytes <= f64::from(64u32 << 20), "{bytes} bytes");
+    assert!(
+        bytes >= f64::from(32u32 << 20),
+        "{bytes} bytes: it does hold some"
+    );
+}

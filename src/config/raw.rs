@@ -67,6 +67,9 @@ pub struct RawGateway {
     pub cache_ttl: String,
     /// Cached responses kept at most.
     pub cache_capacity: i64,
+    /// The cache's size in bytes, and the largest response it keeps.
+    pub cache_max_bytes: i64,
+    pub cache_max_entry_bytes: i64,
     /// Use this port for every server instead of the one registered in Consul.
     pub target_port: i64,
     /// Request-level least-connections across gateway replicas, through Redis.
@@ -123,6 +126,8 @@ impl Default for RawGateway {
             cache_paths: d.cache_paths,
             cache_ttl: text(d.cache_ttl),
             cache_capacity: d.cache_capacity as i64,
+            cache_max_bytes: d.cache_max_bytes as i64,
+            cache_max_entry_bytes: d.cache_max_entry_bytes as i64,
             target_port: d.target_port.map_or(0, i64::from),
             shared_accounting: d.shared_accounting,
             redis_timeout: text(d.redis_timeout),

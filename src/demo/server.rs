@@ -319,15 +319,41 @@ async fn request_headers(
 }
 
 /// A cacheable "static" file that names the server it came from.
+/// For trying a cache: `?cache_control=` replaces `public, max-age=60`, `?set_cookie=1`
+/// adds a `Set-Cookie`, `?vary=<header>` varies on a request header (and names its value
+/// in the body), `?bytes=N` pads the body to N bytes (at most 16 MiB).
 async fn static_file(
     State(app): State<App>,
     axum::extract::Path(file): axum::extract::Path<String>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+    request: axum::http::HeaderMap,
 ) -> Response {
-    (
-        [(axum::http::header::CACHE_CONTROL, "public, max-age=60")],
-        format!("{file} from {}\n", app.id),
-    )
-        .into_response()
+    let mut headers = axum::http::HeaderMap::new();
+    let cc = q
+        .get("cache_control")
+        .map_or("public, max-age=60", String::as_str);
+    if let Ok(v) = axum::http::HeaderValue::from_str(cc) {
+        headers.insert(axum::http::header::CACHE_CONTROL, v);
+    }
+    if q.contains_key("set_cookie") {
+        headers.insert(
+            axum::http::header::SET_COOKIE,
+            axum::http::HeaderValue::from_static("session=personal"),
+        );
+    }
+    let mut body = format!("{file} from {}\n", app.id);
+    if let Some(name) = q.get("vary") {
+        if let Ok(v) = axum::http::HeaderValue::from_str(name) {
+            headers.insert(axum::http::header::VARY, v);
+        }
+        let value = request.get(name.as_str()).and_then(|v| v.to_str().ok());
+        body = body + name + ": " + value.unwrap_or("-") + "\n";
+    }
+    if let Some(n) = q.get("bytes").and_then(|n| n.parse::<usize>().ok()) {
+        let n = n.min(16 << 20);
+        body.extend(std::iter::repeat_n('p', n.saturating_sub(body.len())));
+    }
+    (headers, body).into_response()
 }
 
 async fn upgrade(State(app): State<App>, ws: WebSocketUpgrade) -> Response {

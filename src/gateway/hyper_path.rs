@@ -30,6 +30,7 @@ use crate::telemetry::GW_CACHE as CACHE;
 
 use super::attempt::{Ask, AttemptError, Failed, Tries};
 use super::balancer::Target;
+use super::cache;
 use super::forwarding::{Prior, FORWARDING};
 use super::http1::{idempotent_name, HOP_BY_HOP};
 use super::limits::Limit;
@@ -338,7 +339,7 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let cacheable = method == axum::http::Method::GET && g.0.cache.covers(parts.uri.path());
     if cacheable {
-        if let Some(hit) = g.0.cache.get(path.as_str()) {
+        if let Some(hit) = g.0.cache.get(path.as_str(), &parts.headers) {
             counter!(CACHE, "result" => "hit").increment(1);
             let mut resp = Response::new(Body::from(hit.body.clone()));
             *resp.status_mut() = StatusCode::from_u16(hit.status).unwrap_or(StatusCode::OK);
@@ -452,30 +453,110 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
     response_headers(&mut rparts.headers);
     g.0.http_duration.record(started.elapsed().as_secs_f64());
     target.backend.counts.ok.fetch_add(1, Ordering::Relaxed);
-    if cacheable && status == StatusCode::OK {
-        // Only cached responses are read whole; the rest stream through.
-        let Ok(collected) = http_body_util::BodyExt::collect(incoming).await else {
-            return (
-                StatusCode::BAD_GATEWAY,
-                format!("reading the response from {} failed\n", target.id),
+    let cache = &g.0.cache;
+    let ttl = cacheable
+        .then(|| {
+            cache::storable(
+                &parts.headers,
+                status.as_u16(),
+                &rparts.headers,
+                cache.ttl(),
+                cache.max_entry(),
             )
-                .into_response();
+            .ok()
+        })
+        .flatten();
+    if let Some(ttl) = ttl {
+        // Streamed to the client as it comes, and kept (up to the per-entry limit) to be
+        // stored once it has all passed.
+        let entry = cache::Cached {
+            status: status.as_u16(),
+            headers: rparts
+                .headers
+                .iter()
+                .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.to_string(), v.to_string())))
+                .collect(),
+            body: bytes::Bytes::new(),
+            expires: Instant::now() + ttl,
+            vary: cache::vary_of(&parts.headers, &rparts.headers),
         };
-        let bytes = collected.to_bytes();
-        let headers = rparts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.to_string(), v.to_string())))
-            .collect();
-        if g.0
-            .cache
-            .put(path.as_str(), status.as_u16(), headers, bytes.clone())
-        {
-            counter!(CACHE, "result" => "store").increment(1);
-        }
-        return Response::from_parts(rparts, Body::from(bytes));
+        let (cache, key) = (cache.clone(), path.as_str().to_string());
+        let teed = Teed {
+            inner: incoming,
+            kept: Some(Vec::new()),
+            limit: cache.max_entry(),
+            store: Some(Box::new(move |body| {
+                if cache.put(&key, cache::Cached { body, ..entry }) {
+                    counter!(CACHE, "result" => "store").increment(1);
+                }
+            })),
+        };
+        return Response::from_parts(rparts, Body::new(teed));
     }
     Response::from_parts(rparts, Body::new(incoming))
+}
+
+/// A response body streamed to the client and kept, up to the cache's per-entry limit, to
+/// be stored once all of it has passed (a body that fails or grows past it is not).
+struct Teed {
+    inner: hyper::body::Incoming,
+    kept: Option<Vec<u8>>,
+    limit: usize,
+    store: Option<Box<dyn FnOnce(Bytes) + Send>>,
+}
+
+impl Teed {
+    fn finish(&mut self) {
+        if let (Some(kept), Some(store)) = (self.kept.take(), self.store.take()) {
+            store(kept.into());
+        }
+    }
+}
+
+impl hyper::body::Body for Teed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(kept)) = (frame.data_ref(), this.kept.as_mut()) {
+                    if kept.len() + data.len() > this.limit {
+                        this.kept = None;
+                    } else {
+                        kept.extend_from_slice(data);
+                    }
+                }
+                // hyper may not ask again once a sized body is whole.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.kept = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]

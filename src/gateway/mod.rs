@@ -116,7 +116,13 @@ impl Gateway {
         topology: watch::Receiver<Arc<Topology>>,
         accounting: Option<accounting::Accounting>,
     ) -> Gateway {
-        let cache = StaticCache::new(cfg.cache_capacity, cfg.cache_ttl, cfg.cache_paths.clone());
+        let cache = StaticCache::new(
+            cfg.cache_capacity,
+            cfg.cache_max_bytes,
+            cfg.cache_max_entry_bytes,
+            cfg.cache_ttl,
+            cfg.cache_paths.clone(),
+        );
         let cfg_limits = cfg.limits.clone();
         let trusted = cfg.trusted_proxies.clone();
         Gateway(Arc::new(Shared {
@@ -153,6 +159,7 @@ impl Gateway {
     ) {
         let upkeep = crate::telemetry::spawn_upkeep(recorder.clone(), stop.clone());
         let render = move || {
+            metrics::gauge!(crate::telemetry::GW_CACHE_BYTES).set(self.0.cache.weight() as f64);
             let mut out = recorder.render();
             series::render(
                 &self.0.table.load(),
