@@ -71,20 +71,6 @@ async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&read_head_bytes(s).await).into_owned()
 }
 
-async fn read_head_bytes(s: &mut TcpStream) -> Vec<u8> {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 8192];
-    while !all.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf))
-            .await
-            .expect("a response within 15 s")
-            .expect("reading a response");
-        assert!(n > 0, "closed before a response");
-        all.extend_from_slice(&buf[..n]);
-    }
-    all
-}
-
 fn fields(n: usize) -> String {
     (0..n).fold(String::new(), |mut out, i| {
         let _ = write!(out, "X-Field-{i}: v\r\n");
@@ -346,115 +332,6 @@ async fn two_thousand_slow_clients_are_closed_at_their_deadlines_while_others_ar
         per_client < 12.0,
         "{per_client:.1} KiB of RSS per slow client ({before} KiB before, {peak} KiB at most)"
     );
-}
-
-/// A WebSocket session through the gateway, by hand: the upgrade, then frames as bytes.
-struct RawWs {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl RawWs {
-    async fn open(port: u16) -> RawWs {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        s.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let raw = read_head_bytes(&mut s).await;
-        let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        let head = String::from_utf8_lossy(&raw[..at]);
-        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
-            "the server's accept key relayed: {head}"
-        );
-        let mut ws = RawWs {
-            s,
-            buf: raw[at..].to_vec(),
-        };
-        // The demo server says hello first.
-        let Some((op, hello)) = ws.frame().await else {
-            panic!(
-                "no hello from the server; had {:?}",
-                String::from_utf8_lossy(&ws.buf)
-            );
-        };
-        assert_eq!(op, 1, "{hello:?}");
-        ws
-    }
-
-    /// Sends one masked frame.
-    async fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
-        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n @ 0..=125 => f.push(0x80 | n as u8),
-            n @ 126..=65535 => {
-                f.push(0x80 | 0x7e);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 0x7f);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let key = [7u8, 1, 9, 3];
-        f.extend_from_slice(&key);
-        f.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
-        self.s.write_all(&f).await
-    }
-
-    /// The next frame from the gateway (`None` once it closes): opcode and payload.
-    async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
-        loop {
-            if self.buf.len() >= 2 {
-                let len7 = usize::from(self.buf[1] & 0x7f);
-                let (len, at) = match len7 {
-                    126 => (
-                        usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
-                        4,
-                    ),
-                    127 => (
-                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
-                    n => (n, 2),
-                };
-                if self.buf.len() >= at + len {
-                    let opcode = self.buf[0] & 0x0f;
-                    let payload = self.buf[at..at + len].to_vec();
-                    self.buf.drain(..at + len);
-                    return Some((opcode, payload));
-                }
-            }
-            let mut chunk = vec![0u8; 64 * 1024];
-            let n = tokio::time::timeout(Duration::from_secs(120), self.s.read(&mut chunk))
-                .await
-                .expect("a frame within 120 s")
-                .ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// Reads until the close frame: its code, and the opcodes of the frames before it.
-    async fn close_code(&mut self) -> (u16, Vec<u8>) {
-        let mut before = Vec::new();
-        loop {
-            match self.frame().await {
-                Some((8, payload)) => {
-                    return (u16::from_be_bytes([payload[0], payload[1]]), before)
-                }
-                Some((op, _)) => before.push(op),
-                None => panic!("closed without a close frame after {before:?}"),
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

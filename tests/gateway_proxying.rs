@@ -358,3 +358,44 @@ async fn the_cache_never_serves_one_clients_response_to_another_and_stays_within
         "{bytes} bytes: it does hold some"
     );
 }
+
+/// The connection ends (EOF) within 5 s, with no frame before it.
+async fn ends(ws: &mut RawWs, what: &str) {
+    let next = tokio::time::timeout(Duration::from_secs(5), ws.frame())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the connection stays open after the close handshake"));
+    assert!(next.is_none(), "{what}: a frame after the close: {next:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_close_handshake_completes_directly_and_through_the_gateway() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let server = one_server(&redis, &consul).await;
+    let gw = GatewayProc::start(&redis, &consul).await;
+    serving(&gw).await;
+    for (via, port) in [("directly", server.port), ("through the gateway", gw.port)] {
+        // The client closes: the server answers with its close frame, then the connection
+        // ends.
+        let mut ws = RawWs::open(port).await;
+        ws.send(true, 8, &[0x03, 0xe8, b'b', b'y', b'e'])
+            .await
+            .unwrap();
+        assert_eq!(ws.close_code().await.0, 1000, "{via}: the close answered");
+        ends(&mut ws, via).await;
+        // The server closes (after its first message): the client answers, and the
+        // connection ends.
+        let mut ws = RawWs::open_at(port, "/request-headers").await;
+        assert_eq!(ws.close_code().await.0, 1000, "{via}");
+        ws.send(true, 8, &[0x03, 0xe8]).await.unwrap();
+        ends(&mut ws, via).await;
+    }
+    // The gateway closes (a frame over its limit): 1009, and once answered, the end.
+    let mut ws = RawWs::open(gw.port).await;
+    let mut header = vec![0x82, 0x80 | 0x7f];
+    header.extend_from_slice(&(2u64 << 20).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    ws.s.write_all(&header).await.unwrap();
+    assert_eq!(ws.close_code().await.0, 1009);
+    ws.send(true, 8, &[0x03, 0xf1]).await.unwrap();
+    ends(&mut ws, "the gateway's close").await;
+}

@@ -130,7 +130,13 @@ async fn session(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>, mut guar
                         return;
                     }
                 }
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                // The client closes: answer its close frame (queued by tungstenite, sent
+                // on close), then drop the connection.
+                Some(Ok(Message::Close(_))) => {
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
         }

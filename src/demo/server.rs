@@ -403,7 +403,13 @@ async fn session(mut socket: WebSocket, mut guard: SessionGuard, id: Arc<str>) {
                         return;
                     }
                 }
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                // The client closes: answer its close frame (RFC 6455 §5.5.1; tungstenite
+                // queued the answer and sends it on close), then the TCP connection closes.
+                Some(Ok(Message::Close(_))) => {
+                    let _ = futures::SinkExt::close(&mut socket).await;
+                    return;
+                }
+                Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
         }

@@ -227,23 +227,25 @@ fn relay_early(from: &mut Side, to: &mut Side, bytes: &[u8]) -> io::Result<Optio
     Ok(broken)
 }
 
-/// Writes what is left for `side`, closes its writing half, and reads until it closes.
+/// Writes what is left for `side` (its close frame), and reads until it closes. To the
+/// client the gateway is the server, which closes the TCP connection first (RFC 6455
+/// §7.1.1): its writing half at once. A server is left to close first.
 async fn closing(side: &mut Side) {
-    if side
-        .stream
-        .write_all(&std::mem::take(&mut side.out))
-        .await
-        .is_ok()
-    {
+    let out = std::mem::take(&mut side.out);
+    if side.stream.write_all(&out).await.is_err() {
+        return;
+    }
+    if !side.server {
         let _ = side.stream.shutdown().await;
     }
     let mut sink = [0u8; 1024];
     while !side.eof {
         match side.stream.read(&mut sink).await {
             Ok(n) if n > 0 => {}
-            _ => return,
+            _ => break,
         }
     }
+    let _ = side.stream.shutdown().await;
 }
 
 /// Passes bytes both ways until the session ends by itself (`None`: both sides closed, or
