@@ -87,6 +87,9 @@ pub(super) async fn serve(
     let mut wire: Vec<u8> = Vec::new();
     let limits = &g.0.cfg.limits;
     let head_limits = HeadLimits::from(limits);
+    // Made once (see `ws_relay::relay`).
+    let stopped = stop.clone().cancelled_owned();
+    tokio::pin!(stopped);
     loop {
         // The next request's head: its first byte within the idle timeout, the whole of it
         // within the header timeout of that.
@@ -133,7 +136,7 @@ pub(super) async fn serve(
                 Parsed::Partial => {}
             }
             let read = tokio::select! {
-                () = stop.cancelled() => return,
+                () = &mut stopped => return,
                 r = tokio::time::timeout_at(deadline, read_some(&mut client, &mut cbuf)) => r,
             };
             match read {

@@ -85,17 +85,36 @@ enum Read {
 
 /// Reads what `from` has sent into the stack and passes its whole frames on to `to`.
 fn pump(from: &mut Side, to: &mut Side) -> io::Result<Read> {
-    let mut buf = [0u8; 16 * 1024];
-    let held = from.held.len();
-    buf[..held].copy_from_slice(&from.held);
-    let n = match from.stream.try_read(&mut buf[held..]) {
+    // One buffer per worker thread, never zeroed: reading writes into its spare capacity.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(READ));
+    }
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.extend_from_slice(&from.held);
+        // Into the spare capacity (`READ` bytes, less the held ones): nothing to zero.
+        let read = from.stream.try_read_buf(buf);
+        pass_read(from, to, read, buf)
+    })
+}
+
+/// Bytes read at once from one side.
+const READ: usize = 16 * 1024;
+
+fn pass_read(
+    from: &mut Side,
+    to: &mut Side,
+    read: io::Result<usize>,
+    buf: &[u8],
+) -> io::Result<Read> {
+    match read {
         Ok(0) => return Ok(Read::Eof),
-        Ok(n) => n,
+        Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Read::Nothing),
         Err(e) => return Err(e),
-    };
+    }
     from.last_heard = Instant::now();
-    let data = &buf[..held + n];
+    let data = buf;
     let (passed, broken) = match from.frames.scan(data) {
         Ok(k) => (k, None),
         Err((k, why)) => (k, Some(why)),
@@ -257,13 +276,14 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
         limits.ws_ping_interval,
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Once one side has closed, the other has `CLOSE_WAIT` to close too.
-    let mut half_closed: Option<Instant> = None;
+    // Once one side has closed, the other has `CLOSE_WAIT` to close too. Both futures are
+    // made once: polling a new one on every wake-up would take the stop token's lock each
+    // time, shared by every connection.
+    let mut half_closed = false;
+    let close_wait = tokio::time::sleep(Duration::from_secs(86_400));
+    let stopped = stop.cancelled();
+    tokio::pin!(close_wait, stopped);
     loop {
-        let deadline = half_closed.map_or_else(
-            || Instant::now() + Duration::from_secs(86_400),
-            |t| t + CLOSE_WAIT,
-        );
         let step = tokio::select! {
             r = c.stream.readable(), if !c.eof && s.out.is_empty() => r.and_then(|()| pump(c, s)).map(|r| (true, r)),
             r = s.stream.readable(), if !s.eof && c.out.is_empty() => r.and_then(|()| pump(s, c)).map(|r| (false, r)),
@@ -280,8 +300,8 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
                 ping_the_silent(s, &c.frames, now, limits.ws_ping_interval);
                 Ok((true, Read::Nothing))
             }
-            () = stop.cancelled() => return Some(End::Stopping),
-            () = tokio::time::sleep_until(deadline), if half_closed.is_some() => return None,
+            () = &mut stopped => return Some(End::Stopping),
+            () = &mut close_wait, if half_closed => return None,
         };
         match step {
             Err(_) => return None,
@@ -294,6 +314,9 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
                     (&mut *s, &mut *c)
                 };
                 from.eof = true;
+                if to.eof {
+                    return None; // both closed: dropping the sockets is all that is left
+                }
                 // What it sent is passed on, then the other side is told it will get no
                 // more.
                 if to
@@ -305,10 +328,10 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
                     return None;
                 }
                 let _ = to.stream.shutdown().await;
-                if c.eof && s.eof {
-                    return None;
+                if !half_closed {
+                    half_closed = true;
+                    close_wait.as_mut().reset(Instant::now() + CLOSE_WAIT);
                 }
-                half_closed.get_or_insert_with(Instant::now);
             }
         }
     }
