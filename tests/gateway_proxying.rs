@@ -399,3 +399,25 @@ async fn every_close_handshake_completes_directly_and_through_the_gateway() {
     ws.send(true, 8, &[0x03, 0xf1]).await.unwrap();
     ends(&mut ws, "the gateway's close").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_through_hypers_path_is_relayed_like_one_through_the_fast_path() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _server = one_server(&redis, &consul).await;
+    // With shared accounting every connection is hyper's, upgrades included.
+    let gw = GatewayProc::start_with(&redis, &consul, "shared_accounting = true\n").await;
+    serving(&gw).await;
+    let mut ws = RawWs::open(gw.port).await;
+    ws.send(true, 1, b"through hyper").await.unwrap();
+    let (op, echoed) = ws.frame().await.expect("the echo");
+    assert_eq!((op, echoed.as_slice()), (1, &b"through hyper"[..]));
+    // Its limits hold there too.
+    let mut header = vec![0x82, 0x80 | 0x7f];
+    header.extend_from_slice(&(2u64 << 20).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    ws.s.write_all(&header).await.unwrap();
+    assert_eq!(ws.close_code().await.0, 1009);
+    ws.send(true, 8, &[0x03, 0xf1]).await.unwrap();
+    ends(&mut ws, "hyper's path").await;
+    assert_eq!(gw.limited("ws_max_frame_bytes").await, 1.0);
+}
