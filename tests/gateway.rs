@@ -8,17 +8,6 @@ use std::time::Duration;
 
 use support::*;
 
-async fn fleet(redis: &Redis, consul: &ConsulAgent, n: usize) -> Vec<DemoServer> {
-    let servers: Vec<DemoServer> = (1..=n)
-        .map(|i| DemoServer::start(&format!("s{i}"), 100, redis, consul))
-        .collect();
-    eventually("the servers passing", WAIT, || async {
-        (consul.passing("ws").await.len() == n).then_some(())
-    })
-    .await;
-    servers
-}
-
 fn per_server(summary: &serde_json::Value, id: &str) -> u64 {
     summary["per_server"][id].as_u64().unwrap_or(0)
 }
@@ -27,7 +16,7 @@ fn per_server(summary: &serde_json::Value, id: &str) -> u64 {
 async fn new_connections_go_to_the_least_utilized_and_a_burst_spreads_and_cordoned_servers_get_none(
 ) {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let servers = fleet(&redis, &consul, 3).await;
+    let servers = demo_fleet(&redis, &consul, 3).await;
     let mut on_s1 = Loadgen::start(&[
         "--connections",
         "60",
@@ -110,7 +99,7 @@ async fn new_connections_go_to_the_least_utilized_and_a_burst_spreads_and_cordon
 /// "consul" for random): returns (sessions moved, rounds).
 async fn closed_loop(reconnect: &str) -> (u64, usize) {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let servers = fleet(&redis, &consul, 3).await;
+    let servers = demo_fleet(&redis, &consul, 3).await;
     let gw = GatewayProc::start(&redis, &consul).await;
     let pile = servers[0].url();
     let gw_url = gw.ws_url();
@@ -179,7 +168,7 @@ async fn the_closed_loop_through_the_gateway_moves_no_more_than_with_random_reco
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backend_is_routed_around_and_restored_when_it_returns() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let mut servers = fleet(&redis, &consul, 2).await;
+    let mut servers = demo_fleet(&redis, &consul, 2).await;
     let gw = GatewayProc::start(&redis, &consul).await;
     let client = http();
     let hello = |c: reqwest::Client, url: String| async move {
@@ -261,7 +250,7 @@ async fn until_reported_up(gw: &GatewayProc, backend: &str, up: bool) {
 async fn idle_keep_alive_clients_are_closed_and_servers_learn_who_the_client_was() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 1).await;
+    let _servers = demo_fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start_with(
         &redis,
         &consul,
@@ -357,7 +346,7 @@ async fn idle_keep_alive_clients_are_closed_and_servers_learn_who_the_client_was
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_responses_are_cached_and_served_without_the_backend() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 1).await;
+    let _servers = demo_fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start(&redis, &consul).await;
     let first = eventually("a first response", WAIT, || async {
         let r = get(gw.http_url("/static/app.js")).await.ok()?;
@@ -387,7 +376,7 @@ async fn static_responses_are_cached_and_served_without_the_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_keep_the_shared_in_flight_counts_exact_even_for_aborted_requests() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 2).await;
+    let _servers = demo_fleet(&redis, &consul, 2).await;
     let shared = "shared_accounting = true\nredis_timeout = \"200ms\"\n";
     let gws = [
         GatewayProc::start_with(&redis, &consul, shared).await,
@@ -519,7 +508,7 @@ async fn answered_by(gw: &GatewayProc, n: usize) -> std::collections::BTreeSet<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_follows_the_controllers_feed_and_routes_on_while_the_controller_restarts() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 2).await;
+    let _servers = demo_fleet(&redis, &consul, 2).await;
     let port = free_port();
     // The gateway's pipeline file names the same pipeline ("gw") as the controller's.
     let toml = pipeline_toml("gw", &redis, &consul, port, "dry_run = true", "");
@@ -616,7 +605,7 @@ async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
 async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_asked() {
     use tokio::io::AsyncWriteExt;
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let servers = fleet(&redis, &consul, 1).await;
+    let servers = demo_fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start(&redis, &consul).await;
     eventually("the gateway serving", WAIT, || async {
         let r = get(gw.http_url("/hello")).await.ok()?;
@@ -704,7 +693,7 @@ async fn plain_requests_are_relayed_whole_pipelined_chunked_and_closed_when_aske
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_routes_on_every_change_not_after_the_controllers_debounce() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 2).await;
+    let _servers = demo_fleet(&redis, &consul, 2).await;
     // A debounce the controller would wait out (counts change every second, so the quiet
     // never comes and only max_delay would end it): the gateway does not wait for it.
     let gw = GatewayProc::start_with_env(
@@ -737,7 +726,7 @@ async fn the_gateway_routes_on_every_change_not_after_the_controllers_debounce()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_servers_series_are_counted_while_it_serves_and_gone_once_it_leaves() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let mut servers = fleet(&redis, &consul, 2).await;
+    let mut servers = demo_fleet(&redis, &consul, 2).await;
     let gw = GatewayProc::start(&redis, &consul).await;
     eventually("both servers answering", WAIT, || async {
         (answered_by(&gw, 20).await.len() == 2).then_some(())

@@ -9,40 +9,9 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use support::*;
-
-async fn fleet(redis: &Redis, consul: &ConsulAgent, n: usize) -> Vec<DemoServer> {
-    let servers: Vec<DemoServer> = (1..=n)
-        .map(|i| DemoServer::start(&format!("s{i}"), 100, redis, consul))
-        .collect();
-    eventually("the servers passing", WAIT, || async {
-        (consul.passing("ws").await.len() == n).then_some(())
-    })
-    .await;
-    servers
-}
-
-async fn serving(gw: &GatewayProc) {
-    eventually("the gateway serving", WAIT, || async {
-        let r = get(gw.http_url("/hello")).await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
-}
-
-/// A connection to the gateway from `from` (any 127.0.0.0/8 address).
-async fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(std::net::SocketAddr::from((from, 0)))
-        .expect("bind a loopback address");
-    socket
-        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .expect("connect to the gateway")
-}
 
 /// Writes `bytes` (a refused request may be cut off: write errors are not the test's) and
 /// reads until the gateway closes.
@@ -81,9 +50,9 @@ fn fields(n: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_a_limit_are_answered_with_its_status_and_counted() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 1).await;
+    let _servers = demo_fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start(&redis, &consul).await;
-    serving(&gw).await;
+    gw.serving().await;
     let port = gw.port;
     let conn = || TcpStream::connect(("127.0.0.1", port));
 
@@ -157,7 +126,7 @@ async fn requests_past_a_limit_are_answered_with_its_status_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_wait_then_get_503_and_one_address_gets_429_past_its_share() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 1).await;
+    let _servers = demo_fleet(&redis, &consul, 1).await;
     // The default cap (10,000) is more than a test should open; the queue keeps its default.
     let gw = GatewayProc::start_with(
         &redis,
@@ -165,7 +134,7 @@ async fn connections_past_the_cap_wait_then_get_503_and_one_address_gets_429_pas
         "max_connections = 4\nmax_connections_per_ip = 3\n",
     )
     .await;
-    serving(&gw).await;
+    gw.serving().await;
     eventually("the checks' connections gone", WAIT, || async {
         let open = gw
             .metric("rebalancer_gateway_client_connections", &[])
@@ -261,9 +230,9 @@ async fn slow_client(port: u16, body: bool, pace: Duration) -> (Duration, String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_slow_clients_are_closed_at_their_deadlines_while_others_are_served() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 1).await;
+    let _servers = demo_fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start(&redis, &consul).await;
-    serving(&gw).await;
+    gw.serving().await;
     let before = gw.rss_kib();
     let port = gw.port;
     let pace = Duration::from_secs(2);
@@ -338,9 +307,9 @@ async fn two_thousand_slow_clients_are_closed_at_their_deadlines_while_others_ar
 async fn websocket_frames_and_messages_past_1_mib_close_1009_and_silent_peers_are_pinged_then_closed(
 ) {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _servers = fleet(&redis, &consul, 1).await;
+    let _servers = demo_fleet(&redis, &consul, 1).await;
     let gw = GatewayProc::start(&redis, &consul).await;
-    serving(&gw).await;
+    gw.serving().await;
     let port = gw.port;
 
     // A keep-alive connection that asks once, then nothing: closed at the default 60 s.

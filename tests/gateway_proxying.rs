@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use support::*;
 
@@ -19,25 +19,6 @@ async fn one_server(redis: &Redis, consul: &ConsulAgent) -> DemoServer {
     })
     .await;
     server
-}
-
-async fn serving(gw: &GatewayProc) {
-    eventually("the gateway serving", WAIT, || async {
-        let r = get(gw.http_url("/hello")).await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
-}
-
-async fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(std::net::SocketAddr::from((from, 0)))
-        .expect("bind a loopback address");
-    socket
-        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .expect("connect to the gateway")
 }
 
 /// Writes `bytes` and reads until the gateway closes (within 10 s).
@@ -106,8 +87,8 @@ async fn servers_see_the_peer_in_the_forwarding_headers_and_never_a_hop_by_hop_o
     let gw = GatewayProc::start(&redis, &consul).await;
     let trusting =
         GatewayProc::start_with(&redis, &consul, "trusted_proxies = [\"127.0.0.2\"]\n").await;
-    serving(&gw).await;
-    serving(&trusting).await;
+    gw.serving().await;
+    trusting.serving().await;
 
     // The plain path, then hyper's (a chunked body): the same headers reach the server.
     let plain = format!(
@@ -201,7 +182,7 @@ async fn smuggling_probes_and_bad_upgrades_are_refused_or_normalized_never_passe
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     let _server = one_server(&redis, &consul).await;
     let gw = GatewayProc::start(&redis, &consul).await;
-    serving(&gw).await;
+    gw.serving().await;
     let port = gw.port;
     let conn = || TcpStream::connect(("127.0.0.1", port));
 
@@ -282,7 +263,7 @@ async fn the_cache_never_serves_one_clients_response_to_another_and_stays_within
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     let _server = one_server(&redis, &consul).await;
     let gw = GatewayProc::start(&redis, &consul).await;
-    serving(&gw).await;
+    gw.serving().await;
     let fetch = |path: &str, headers: &[(&str, &str)]| {
         let mut r = http().get(gw.http_url(path));
         for (k, v) in headers {
@@ -372,7 +353,7 @@ async fn every_close_handshake_completes_directly_and_through_the_gateway() {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
     let server = one_server(&redis, &consul).await;
     let gw = GatewayProc::start(&redis, &consul).await;
-    serving(&gw).await;
+    gw.serving().await;
     for (via, port) in [("directly", server.port), ("through the gateway", gw.port)] {
         // The client closes: the server answers with its close frame, then the connection
         // ends.
@@ -391,10 +372,7 @@ async fn every_close_handshake_completes_directly_and_through_the_gateway() {
     }
     // The gateway closes (a frame over its limit): 1009, and once answered, the end.
     let mut ws = RawWs::open(gw.port).await;
-    let mut header = vec![0x82, 0x80 | 0x7f];
-    header.extend_from_slice(&(2u64 << 20).to_be_bytes());
-    header.extend_from_slice(&[1, 2, 3, 4]);
-    ws.s.write_all(&header).await.unwrap();
+    ws.send_oversized_header().await;
     assert_eq!(ws.close_code().await.0, 1009);
     ws.send(true, 8, &[0x03, 0xf1]).await.unwrap();
     ends(&mut ws, "the gateway's close").await;
@@ -406,16 +384,13 @@ async fn a_websocket_through_hypers_path_is_relayed_like_one_through_the_fast_pa
     let _server = one_server(&redis, &consul).await;
     // With shared accounting every connection is hyper's, upgrades included.
     let gw = GatewayProc::start_with(&redis, &consul, "shared_accounting = true\n").await;
-    serving(&gw).await;
+    gw.serving().await;
     let mut ws = RawWs::open(gw.port).await;
     ws.send(true, 1, b"through hyper").await.unwrap();
     let (op, echoed) = ws.frame().await.expect("the echo");
     assert_eq!((op, echoed.as_slice()), (1, &b"through hyper"[..]));
     // Its limits hold there too.
-    let mut header = vec![0x82, 0x80 | 0x7f];
-    header.extend_from_slice(&(2u64 << 20).to_be_bytes());
-    header.extend_from_slice(&[1, 2, 3, 4]);
-    ws.s.write_all(&header).await.unwrap();
+    ws.send_oversized_header().await;
     assert_eq!(ws.close_code().await.0, 1009);
     ws.send(true, 8, &[0x03, 0xf1]).await.unwrap();
     ends(&mut ws, "hyper's path").await;

@@ -67,71 +67,51 @@ impl Forwarding {
 
     /// Appends the four headers, as lines, for a request from `peer`.
     pub(super) fn write(&self, peer: IpAddr, prior: &Prior<'_>, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        // Written straight into `out`: this runs for every request on the fast path.
         let trusted = self.trusts(peer);
         let peer = peer.to_canonical();
         let host = prior.host.unwrap_or_default();
-        let line = |out: &mut Vec<u8>, name: &str, parts: &[&[u8]]| {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            for p in parts {
-                out.extend_from_slice(p);
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if trusted {
+            for v in prior.xff.iter().filter(|v| !v.is_empty()) {
+                out.extend_from_slice(v);
+                out.extend_from_slice(b", ");
             }
-            out.extend_from_slice(b"\r\n");
-        };
-        let peer_text = peer.to_string();
-        let chain: Vec<&[u8]> = if trusted {
-            prior
-                .xff
-                .iter()
-                .copied()
-                .filter(|v| !v.is_empty())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let mut xff = Vec::new();
-        for v in chain {
-            xff.extend_from_slice(v);
-            xff.extend_from_slice(b", ");
         }
-        xff.extend_from_slice(peer_text.as_bytes());
-        line(out, "x-forwarded-for", &[&xff]);
-        let proto = match prior.proto {
-            Some(p) if trusted && !p.is_empty() => p,
-            _ => self.proto.as_bytes(),
-        };
-        line(out, "x-forwarded-proto", &[proto]);
+        let _ = write!(out, "{peer}\r\nx-forwarded-proto: ");
+        match prior.proto {
+            Some(p) if trusted && !p.is_empty() => out.extend_from_slice(p),
+            _ => out.extend_from_slice(self.proto.as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
         let xhost = match prior.xhost {
-            Some(h) if trusted && !h.is_empty() => Some(h),
-            _ if host.is_empty() => None,
-            _ => Some(host),
+            Some(h) if trusted && !h.is_empty() => h,
+            _ => host,
         };
-        if let Some(h) = xhost {
-            line(out, "x-forwarded-host", &[h]);
+        if !xhost.is_empty() {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(xhost);
+            out.extend_from_slice(b"\r\n");
         }
-        let mut forwarded = Vec::new();
+        out.extend_from_slice(b"forwarded: ");
         if trusted {
             for v in prior.forwarded.iter().filter(|v| !v.is_empty()) {
-                forwarded.extend_from_slice(v);
-                forwarded.extend_from_slice(b", ");
+                out.extend_from_slice(v);
+                out.extend_from_slice(b", ");
             }
         }
-        forwarded.extend_from_slice(b"for=");
-        match peer {
-            IpAddr::V4(_) => forwarded.extend_from_slice(peer_text.as_bytes()),
-            IpAddr::V6(_) => {
-                forwarded.extend_from_slice(b"\"[");
-                forwarded.extend_from_slice(peer_text.as_bytes());
-                forwarded.extend_from_slice(b"]\"");
-            }
-        }
+        let _ = match peer {
+            IpAddr::V4(_) => write!(out, "for={peer}"),
+            IpAddr::V6(_) => write!(out, "for=\"[{peer}]\""),
+        };
         if !host.is_empty() {
-            forwarded.extend_from_slice(b";host=");
-            quoted(host, &mut forwarded);
+            out.extend_from_slice(b";host=");
+            quoted(host, out);
         }
-        forwarded.extend_from_slice(b";proto=");
-        forwarded.extend_from_slice(self.proto.as_bytes());
-        line(out, "forwarded", &[&forwarded]);
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(self.proto.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
 
     /// The four headers as name and value, for hyper's header map.

@@ -345,6 +345,18 @@ impl Drop for Controller {
 }
 
 /// A `rebalancer demo-server` with the agent, capacity `max`, on a free port.
+/// `n` demo servers (`s1`…, 100 sessions each), once all pass in Consul.
+pub async fn demo_fleet(redis: &Redis, consul: &ConsulAgent, n: usize) -> Vec<DemoServer> {
+    let servers: Vec<DemoServer> = (1..=n)
+        .map(|i| DemoServer::start(&format!("s{i}"), 100, redis, consul))
+        .collect();
+    eventually("the servers passing", WAIT, || async {
+        (consul.passing("ws").await.len() == n).then_some(())
+    })
+    .await;
+    servers
+}
+
 pub struct DemoServer {
     pub id: String,
     pub port: u16,
@@ -640,6 +652,15 @@ impl GatewayProc {
 
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         sample(&self.metrics().await, name, labels)
+    }
+
+    /// Waits until it serves a plain request.
+    pub async fn serving(&self) {
+        eventually("the gateway serving", WAIT, || async {
+            let r = get(self.http_url("/hello")).await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
     }
 
     /// How many times `limit` has bitten (`rebalancer_gateway_limited_total`).

@@ -4,7 +4,19 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A connection to `port` on 127.0.0.1 from `from` (any 127.0.0.0/8 address).
+pub async fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((from, 0)))
+        .expect("bind a loopback address");
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .expect("connect to the gateway")
+}
 
 /// Reads one response head, and the bytes that came with it.
 pub async fn read_head_bytes(s: &mut TcpStream) -> Vec<u8> {
@@ -125,6 +137,14 @@ impl RawWs {
     }
 
     /// Reads until the close frame: its code, and the opcodes of the frames before it.
+    /// Sends the header of a binary frame of 2 MiB (past the gateway's default limits).
+    pub async fn send_oversized_header(&mut self) {
+        let mut header = vec![0x82, 0x80 | 0x7f];
+        header.extend_from_slice(&(2u64 << 20).to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        self.s.write_all(&header).await.unwrap();
+    }
+
     pub async fn close_code(&mut self) -> (u16, Vec<u8>) {
         let mut before = Vec::new();
         loop {
