@@ -396,3 +396,68 @@ async fn a_websocket_through_hypers_path_is_relayed_like_one_through_the_fast_pa
     ends(&mut ws, "hyper's path").await;
     assert_eq!(gw.limited("ws_max_frame_bytes").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request_and_per_session() {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let _server = one_server(&redis, &consul).await;
+    let gw = GatewayProc::start_with(&redis, &consul, "access_log = true\n").await;
+    gw.serving().await;
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    exchange(
+        &mut s,
+        b"GET /hello?from=fast HTTP/1.1\r\nHost: gw\r\n\r\n\
+          POST /echo?from=hyper HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /static/x.js HTTP/1.1\r\nHost: gw\r\n\r\n\
+          GET /static/x.js HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let mut ws = RawWs::open_at(gw.port, "/ws?from=session").await;
+    ws.send(true, 8, &[0x0f, 0xa1]).await.unwrap(); // 4001
+    ws.close_code().await;
+    let lines = eventually("the session's line", WAIT, || async {
+        let log = gw.log();
+        log.contains("from=session").then(|| {
+            log.lines()
+                .filter(|l| l.contains("rebalancer::access"))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    let line = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no access line with {needle:?} in {lines:#?}"))
+            .clone()
+    };
+    let fast = line("from=fast");
+    for field in [
+        "kind=\"http\"",
+        "method=\"GET\"",
+        "status=200",
+        "backend=\"s1\"",
+        "client=127.0.0.1",
+        "bytes=",
+    ] {
+        assert!(fast.contains(field), "{field} in {fast}");
+    }
+    let hyper = line("from=hyper");
+    assert!(
+        hyper.contains("method=\"POST\"") && hyper.contains("backend=\"s1\""),
+        "{hyper}"
+    );
+    assert!(line("backend=\"cache\"").contains("/static/x.js"));
+    let session = line("from=session");
+    for field in [
+        "kind=\"ws\"",
+        "status=101",
+        "client_close=4001",
+        "server_close=",
+        "ended_by=\"peers\"",
+        "bytes_up=",
+    ] {
+        assert!(session.contains(field), "{field} in {session}");
+    }
+}

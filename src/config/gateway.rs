@@ -32,6 +32,8 @@ pub struct GatewayConfig {
     pub cache_max_bytes: u64,
     pub cache_max_entry_bytes: usize,
     pub target_port: Option<u16>,
+    /// One structured line per request and WebSocket session (target `rebalancer::access`).
+    pub access_log: bool,
     pub shared_accounting: bool,
     pub redis_timeout: Duration,
     /// The watch URL of the controller's topology feed to route from, when set.
@@ -116,6 +118,7 @@ impl Default for GatewayConfig {
             cache_max_bytes: 64 << 20,
             cache_max_entry_bytes: 1 << 20,
             target_port: None,
+            access_log: false,
             shared_accounting: false,
             redis_timeout: Duration::from_millis(50),
             topology_feed: None,
@@ -200,6 +203,7 @@ pub(super) fn compile(g: &RawGateway, pipeline: &str, ck: &mut Checker) -> Gatew
             1..=1 << 30,
         ) as usize,
         target_port,
+        access_log: g.access_log,
         shared_accounting: g.shared_accounting,
         redis_timeout: ck.duration("gateway.redis_timeout", &g.redis_timeout),
         topology_feed,

@@ -72,6 +72,8 @@ pub struct RawGateway {
     pub cache_max_entry_bytes: i64,
     /// Use this port for every server instead of the one registered in Consul.
     pub target_port: i64,
+    /// One structured line per request and WebSocket session.
+    pub access_log: bool,
     /// Request-level least-connections across gateway replicas, through Redis.
     pub shared_accounting: bool,
     /// Longest wait on Redis for the shared accounting.
@@ -129,6 +131,7 @@ impl Default for RawGateway {
             cache_max_bytes: d.cache_max_bytes as i64,
             cache_max_entry_bytes: d.cache_max_entry_bytes as i64,
             target_port: d.target_port.map_or(0, i64::from),
+            access_log: d.access_log,
             shared_accounting: d.shared_accounting,
             redis_timeout: text(d.redis_timeout),
             topology_feed: d.topology_feed.unwrap_or_default(),

@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::access;
 use super::attempt::{Ask, AttemptError, Failed, Tries};
 use super::http1::{
     plan, response_head, Chunked, Framing, HeadLimits, Parsed, Plan, ResponseError, ResponseHead,
@@ -200,6 +201,19 @@ async fn read_some(client: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usi
 /// Answers a request a limit refuses, counted, and closes the connection.
 async fn refuse(g: &Gateway, client: TcpStream, limit: Limit) {
     g.0.bitten.count(limit);
+    if g.0.cfg.access_log {
+        if let Ok(peer) = client.peer_addr() {
+            access::request(&access::Request {
+                client: peer.ip(),
+                method: "-",
+                path: "-",
+                status: limit.answer().0,
+                backend: None,
+                bytes: None,
+                started: Instant::now(),
+            });
+        }
+    }
     Box::pin(answer_and_close(client, limit, true)).await;
 }
 
@@ -213,6 +227,25 @@ async fn forward(
     body: &[u8],
 ) -> Relayed {
     let started = Instant::now();
+    let peer = if g.0.cfg.access_log {
+        client.peer_addr().ok().map(|a| a.ip())
+    } else {
+        None
+    };
+    let log = |status: u16, backend: Option<&str>, bytes: Option<u64>| {
+        if let Some(client) = peer {
+            let (method, path) = access::request_line(&plan.head);
+            access::request(&access::Request {
+                client,
+                method,
+                path,
+                status,
+                backend,
+                bytes,
+                started,
+            });
+        }
+    };
     let ask = Ask {
         kind: Kind::Request,
         inflight: None,
@@ -224,6 +257,7 @@ async fn forward(
             Ok(t) => t,
             Err(why) => {
                 let text = format!("no server can take this request: {why}\n");
+                log(503, None, None);
                 return answer(client, 503, "Service Unavailable", &text, plan.client_close).await;
             }
         };
@@ -249,6 +283,7 @@ async fn forward(
             Err(e) => {
                 if let Err(Failed { server, error }) = tries.after_failure(target, e).await {
                     let text = format!("{server} failed: {}\n", error.message());
+                    log(502, None, None);
                     return answer(client, 502, "Bad Gateway", &text, plan.client_close).await;
                 }
             }
@@ -259,7 +294,9 @@ async fn forward(
     g.0.http_duration.record(started.elapsed().as_secs_f64());
     target.backend.counts.ok.fetch_add(1, Ordering::Relaxed);
     drop(target);
-    let relayed = relay(g, client, &mut conn, &mut head).await;
+    let mut sent = 0;
+    let relayed = relay(g, client, &mut conn, &mut head, &mut sent).await;
+    log(head.status, Some(&conn.id), Some(sent));
     if head.reusable && conn.buf.is_empty() && relayed.is_ok() {
         let idle = Idle {
             stream: conn.stream,
@@ -353,6 +390,7 @@ async fn relay(
     client: &mut TcpStream,
     conn: &mut ServerConn,
     head: &mut ResponseHead,
+    sent: &mut u64,
 ) -> io::Result<()> {
     async fn read_more(
         stream: &mut TcpStream,
@@ -373,7 +411,7 @@ async fn relay(
             out.extend_from_slice(&conn.buf[..n]);
             conn.buf.advance(n);
             left -= n as u64;
-            send(client, &out, timeout).await?;
+            send(client, &out, timeout, sent).await?;
             out.clear();
             if left == 0 {
                 return Ok(());
@@ -391,7 +429,7 @@ async fn relay(
                     .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))?;
                 out.extend_from_slice(&conn.buf[..n]);
                 conn.buf.advance(n);
-                send(client, &out, timeout).await?;
+                send(client, &out, timeout, sent).await?;
                 out.clear();
                 if state == Chunked::Done {
                     return Ok(());
@@ -405,7 +443,7 @@ async fn relay(
         Framing::Close => loop {
             out.extend_from_slice(&conn.buf);
             conn.buf.clear();
-            send(client, &out, timeout).await?;
+            send(client, &out, timeout, sent).await?;
             out.clear();
             match read_more(&mut conn.stream, &mut conn.buf, timeout).await {
                 Ok(Ok(0)) => return Ok(()),
@@ -416,10 +454,19 @@ async fn relay(
     }
 }
 
-/// Writes `bytes` to the client; a client that takes nothing for `timeout` is given up.
-async fn send(client: &mut TcpStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+/// Writes `bytes` to the client, counted in `sent`; a client that takes nothing for
+/// `timeout` is given up.
+async fn send(
+    client: &mut TcpStream,
+    bytes: &[u8],
+    timeout: Duration,
+    sent: &mut u64,
+) -> io::Result<()> {
     match tokio::time::timeout(timeout, client.write_all(bytes)).await {
-        Ok(r) => r,
+        Ok(r) => {
+            *sent += bytes.len() as u64;
+            r
+        }
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "the client read nothing for the request timeout",

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::GW_CACHE as CACHE;
 
+use super::access;
 use super::attempt::{Ask, AttemptError, Failed, Tries};
 use super::balancer::Target;
 use super::cache;
@@ -238,11 +239,36 @@ pub(super) async fn serve_connection(
 pub(super) async fn handle(g: Gateway, up: Arc<Upstreams>, req: Request) -> Response {
     g.0.requests.fetch_add(1, Ordering::Relaxed);
     if is_upgrade(req.headers()) {
-        super::ws_upgrade::from_hyper(g, up.peer, req, up.stop.clone()).await
-    } else {
-        http(g, &up, req).await
+        // A session logs itself when it ends.
+        return super::ws_upgrade::from_hyper(g, up.peer, req, up.stop.clone()).await;
     }
+    let asked = g.0.cfg.access_log.then(|| {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        (req.method().clone(), path.to_string(), Instant::now())
+    });
+    let resp = http(g, &up, req).await;
+    if let Some((method, path, started)) = asked {
+        let backend = resp.extensions().get::<AnsweredBy>().map(|a| a.0.clone());
+        let bytes = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        access::request(&access::Request {
+            client: up.peer.ip(),
+            method: method.as_str(),
+            path: &path,
+            status: resp.status().as_u16(),
+            backend: backend.as_deref(),
+            bytes,
+            started,
+        });
+    }
+    resp
 }
+
+/// Who answered a response, for the access log: a server's id, or `cache`.
+#[derive(Clone)]
+struct AnsweredBy(Arc<str>);
 
 /// The names a message's `Connection` headers list (lowercased): hop-by-hop too.
 fn connection_listed(headers: &HeaderMap) -> Vec<String> {
@@ -353,6 +379,7 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
             }
             resp.headers_mut()
                 .insert("x-cache", HeaderValue::from_static("hit"));
+            resp.extensions_mut().insert(AnsweredBy("cache".into()));
             return resp;
         }
         counter!(CACHE, "result" => "miss").increment(1);
@@ -491,8 +518,10 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
                 }
             })),
         };
+        rparts.extensions.insert(AnsweredBy(target.id.clone()));
         return Response::from_parts(rparts, Body::new(teed));
     }
+    rparts.extensions.insert(AnsweredBy(target.id.clone()));
     Response::from_parts(rparts, Body::new(incoming))
 }
 

@@ -2,8 +2,11 @@
 //! weighted least-connections (power of two choices) over the live fleet. The fleet comes
 //! from the same sources and snapshot as the controller (Consul health and KV, Redis
 //! counts); active health checks and a per-server circuit breaker take failing servers out;
-//! connect failures are retried on another server; static GETs are cached.
+//! connect failures are retried on another server; static GETs are cached. Every client
+//! resource is bounded (`limits.rs`), and WebSocket sessions are tunnelled frame by frame
+//! (`ws_upgrade.rs`, `ws_relay.rs`). docs/architecture.md lists the files by job.
 
+mod access;
 pub mod accounting;
 mod attempt;
 mod balancer;

@@ -74,6 +74,14 @@ impl Broken {
         }
     }
 
+    /// What ended the session, for the access log: the limit's key, or `protocol`.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Broken::Limit(l) => l.label(),
+            Broken::Protocol(_) => "protocol",
+        }
+    }
+
     pub(super) fn reason(self) -> &'static str {
         match self {
             Broken::Limit(Limit::WsFrameBytes) => "frame too big",
@@ -97,6 +105,8 @@ pub(super) struct Frames {
     in_message: bool,
     /// A close frame has begun.
     pub closed: bool,
+    /// The code of the first close frame, when its first two bytes came with its header.
+    pub close_code: Option<u16>,
 }
 
 /// The longest frame header: 2 bytes, 8 of extended length, 4 of mask.
@@ -112,6 +122,7 @@ impl Frames {
             message: 0,
             in_message: false,
             closed: false,
+            close_code: None,
         }
     }
 
@@ -136,6 +147,17 @@ impl Frames {
             let Some((header_len, len)) = self.header(&data[i..]).map_err(|why| (i, why))? else {
                 return Ok(i);
             };
+            let closing = data[i] & 0x0f == 0x8;
+            if closing && self.close_code.is_none() && len >= 2 && data.len() >= i + header_len + 2
+            {
+                let at = i + header_len;
+                let mut code = [data[at], data[at + 1]];
+                if data[i + 1] & 0x80 != 0 {
+                    let key = &data[at - 4..at];
+                    code = [code[0] ^ key[0], code[1] ^ key[1]];
+                }
+                self.close_code = Some(u16::from_be_bytes(code));
+            }
             i += header_len;
             self.left = len;
         }
@@ -352,6 +374,11 @@ mod tests {
         let c = close(1000, "bye", None);
         assert_eq!(f.scan(&c), Ok(c.len()));
         assert!(f.closed);
+        assert_eq!(f.close_code, Some(1000));
+        let mut masked = Frames::new(true, 1 << 20, 1 << 20);
+        let c = close(4001, "x", Some([9, 8, 7, 6]));
+        assert_eq!(masked.scan(&c), Ok(c.len()));
+        assert_eq!(masked.close_code, Some(4001), "unmasked");
         // The gateway's own frames scan as valid frames, masked to a server.
         let mut to_server = Frames::new(true, 1 << 20, 1 << 20);
         let mine = [

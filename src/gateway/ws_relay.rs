@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::access;
 use super::limits::Limit;
 use super::series::WsOpen;
 use super::websocket::{self, Broken, Frames, GOING_AWAY, MAX_HEADER};
@@ -38,6 +39,8 @@ struct Side {
     last_heard: Instant,
     /// It closed its sending half.
     eof: bool,
+    /// Bytes passed to it from the other side.
+    passed: u64,
 }
 
 impl Side {
@@ -47,6 +50,7 @@ impl Side {
 
     /// Writes `bytes` now, keeping what the socket does not take.
     fn pass(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.passed += bytes.len() as u64;
         if !self.out.is_empty() {
             self.out.extend_from_slice(bytes);
             return Ok(());
@@ -139,13 +143,14 @@ enum End {
 }
 
 /// Relays a session until it ends. `client_early` and the server's early bytes are what each
-/// side sent before the relay began.
+/// side sent before the relay began; `opened` is for the access log.
 pub(super) async fn session(
     g: Gateway,
     client: TcpStream,
     client_early: Vec<u8>,
     accepted: Accepted,
     stop: CancellationToken,
+    opened: Option<access::Opened>,
 ) {
     let _open = WsOpen::new(&accepted.backend.counts.ws_open);
     let limits = &g.0.cfg.limits;
@@ -163,55 +168,87 @@ pub(super) async fn session(
         out: Vec::new(),
         last_heard: now,
         eof: false,
+        passed: 0,
     };
     let (mut c, mut s) = (side(client, false), side(accepted.stream, true));
+    let ended_by = run(&g, &mut c, &mut s, &client_early, &accepted.early, &stop).await;
+    if let Some(opened) = opened {
+        access::session(
+            &opened,
+            &access::Outcome {
+                backend: &accepted.backend.id,
+                up: s.passed,
+                down: c.passed,
+                client_close: c.frames.close_code,
+                server_close: s.frames.close_code,
+                ended_by,
+            },
+        );
+    }
+}
+
+/// The session between `c` and `s` from its first bytes to its end; what ended it.
+async fn run(
+    g: &Gateway,
+    c: &mut Side,
+    s: &mut Side,
+    client_early: &[u8],
+    server_early: &[u8],
+    stop: &CancellationToken,
+) -> &'static str {
     let early = (
-        relay_early(&mut c, &mut s, &client_early),
-        relay_early(&mut s, &mut c, &accepted.early),
+        relay_early(c, s, client_early),
+        relay_early(s, c, server_early),
     );
-    drop((client_early, accepted.early));
     let end = match early {
-        (Err(_), _) | (_, Err(_)) => return,
+        (Err(_), _) | (_, Err(_)) => return "error",
         (Ok(Some(why)), _) => Some(End::Broken { client: true, why }),
         (_, Ok(Some(why))) => Some(End::Broken { client: false, why }),
         _ => None,
     };
     let end = match end {
         Some(end) => end,
-        None => match relay(&g, &mut c, &mut s, &stop).await {
+        None => match relay(g, c, s, stop).await {
             Some(end) => end,
-            None => return,
+            None => return "peers",
         },
     };
-    let (to_client, to_server) = match &end {
+    let (to_client, to_server, ended_by) = match &end {
         End::Broken { client: true, why } => {
-            count_broken(&g, *why);
+            count_broken(g, *why);
             (
                 (why.close_code(), why.reason()),
                 (GOING_AWAY, "the client broke the protocol"),
+                why.label(),
             )
         }
         End::Broken { client: false, why } => {
-            count_broken(&g, *why);
+            count_broken(g, *why);
             (
                 (GOING_AWAY, "the server broke the protocol"),
                 (why.close_code(), why.reason()),
+                why.label(),
             )
         }
         End::Idle => {
             g.0.bitten.count(Limit::WsIdle);
-            ((GOING_AWAY, "idle"), (GOING_AWAY, "idle"))
+            (
+                (GOING_AWAY, "idle"),
+                (GOING_AWAY, "idle"),
+                Limit::WsIdle.label(),
+            )
         }
         End::Stopping => (
             (GOING_AWAY, "the gateway is stopping"),
             (GOING_AWAY, "the gateway is stopping"),
+            "stopping",
         ),
     };
     // Each side is sent a close frame, where the bytes it was sent end with a whole frame
     // (the other side's frames say), then is given a moment to answer and close.
     let whole = (s.frames.at_boundary(), c.frames.at_boundary());
     for (side, whole, (code, reason)) in
-        [(&mut c, whole.0, to_client), (&mut s, whole.1, to_server)]
+        [(&mut *c, whole.0, to_client), (&mut *s, whole.1, to_server)]
     {
         if whole && !side.eof {
             let frame = websocket::close(code, reason, side.mask());
@@ -219,9 +256,10 @@ pub(super) async fn session(
         }
     }
     let _ = Box::pin(tokio::time::timeout(CLOSE_WAIT, async {
-        tokio::join!(closing(&mut c), closing(&mut s));
+        tokio::join!(closing(c), closing(s));
     }))
     .await;
+    ended_by
 }
 
 fn count_broken(g: &Gateway, why: Broken) {

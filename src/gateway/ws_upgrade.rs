@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::access;
 use super::attempt::{Ask, AttemptError, Tries};
 use super::route::Kind;
 use super::table::Backend;
@@ -172,6 +173,13 @@ pub(super) async fn open(
     head: Vec<u8>,
     stop: CancellationToken,
 ) {
+    let opened = g.0.cfg.access_log.then(|| access::Opened {
+        client: client
+            .peer_addr()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip()),
+        path: access::request_line(&head).1.to_string(),
+        started: Instant::now(),
+    });
     // Boxed: the upgrade's buffers and the closing's are not held through the session.
     let accepted = Box::pin(upgrade_upstream(&g, &head)).await;
     drop(head);
@@ -182,10 +190,21 @@ pub(super) async fn open(
                 .await
                 .is_ok()
             {
-                session(g, client, early, accepted, stop).await;
+                session(g, client, early, accepted, stop, opened).await;
             }
         }
         Err(why) => {
+            if let Some(o) = &opened {
+                access::request(&access::Request {
+                    client: o.client,
+                    method: "GET",
+                    path: &o.path,
+                    status: 503,
+                    backend: None,
+                    bytes: None,
+                    started: o.started,
+                });
+            }
             let text = format!("no server can take this request: {why}\n");
             let answer = format!(
                 "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
@@ -237,6 +256,15 @@ pub(super) async fn from_hyper(
         )
             .into_response();
     };
+    let opened = g.0.cfg.access_log.then(|| access::Opened {
+        client: peer.ip(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
+        started: Instant::now(),
+    });
     let on = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(upgraded) = on.await else { return };
@@ -247,7 +275,7 @@ pub(super) async fn from_hyper(
         let (tcp, prefix) = parts.io.into_inner().into_parts();
         let mut early = prefix.to_vec();
         early.extend_from_slice(&parts.read_buf);
-        session(g, tcp, early, accepted, stop).await;
+        session(g, tcp, early, accepted, stop, opened).await;
     });
     resp
 }
