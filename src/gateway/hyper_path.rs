@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
@@ -32,8 +32,8 @@ use super::access;
 use super::attempt::{Ask, AttemptError, Failed, Tries};
 use super::balancer::Target;
 use super::cache;
-use super::forwarding::{Prior, FORWARDING};
-use super::http1::{idempotent_name, HOP_BY_HOP};
+use super::http1::idempotent_name;
+use super::hyper_headers::{end_to_end, forwarding_for, response_headers};
 use super::limits::Limit;
 use super::route::Kind;
 use super::{is_upgrade, unavailable, Gateway};
@@ -169,7 +169,7 @@ pub(super) async fn connect(g: &Gateway, target: &Target) -> Result<TcpStream, S
 /// progress). Keep-alive connections that send nothing for `idle_timeout` are closed.
 pub(super) async fn serve_connection(
     g: Gateway,
-    stream: super::forward::Rewind<TcpStream>,
+    stream: super::rewind::Rewind<TcpStream>,
     peer: SocketAddr,
     stop: CancellationToken,
 ) {
@@ -270,60 +270,6 @@ pub(super) async fn handle(g: Gateway, up: Arc<Upstreams>, req: Request) -> Resp
 #[derive(Clone)]
 struct AnsweredBy(Arc<str>);
 
-/// The names a message's `Connection` headers list (lowercased): hop-by-hop too.
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
-/// A request's end-to-end headers: not hop-by-hop, not named in `Connection`, and not the
-/// forwarding headers (which the gateway sets).
-pub(super) fn end_to_end(headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-    let listed = connection_listed(headers);
-    headers.iter().filter(move |(k, _)| {
-        let k = k.as_str();
-        !HOP_BY_HOP.contains(&k) && !FORWARDING.contains(&k) && !listed.iter().any(|l| l == k)
-    })
-}
-
-/// The forwarding headers for a request hyper read from `peer`.
-pub(super) fn forwarding_for(
-    g: &Gateway,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-) -> Vec<(String, Vec<u8>)> {
-    let mut prior = Prior::default();
-    for (k, v) in headers {
-        prior.note(k.as_str(), v.as_bytes());
-    }
-    g.0.forwarding.pairs(peer.ip(), &prior)
-}
-
-/// A response's headers as the client gets them: hop-by-hop ones (and those `Connection`
-/// names) out, `Content-Length` kept for hyper to frame by, unless the server also sent
-/// `Transfer-Encoding`, which overrides it (RFC 9112 §6.3): the body was decoded by that.
-fn response_headers(headers: &mut HeaderMap) {
-    let listed = connection_listed(headers);
-    if headers.contains_key(http::header::TRANSFER_ENCODING) {
-        headers.remove(http::header::CONTENT_LENGTH);
-    }
-    for h in HOP_BY_HOP {
-        if *h != "content-length" {
-            headers.remove(*h);
-        }
-    }
-    for l in listed {
-        if l != "content-length" {
-            headers.remove(l.as_str());
-        }
-    }
-}
-
 /// A limit's answer to a request, counted; the connection closes after it.
 pub(super) fn refused(g: &Gateway, limit: Limit) -> Response {
     g.0.bitten.count(limit);
@@ -422,7 +368,7 @@ pub(super) async fn http(g: Gateway, up: &Upstreams, req: Request) -> Response {
         // Sent again after it may have reached a server only when idempotent.
         idempotent: idempotent(&method),
     };
-    let forwarding = forwarding_for(&g, &parts.headers, up.peer);
+    let forwarding = forwarding_for(&g.0.forwarding, &parts.headers, up.peer);
     let mut tries = Tries::new(&g, ask);
     let (target, r, _slot) = loop {
         let target = match tries.next() {
@@ -585,47 +531,5 @@ impl hyper::body::Body for Teed {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_relayed_response_loses_its_hop_by_hop_headers_and_a_content_length_beside_an_encoding() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("content-length", "3"),
-            ("transfer-encoding", "chunked"),
-            ("connection", "keep-alive, x-private"),
-            ("x-private", "1"),
-            ("keep-alive", "timeout=5"),
-            ("x-kept", "yes"),
-        ] {
-            h.append(k, HeaderValue::from_static(v));
-        }
-        response_headers(&mut h);
-        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        assert_eq!(names, vec!["x-kept"]);
-        let mut h = HeaderMap::new();
-        h.append("content-length", HeaderValue::from_static("3"));
-        response_headers(&mut h);
-        assert!(
-            h.contains_key("content-length"),
-            "kept for hyper to frame by"
-        );
-        let mut req = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "close, x-hop"),
-            ("x-hop", "1"),
-            ("x-forwarded-for", "203.0.113.9"),
-            ("forwarded", "for=x"),
-            ("origin", "https://app"),
-        ] {
-            req.append(k, HeaderValue::from_static(v));
-        }
-        let kept: Vec<&str> = end_to_end(&req).map(|(k, _)| k.as_str()).collect();
-        assert_eq!(kept, vec!["origin"]);
     }
 }

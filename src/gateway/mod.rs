@@ -15,10 +15,12 @@ mod forward;
 mod forwarding;
 pub mod health;
 mod http1;
+mod hyper_headers;
 mod hyper_path;
 mod limits;
 pub mod pool;
 mod probe;
+mod rewind;
 pub mod route;
 mod series;
 pub mod table;
@@ -335,7 +337,7 @@ pub async fn run(
             // Shared accounting holds a slot in Redis per request: hyper's path does that.
             connections.spawn(async move {
                 let _admitted = admitted;
-                serve_connection(g, forward::Rewind::new(stream), peer, stop).await;
+                serve_connection(g, rewind::Rewind::new(stream), peer, stop).await;
             });
         } else {
             connections.spawn(async move {

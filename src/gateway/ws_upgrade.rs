@@ -21,7 +21,7 @@ use super::Gateway;
 type Headers = Vec<(String, Vec<u8>)>;
 
 /// The connection hyper gives back after an upgrade.
-type HyperIo = hyper_util::rt::TokioIo<super::forward::Rewind<TcpStream>>;
+type HyperIo = hyper_util::rt::TokioIo<super::rewind::Rewind<TcpStream>>;
 
 /// A server that took the upgrade: its connection, the headers of its 101 for the client,
 /// and any bytes it sent after them.
@@ -286,9 +286,13 @@ pub(super) async fn from_hyper(
 fn upgrade_head(g: &Gateway, req: &axum::extract::Request, peer: std::net::SocketAddr) -> Vec<u8> {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut head = format!("GET {path} HTTP/1.1\r\n").into_bytes();
-    let fields = super::hyper_path::end_to_end(req.headers())
+    let fields = super::hyper_headers::end_to_end(req.headers())
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
-        .chain(super::hyper_path::forwarding_for(g, req.headers(), peer));
+        .chain(super::hyper_headers::forwarding_for(
+            &g.0.forwarding,
+            req.headers(),
+            peer,
+        ));
     for (name, value) in fields {
         head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
