@@ -655,8 +655,10 @@ async fn a_read_at_an_index_a_restarted_agent_never_reached_is_cut_short() {
         stop.clone(),
     );
     tokio::time::sleep(Duration::from_millis(500)).await; // the probe has read the index
-    consul.restart().await;
+                                                          // Made before the restart, as a watch's is: made after, it would take a restart the
+                                                          // probe had already noticed as the one it started with (a race clean-clone CI lost).
     let fetch = consul_fetch(client, path.clone(), Duration::from_secs(300), restarts);
+    consul.restart().await;
     let asked = std::time::Instant::now();
     let answer = tokio::time::timeout(WAIT, fetch(old))
         .await

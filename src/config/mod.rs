@@ -552,7 +552,7 @@ mod tests {
         let errs = errors(
             "[gateway]\nmax_connections = 0\nmax_header_bytes = 100\nws_max_frame_bytes = 4096\n\
              ws_max_message_bytes = 2048\nws_ping_interval = \"30s\"\nws_idle_timeout = \"30s\"\n\
-             trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n",
+             trusted_proxies = [\"198.51.100.0/24\", \"198.51.100.0/33\"]\n",
         );
         let all = errs.join("\n");
         for key in [

@@ -190,23 +190,23 @@ mod tests {
     fn a_trusted_proxys_chain_is_extended() {
         let f = Forwarding::new(
             vec![
-                "10.0.0.0/8".parse().unwrap(),
+                "198.51.100.0/24".parse().unwrap(),
                 "127.0.0.1/32".parse().unwrap(),
             ],
             true,
         );
         assert_eq!(
-            written(&f, "10.1.2.3", &prior()),
-            "x-forwarded-for: 203.0.113.9, 198.51.100.2, 10.1.2.3\r\nx-forwarded-proto: https\r\n\
+            written(&f, "198.51.100.3", &prior()),
+            "x-forwarded-for: 203.0.113.9, 198.51.100.2, 198.51.100.3\r\nx-forwarded-proto: https\r\n\
              x-forwarded-host: front.example\r\n\
-             forwarded: for=203.0.113.9;proto=https, for=10.1.2.3;host=\"app.example:8080\";proto=https\r\n"
+             forwarded: for=203.0.113.9;proto=https, for=198.51.100.3;host=\"app.example:8080\";proto=https\r\n"
         );
         // An IPv4 peer on a dual-stack socket is the same address.
         assert!(
             written(&f, "::ffff:127.0.0.1", &prior()).starts_with("x-forwarded-for: 203.0.113.9")
         );
         assert!(written(&f, "127.0.0.2", &prior()).starts_with("x-forwarded-for: 127.0.0.2\r\n"));
-        let pairs = f.pairs("10.1.2.3".parse().unwrap(), &prior());
+        let pairs = f.pairs("198.51.100.3".parse().unwrap(), &prior());
         assert_eq!(pairs.len(), 4);
         assert_eq!(pairs[0].0, "x-forwarded-for");
     }
