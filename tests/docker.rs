@@ -254,7 +254,9 @@ async fn a_controller_restarted_mid_scale_out_adopts_pending_containers_and_star
         consul.register_capacity("ws", id, 100).await;
         redis.report("ws", id, n).await;
     }
-    // Slow servers: they register 8 s after their container starts, so they stay pending.
+    // Slow servers: they register 40 s after their container starts (within a provision
+    // timeout of 60 s), so they are still pending when the killed controller's lock has
+    // lapsed (about 20 s) and the new one leads.
     let toml = docker_pipeline(
         &name,
         &redis,
@@ -262,8 +264,9 @@ async fn a_controller_restarted_mid_scale_out_adopts_pending_containers_and_star
         0,
         "21050-21099",
         image,
-        r#", "--start-delay", "8s""#,
-    );
+        r#", "--start-delay", "40s""#,
+    )
+    .replace("provision_timeout = \"20s\"", "provision_timeout = \"60s\"");
     let port = free_port();
     let toml1 = toml.replace(
         "listen = \"127.0.0.1:0\"",
@@ -274,7 +277,7 @@ async fn a_controller_restarted_mid_scale_out_adopts_pending_containers_and_star
         (owned(&name).len() == 2).then_some(())
     })
     .await;
-    drop(first); // killed in the middle of the scale-out
+    drop(first); // killed in the middle of the scale-out: its lock lapses with its session
 
     let port2 = free_port();
     let toml2 = toml.replace(
@@ -282,31 +285,57 @@ async fn a_controller_restarted_mid_scale_out_adopts_pending_containers_and_star
         &format!("listen = \"127.0.0.1:{port2}\""),
     );
     let second = Controller::start(&temp_dir("dk-rst2"), &toml2, port2);
-    eventually(
-        "the new controller sees two pending containers",
-        LONG,
-        || async {
-            (second
-                .metric("rebalancer_containers", &[("state", "pending")])
-                .await
-                == Some(2.0))
-            .then_some(())
-        },
-    )
+    let started = || async {
+        second
+            .metric(
+                "rebalancer_actions_total",
+                &[("kind", "start"), ("result", "ok")],
+            )
+            .await
+    };
+    eventually("the new controller leads", LONG, || async {
+        (second.metric("rebalancer_leader", &[]).await == Some(1.0)).then_some(())
+    })
     .await;
+    // A leader decides on taking over and then every round (1 s): watch three rounds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        consul.passing("ws").await.len() < 4,
+        "the containers' servers are still pending while it leads"
+    );
+    assert_eq!(
+        second
+            .metric("rebalancer_containers", &[("state", "pending")])
+            .await,
+        Some(2.0),
+        "it counts the two pending containers as coming capacity"
+    );
+    assert_eq!(
+        started().await,
+        None,
+        "it started nothing while they were pending"
+    );
     eventually("both servers passing", LONG, || async {
         (consul.passing("ws").await.len() == 4).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(owned(&name).len(), 2, "no duplicate containers");
-    assert_eq!(
+    // With the new capacity in, U is 0.45 and s1 and s2 (0.90) are shed. They are servers
+    // with no process: their counts never move, so nothing they were told to shed is in
+    // transit, and U stays 0.45 through the next rounds (round_interval 2 s): no scale-out.
+    eventually("s1 and s2 shed", LONG, || async {
         second
             .metric(
                 "rebalancer_actions_total",
-                &[("kind", "start"), ("result", "ok")]
+                &[("kind", "shed"), ("result", "ok")],
             )
-            .await,
+            .await
+            .map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(owned(&name).len(), 2, "no duplicate containers");
+    assert_eq!(
+        started().await,
         None,
         "the restarted controller started nothing: it adopted the pending ones"
     );

@@ -116,7 +116,7 @@ fn exercise(cfg: &PipelineConfig) {
             let now = t0 + later;
             h.observe(&t, d, now);
             let plan = decide(&t, d, Capabilities::SCALER, now, &h);
-            h.record(&plan, now);
+            h.record(&plan, &t, now);
         }
         let shed = Action {
             kind: ActionKind::Shed {

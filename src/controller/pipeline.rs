@@ -114,7 +114,7 @@ pub async fn run(cfg: PipelineConfig, inputs: Inputs, events: Events, shutdown: 
         // before its round interval or cooldown anyway. A dry run decides as if it had acted,
         // so its log reads true; a follower remembers nothing it did not do.
         if mode != (Mode::Live { epoch: None }) {
-            history.record(&plan, now);
+            history.record(&plan, &t, now);
         }
         let done = execute(&plan, mode, actuator.as_ref(), t.version, &events).await;
         // An ack is due once the command has expired and its sessions have had their window.

@@ -472,7 +472,7 @@ impl Sim<'_> {
                     Capabilities::default()
                 };
                 let plan = decide(&topo, &self.cfg, can, now, &self.history);
-                self.history.record(&plan, now);
+                self.history.record(&plan, &topo, now);
                 for a in plan.actions {
                     let idx = a.kind.server().and_then(|id| self.index.get(id).copied());
                     match (a.kind, idx) {

@@ -15,7 +15,8 @@ pub use crate::config::decide::BUDGET_WINDOW;
 #[derive(Debug, Clone, Default)]
 pub struct History {
     last_shed: HashMap<ServerId, Instant>,
-    disruptions: VecDeque<(Instant, u64)>,
+    /// Sessions shed or drained, oldest first, for the budget window.
+    disruptions: VecDeque<Disruption>,
     last_scale_out: Option<Instant>,
     last_scale_in: Option<Instant>,
     low_since: Option<Instant>,
@@ -42,6 +43,17 @@ pub struct History {
     /// Servers whose command went unacked, with their count when it was sent: not shed
     /// again until the count changes (the command may still be in effect, or the server deaf).
     unacked: HashMap<ServerId, Option<u64>>,
+}
+
+/// Sessions told to leave a server at `at`.
+#[derive(Debug, Clone)]
+struct Disruption {
+    at: Instant,
+    server: ServerId,
+    count: u64,
+    /// The server's count when the command was decided; `None` for another controller's
+    /// shed, known only by its ack (sent once the server had let them go).
+    from: Option<u64>,
 }
 
 /// How many of its own command ids a controller remembers after they are settled.
@@ -132,8 +144,8 @@ impl History {
         let horizon = cfg.rebalance.round_interval.max(BUDGET_WINDOW);
         self.last_shed
             .retain(|_, at| now.saturating_duration_since(*at) < horizon);
-        while let Some((at, _)) = self.disruptions.front() {
-            if now.saturating_duration_since(*at) >= BUDGET_WINDOW {
+        while let Some(d) = self.disruptions.front() {
+            if now.saturating_duration_since(d.at) >= BUDGET_WINDOW {
                 self.disruptions.pop_front();
             } else {
                 break;
@@ -161,13 +173,18 @@ impl History {
         }
     }
 
-    /// Remembers what a plan did (or, in dry-run, would have done).
-    pub fn record(&mut self, plan: &Plan, now: Instant) {
+    /// Remembers what a plan decided on `t` did (or, in dry-run, would have done).
+    pub fn record(&mut self, plan: &Plan, t: &Topology, now: Instant) {
         for a in &plan.actions {
             match &a.kind {
                 ActionKind::Shed { server, count } | ActionKind::Drain { server, count } => {
                     self.last_shed.insert(server.clone(), now);
-                    self.disruptions.push_back((now, *count));
+                    self.disruptions.push_back(Disruption {
+                        at: now,
+                        server: server.clone(),
+                        count: *count,
+                        from: t.get(server).and_then(|s| s.sessions.known()),
+                    });
                 }
                 ActionKind::Cordon { .. } => self.last_scale_in = Some(now),
                 ActionKind::Reactivate { .. } | ActionKind::Start { .. } => {
@@ -236,8 +253,16 @@ impl History {
             .entry(ack.server.as_str().into())
             .or_insert(at);
         *last = (*last).max(at);
-        let i = self.disruptions.partition_point(|(t, _)| *t <= at);
-        self.disruptions.insert(i, (at, ack.shed));
+        let i = self.disruptions.partition_point(|d| d.at <= at);
+        self.disruptions.insert(
+            i,
+            Disruption {
+                at,
+                server: ack.server.as_str().into(),
+                count: ack.shed,
+                from: None,
+            },
+        );
         AckSeen::Foreign
     }
 
@@ -323,9 +348,39 @@ impl History {
     pub fn disrupted_within(&self, now: Instant, window: Duration) -> u64 {
         self.disruptions
             .iter()
-            .filter(|(at, _)| now.saturating_duration_since(*at) < window)
-            .map(|(_, n)| n)
-            .fold(0u64, |a, n| a.saturating_add(*n))
+            .filter(|d| now.saturating_duration_since(d.at) < window)
+            .fold(0u64, |a, d| a.saturating_add(d.count))
+    }
+
+    /// Sessions shed within `window` before `now` that have left their server in `t` and are
+    /// not yet counted anywhere: reconnecting. A server's part is what it was told to shed,
+    /// but no more than its count has fallen since: sessions a deaf or slow server still
+    /// holds are in its count already, and counting them twice would raise U into a
+    /// scale-out nobody needs. A server gone or with no known count is not in the totals, so
+    /// all it was told to shed is. Another controller's shed, known by its ack, had left.
+    pub fn in_transit(&self, t: &Topology, now: Instant, window: Duration) -> u64 {
+        let mut by_server: HashMap<&str, (u64, Option<u64>)> = HashMap::new();
+        for d in self
+            .disruptions
+            .iter()
+            .filter(|d| now.saturating_duration_since(d.at) < window)
+        {
+            // Oldest first: a server's first shed in the window gives the count it fell from.
+            let e = by_server.entry(&d.server).or_insert((0, d.from));
+            e.0 = e.0.saturating_add(d.count);
+            if d.from.is_none() {
+                e.1 = None;
+            }
+        }
+        by_server
+            .into_iter()
+            .map(|(server, (told, from))| {
+                match (from, t.get(server).and_then(|s| s.sessions.known())) {
+                    (Some(from), Some(now)) => told.min(from.saturating_sub(now)),
+                    _ => told,
+                }
+            })
+            .fold(0u64, u64::saturating_add)
     }
 
     pub fn scaled_out_within(&self, now: Instant, window: Duration) -> bool {

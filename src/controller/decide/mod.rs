@@ -43,9 +43,10 @@ pub fn decide(
     history: &History,
 ) -> Plan {
     let mut totals = t.totals();
-    // Sessions shed in the last `in_transit` are on their way to other servers: counted, so
-    // U does not dip while they reconnect and nobody is shed again for the dip.
-    totals.in_transit = history.disrupted_within(now, cfg.rebalance.in_transit);
+    // Sessions shed in the last `in_transit` that have left are on their way to other
+    // servers: counted, so U does not dip while they reconnect and nobody is shed again for
+    // the dip.
+    totals.in_transit = history.in_transit(t, now, cfg.rebalance.in_transit);
     totals.sessions = totals.sessions.saturating_add(totals.in_transit);
     let mut plan = Plan {
         utilization: totals.utilization(),

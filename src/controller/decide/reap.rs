@@ -196,7 +196,7 @@ mod tests {
         );
         let p = decide(&t, &c, can, t0 + Duration::from_secs(20), &h);
         assert!(kinds(&p).contains(&"discard new".to_string()), "{p:?}");
-        h.record(&p, t0 + Duration::from_secs(20));
+        h.record(&p, &t, t0 + Duration::from_secs(20));
 
         // Gone, and the scale-out it was part of backs off for a cooldown (30 s).
         let t2 = fleet(vec![server("a", 100, 90), server("b", 100, 90)]);
@@ -369,7 +369,7 @@ mod tests {
         let first = t0 + Duration::from_secs(20);
         let p = decide(&t, &c, Capabilities::SCALER, first, &h);
         assert_eq!(discards(&p), 5, "{p:?}");
-        h.record(&p, first);
+        h.record(&p, &t, first);
         let again = decide(
             &t,
             &c,

@@ -356,7 +356,7 @@ mod tests {
         let t0 = now();
         let mut h = History::default();
         let p = decide(&t, &c, can, t0, &h);
-        h.record(&p, t0);
+        h.record(&p, &t, t0);
         let again = decide(&t, &c, can, t0 + Duration::from_secs(14), &h);
         assert!(again.is_empty(), "{again:?}");
         assert!(again
@@ -458,7 +458,7 @@ mod tests {
         let mut h = History::default();
         let p = decide(&before, &c, can, t0, &h);
         assert_eq!(p.shed_total(), 40, "{p:?}");
-        h.record(&p, t0);
+        h.record(&p, &before, t0);
         // A second later the 40 have left a and are still reconnecting: without them U would
         // be 0.37, c far below it, and b (0.45 > 0.37) shed for a dip that is not real.
         let during = fleet(vec![
@@ -484,6 +484,41 @@ mod tests {
                 .contains("a server is more than 0.10 below U")),
             "the reason names the rule that applied: {p:?}"
         );
+    }
+
+    #[test]
+    fn sessions_a_server_still_holds_are_not_counted_again_as_in_transit() {
+        let c = cfg();
+        let can = Capabilities::default();
+        let t0 = now();
+        let before = fleet(vec![
+            server("a", 100, 90),
+            server("b", 100, 45),
+            server("c", 100, 15),
+        ]);
+        let mut h = History::default();
+        let p = decide(&before, &c, can, t0, &h);
+        assert_eq!(p.shed_total(), 40, "{p:?}");
+        h.record(&p, &before, t0);
+        let soon = t0 + Duration::from_secs(1);
+        // A deaf or slow server: its count has not moved, so nothing is on its way anywhere.
+        // Counting the 40 again would read U as 0.63 and could start servers nobody needs.
+        let p = decide(&before, &c, can, soon, &h);
+        assert!(
+            (p.utilization - 0.5).abs() < 1e-9,
+            "the 40 are counted once: {}",
+            p.utilization
+        );
+        // Half have left: those 20 are in transit, the other 20 still in a's count.
+        let half = fleet(vec![
+            server("a", 100, 70),
+            server("b", 100, 45),
+            server("c", 100, 15),
+        ]);
+        assert_eq!(h.in_transit(&half, soon, c.rebalance.in_transit), 20);
+        // A server gone with its sessions: all it was told to shed are on their way.
+        let gone = fleet(vec![server("b", 100, 45), server("c", 100, 15)]);
+        assert_eq!(h.in_transit(&gone, soon, c.rebalance.in_transit), 40);
     }
 
     /// The snapshot the fold makes of these registrations and counts, as the controller's.

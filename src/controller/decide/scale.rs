@@ -290,7 +290,7 @@ pub(crate) mod tests {
         let t0 = Instant::now();
         let mut h = History::default();
         let p = decide(&t, &c, can, t0, &h);
-        h.record(&p, t0);
+        h.record(&p, &t, t0);
         assert!(decide(&t, &c, can, t0 + Duration::from_secs(29), &h).is_empty());
         c.scale.max_servers = 3;
         let p = decide(&t, &c, can, t0 + Duration::from_secs(31), &h);
