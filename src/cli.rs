@@ -66,9 +66,15 @@ fn load(files: &[PathBuf]) -> Result<Vec<PipelineConfig>, ExitCode> {
     for c in &cfgs {
         let consul = crate::contract::consul::Consul::connect(&c.consul.endpoint()).err();
         let redis = c.redis.endpoint().client().err();
+        let gateway = c
+            .gateway
+            .tls
+            .as_ref()
+            .and_then(|files| crate::gateway::tls::load(files).err());
         for e in [
             consul.map(|e| format!("Consul: {e}")),
             redis.map(|e| format!("Redis: {e}")),
+            gateway.map(|e| format!("gateway: {e}")),
         ]
         .into_iter()
         .flatten()
@@ -253,7 +259,10 @@ pub fn gateway(args: &crate::gateway::GatewayArgs) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(EX_UNAVAILABLE)
+                match e {
+                    crate::gateway::GatewayError::Tls(_) => ExitCode::from(EX_CONFIG),
+                    _ => ExitCode::from(EX_UNAVAILABLE),
+                }
             }
         }
     })

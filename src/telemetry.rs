@@ -57,6 +57,8 @@ pub const GW_CACHE: &str = "rebalancer_gateway_cache_total";
 pub const GW_CACHE_BYTES: &str = "rebalancer_gateway_cache_bytes";
 pub const GW_LIMITED: &str = "rebalancer_gateway_limited_total";
 pub const GW_CLIENT_CONNECTIONS: &str = "rebalancer_gateway_client_connections";
+pub const GW_TLS_RELOADS: &str = "rebalancer_gateway_tls_reloads_total";
+pub const GW_TLS_HANDSHAKES: &str = "rebalancer_gateway_tls_handshake_errors_total";
 pub const PROVISION: &str = "rebalancer_provision_seconds";
 pub const RUNTIME_TASKS: &str = "rebalancer_runtime_tasks";
 
@@ -333,6 +335,18 @@ pub const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Gauge,
         Unit::Count,
         "Client connections the gateway holds open",
+    ),
+    (
+        GW_TLS_RELOADS,
+        Kind::Counter,
+        Unit::Count,
+        "Reloads of the TLS certificate after its files changed, by result (ok, error)",
+    ),
+    (
+        GW_TLS_HANDSHAKES,
+        Kind::Counter,
+        Unit::Count,
+        "Client TLS handshakes that failed or timed out (header_timeout)",
     ),
     (
         GW_FEED_CONNECTED,

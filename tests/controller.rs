@@ -593,8 +593,9 @@ fn check_reads_the_tls_files_a_pipeline_names_and_names_the_one_that_fails() {
     std::fs::write(
         &file,
         format!(
-            "[consul]\naddress = \"https://127.0.0.1:8501\"\nca_file = \"{}\"\n\
-             [redis]\nurl = \"redis://127.0.0.1:6379/0\"\n",
+            "[consul]\naddress = \"https://127.0.0.1:8501\"\nca_file = \"{0}\"\n\
+             [redis]\nurl = \"redis://127.0.0.1:6379/0\"\n\
+             [gateway]\ntls_cert = \"{0}\"\ntls_key = \"{0}\"\n",
             not_pem.display()
         ),
     )
@@ -616,6 +617,10 @@ fn check_reads_the_tls_files_a_pipeline_names_and_names_the_one_that_fails() {
             ),
             "Redis: REDIS_CACERT is set but redis://127.0.0.1:6379/0 is not a TLS address"
                 .to_string(),
+            format!(
+                "gateway: the TLS certificate {} holds no usable PEM",
+                not_pem.display()
+            ),
         ] {
             assert!(err.contains(&want), "{cmd:?}: missing {want:?} in:\n{err}");
         }

@@ -42,6 +42,15 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// Proxies in front whose own forwarding headers are believed (else replaced).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// TLS termination: the certificate chain and private key (PEM), reloaded on change.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `tls_cert` and `tls_key`: the gateway's certificate chain and its private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 /// What one client may hold or send, each a `[gateway]` key; every time one bites, it is
@@ -124,6 +133,7 @@ impl Default for GatewayConfig {
             topology_feed: None,
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -209,6 +219,32 @@ pub(super) fn compile(g: &RawGateway, pipeline: &str, ck: &mut Checker) -> Gatew
         topology_feed,
         limits: limits(g, ck),
         trusted_proxies: trusted_proxies(&g.trusted_proxies, ck),
+        tls: tls_files(g, ck),
+    }
+}
+
+/// `tls_cert` and `tls_key`: both, or neither.
+fn tls_files(g: &RawGateway, ck: &mut Checker) -> Option<TlsFiles> {
+    match (g.tls_cert.trim(), g.tls_key.trim()) {
+        ("", "") => None,
+        ("", _) => {
+            ck.err(
+                "gateway.tls_cert",
+                "tls_key is set without tls_cert: set both (PEM files) or neither",
+            );
+            None
+        }
+        (_, "") => {
+            ck.err(
+                "gateway.tls_key",
+                "tls_cert is set without tls_key: set both (PEM files) or neither",
+            );
+            None
+        }
+        (cert, key) => Some(TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+        }),
     }
 }
 

@@ -567,6 +567,24 @@ mod tests {
     }
 
     #[test]
+    fn tls_takes_a_certificate_and_its_key_or_neither() {
+        let parsed = |text: &str| parse(Path::new("p.toml"), text, &no_env).unwrap();
+        assert_eq!(parsed("").gateway.tls, None, "off by default");
+        let c =
+            parsed("[gateway]\ntls_cert = \"/etc/gw/tls.crt\"\ntls_key = \"/etc/gw/tls.key\"\n");
+        let tls = c.gateway.tls.unwrap();
+        assert_eq!(
+            (tls.cert.to_str(), tls.key.to_str()),
+            (Some("/etc/gw/tls.crt"), Some("/etc/gw/tls.key"))
+        );
+        let errs = errors("[gateway]\ntls_cert = \"/etc/gw/tls.crt\"\n").join("\n");
+        assert!(errs.contains("gateway.tls_key"), "{errs}");
+        assert!(errs.contains("set both"), "{errs}");
+        let errs = errors("[gateway]\ntls_key = \"/etc/gw/tls.key\"\n").join("\n");
+        assert!(errs.contains("gateway.tls_cert"), "{errs}");
+    }
+
+    #[test]
     fn broken_toml_is_one_error_with_a_position() {
         let errs = errors("name = \n");
         assert_eq!(errs.len(), 1);

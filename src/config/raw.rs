@@ -104,6 +104,10 @@ pub struct RawGateway {
     pub ws_max_message_bytes: i64,
     /// Proxies in front (CIDR blocks or addresses) whose forwarding headers are believed.
     pub trusted_proxies: Vec<String>,
+    /// TLS termination: the certificate chain and its private key, PEM files (both or
+    /// neither); read again when either changes.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for RawGateway {
@@ -149,6 +153,8 @@ impl Default for RawGateway {
             ws_max_frame_bytes: d.limits.ws_max_frame_bytes as i64,
             ws_max_message_bytes: d.limits.ws_max_message_bytes as i64,
             trusted_proxies: d.trusted_proxies.iter().map(ToString::to_string).collect(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::access;
 use super::attempt::{Ask, AttemptError, Failed, Tries};
+use super::conn::Conn;
 use super::http1::{
     plan, response_head, Chunked, Framing, HeadLimits, Parsed, Plan, ResponseError, ResponseHead,
     CHUNK,
@@ -76,12 +77,7 @@ enum Relayed {
 
 /// Serves one client connection until it closes, `stop`, or a request this path leaves to
 /// hyper (then hyper serves the rest).
-pub(super) async fn serve(
-    g: Gateway,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    stop: CancellationToken,
-) {
+pub(super) async fn serve(g: Gateway, mut client: Conn, peer: SocketAddr, stop: CancellationToken) {
     let mut cbuf = BytesMut::new();
     let mut wire: Vec<u8> = Vec::new();
     let limits = &g.0.cfg.limits;
@@ -180,7 +176,7 @@ pub(super) async fn serve(
 
 /// Reads what the client sends next into `buf`. While `buf` holds nothing, it holds no
 /// memory either until the client sends: an idle keep-alive connection costs no buffer.
-async fn read_some(client: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+async fn read_some(client: &mut Conn, buf: &mut BytesMut) -> io::Result<usize> {
     if !buf.is_empty() {
         buf.reserve(1024);
         return client.read_buf(buf).await;
@@ -197,7 +193,7 @@ async fn read_some(client: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usi
 }
 
 /// Answers a request a limit refuses, counted, and closes the connection.
-async fn refuse(g: &Gateway, client: TcpStream, limit: Limit) {
+async fn refuse(g: &Gateway, client: Conn, limit: Limit) {
     g.0.bitten.count(limit);
     if g.0.cfg.access_log {
         if let Ok(peer) = client.peer_addr() {
@@ -219,7 +215,7 @@ async fn refuse(g: &Gateway, client: TcpStream, limit: Limit) {
 /// its response.
 async fn forward(
     g: &Gateway,
-    client: &mut TcpStream,
+    client: &mut Conn,
     wire: &mut Vec<u8>,
     plan: &Plan,
     body: &[u8],
@@ -385,7 +381,7 @@ async fn take(g: &Gateway, target: &Target) -> Result<ServerConn, AttemptError> 
 /// Relays the response head and body to the client.
 async fn relay(
     g: &Gateway,
-    client: &mut TcpStream,
+    client: &mut Conn,
     conn: &mut ServerConn,
     head: &mut ResponseHead,
     sent: &mut u64,
@@ -455,7 +451,7 @@ async fn relay(
 /// Writes `bytes` to the client, counted in `sent`; a client that takes nothing for
 /// `timeout` is given up.
 async fn send(
-    client: &mut TcpStream,
+    client: &mut Conn,
     bytes: &[u8],
     timeout: Duration,
     sent: &mut u64,
@@ -473,13 +469,7 @@ async fn send(
 }
 
 /// A response of the gateway's own (503, 502).
-async fn answer(
-    client: &mut TcpStream,
-    status: u16,
-    reason: &str,
-    text: &str,
-    close: bool,
-) -> Relayed {
+async fn answer(client: &mut Conn, status: u16, reason: &str, text: &str, close: bool) -> Relayed {
     let head = format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n",
         text.len(),
@@ -502,6 +492,7 @@ mod tests {
 
     use crate::config::GatewayConfig;
     use crate::fleet::topology::Topology;
+    use crate::gateway::conn::Conn;
 
     /// What every client connection holds while it waits for a request, and every relayed
     /// WebSocket while it is idle, is the future of its task: the long or large parts of
@@ -515,10 +506,10 @@ mod tests {
         let conn = || TcpStream::connect(l.local_addr().unwrap());
         let c = conn().await.unwrap();
         let peer = c.local_addr().unwrap();
-        let waiting = super::serve(g.clone(), c, peer, CancellationToken::new());
+        let waiting = super::serve(g.clone(), Conn::Tcp(c), peer, CancellationToken::new());
         let session = crate::gateway::ws_upgrade::open(
             g,
-            conn().await.unwrap(),
+            Conn::Tcp(conn().await.unwrap()),
             Vec::new(),
             Vec::new(),
             CancellationToken::new(),

@@ -169,7 +169,7 @@ pub(super) async fn connect(g: &Gateway, target: &Target) -> Result<TcpStream, S
 /// progress). Keep-alive connections that send nothing for `idle_timeout` are closed.
 pub(super) async fn serve_connection(
     g: Gateway,
-    stream: super::rewind::Rewind<TcpStream>,
+    stream: super::rewind::Rewind<super::conn::Conn>,
     peer: SocketAddr,
     stop: CancellationToken,
 ) {

@@ -11,6 +11,7 @@ pub mod accounting;
 mod attempt;
 mod balancer;
 pub mod cache;
+mod conn;
 mod forward;
 mod forwarding;
 pub mod health;
@@ -24,6 +25,7 @@ mod rewind;
 pub mod route;
 mod series;
 pub mod table;
+pub mod tls;
 mod websocket;
 mod ws_relay;
 mod ws_upgrade;
@@ -113,6 +115,8 @@ pub enum GatewayError {
     View(#[from] crate::fleet::view::ViewError),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 impl Gateway {
@@ -121,6 +125,7 @@ impl Gateway {
         topology: watch::Receiver<Arc<Topology>>,
         accounting: Option<accounting::Accounting>,
     ) -> Gateway {
+        let tls = cfg.tls.is_some();
         let cache = StaticCache::new(
             cfg.cache_capacity,
             cfg.cache_max_bytes,
@@ -148,7 +153,7 @@ impl Gateway {
             accounting,
             admission: limits::Admission::new(&cfg_limits),
             bitten: limits::Bitten::new(),
-            forwarding: forwarding::Forwarding::new(trusted, false),
+            forwarding: forwarding::Forwarding::new(trusted, tls),
         }))
     }
 }
@@ -189,6 +194,34 @@ impl Gateway {
             tracing::warn!(error = %e, "the metrics endpoint stopped");
         }
         upkeep.abort();
+    }
+}
+
+impl Gateway {
+    /// The client's connection, after its TLS handshake when the gateway terminates TLS: it
+    /// must end within `header_timeout`, like a request head.
+    async fn client_conn(
+        &self,
+        stream: tokio::net::TcpStream,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Option<conn::Conn> {
+        let Some(config) = tls else {
+            return Some(conn::Conn::Tcp(stream));
+        };
+        let deadline = self.0.cfg.limits.header_timeout;
+        match tokio::time::timeout(deadline, conn::TlsConn::accept(stream, config)).await {
+            Ok(Ok(c)) => Some(conn::Conn::Tls(Box::new(c))),
+            Ok(Err(e)) => {
+                metrics::counter!(crate::telemetry::GW_TLS_HANDSHAKES).increment(1);
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                metrics::counter!(crate::telemetry::GW_TLS_HANDSHAKES).increment(1);
+                self.0.bitten.count(limits::Limit::HeaderTimeout);
+                None
+            }
+        }
     }
 }
 
@@ -233,6 +266,10 @@ pub async fn run(
     let gw_cfg = cfg.gateway.clone();
     let addr = listen.unwrap_or(gw_cfg.listen);
     raise_open_files(gw_cfg.limits.max_connections);
+    let tls = match &gw_cfg.tls {
+        Some(files) => Some(Arc::new(tls::Tls::new(files)?)),
+        None => None,
+    };
     let recorder = crate::telemetry::install_recorder(gw_cfg.metrics_listen)?;
     let metrics_listener = tokio::net::TcpListener::bind(gw_cfg.metrics_listen)
         .await
@@ -283,6 +320,9 @@ pub async fn run(
             .serve_metrics(metrics_listener, recorder, shutdown.clone()),
     );
     tokio::spawn(gateway.clone().check_health(shutdown.clone()));
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().reload_on_change(shutdown.clone()));
+    }
     {
         let (g, stop) = (gateway.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -298,7 +338,7 @@ pub async fn run(
             }
         });
     }
-    tracing::info!(%addr, service = %cfg.service, metrics = %gw_cfg.metrics_listen, "gateway up");
+    tracing::info!(%addr, service = %cfg.service, metrics = %gw_cfg.metrics_listen, tls = tls.is_some(), "gateway up");
     let connections = tokio_util::task::TaskTracker::new();
     let admission = &gateway.0.admission;
     loop {
@@ -328,23 +368,26 @@ pub async fn run(
                     _ => limits::Limit::MaxConnections,
                 };
                 gateway.0.bitten.count(limit);
-                admission.refuse(stream, limit);
+                if tls.is_none() {
+                    admission.refuse(stream, limit);
+                } // over TLS, no answer before a handshake it would cost: closed
                 continue;
             }
         };
         let (g, stop) = (gateway.clone(), shutdown.clone());
-        if gateway.0.accounting.is_some() {
-            // Shared accounting holds a slot in Redis per request: hyper's path does that.
-            connections.spawn(async move {
-                let _admitted = admitted;
-                serve_connection(g, rewind::Rewind::new(stream), peer, stop).await;
-            });
-        } else {
-            connections.spawn(async move {
-                let _admitted = admitted;
-                forward::serve(g, stream, peer, stop).await;
-            });
-        }
+        let tls = tls.as_ref().map(|t| t.config.clone());
+        connections.spawn(async move {
+            let _admitted = admitted;
+            let Some(client) = g.client_conn(stream, tls).await else {
+                return;
+            };
+            if g.0.accounting.is_some() {
+                // Shared accounting holds a slot in Redis per request: hyper's path does that.
+                serve_connection(g, rewind::Rewind::new(client), peer, stop).await;
+            } else {
+                forward::serve(g, client, peer, stop).await;
+            }
+        });
     }
     // Requests in progress finish (each connection closes after its current one).
     connections.close();

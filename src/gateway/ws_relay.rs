@@ -10,11 +10,11 @@ use std::io;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::access;
+use super::conn::Conn;
 use super::limits::Limit;
 use super::series::WsOpen;
 use super::websocket::{self, Broken, Frames, GOING_AWAY, MAX_HEADER};
@@ -26,7 +26,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// One side of a session.
 struct Side {
-    stream: TcpStream,
+    stream: Conn,
     /// Frames the gateway writes to it are masked: it is the server.
     server: bool,
     /// Frames from this side.
@@ -64,7 +64,16 @@ impl Side {
         Ok(())
     }
 
+    /// Bytes for this side wait: the relay reads nothing more for it until they are sent.
+    fn backlogged(&self) -> bool {
+        !self.out.is_empty() || self.stream.wants_flush()
+    }
+
     fn flush(&mut self) -> io::Result<()> {
+        self.stream.try_flush()?;
+        if self.out.is_empty() {
+            return Ok(());
+        }
         match self.stream.try_write(&self.out) {
             Ok(n) => {
                 self.out.drain(..n);
@@ -146,7 +155,7 @@ enum End {
 /// side sent before the relay began; `opened` is for the access log.
 pub(super) async fn session(
     g: Gateway,
-    client: TcpStream,
+    client: Conn,
     client_early: Vec<u8>,
     accepted: Accepted,
     stop: CancellationToken,
@@ -170,7 +179,7 @@ pub(super) async fn session(
         eof: false,
         passed: 0,
     };
-    let (mut c, mut s) = (side(client, false), side(accepted.stream, true));
+    let (mut c, mut s) = (side(client, false), side(Conn::Tcp(accepted.stream), true));
     let ended_by = run(&g, &mut c, &mut s, &client_early, &accepted.early, &stop).await;
     if let Some(opened) = opened {
         access::session(
@@ -323,10 +332,10 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
     tokio::pin!(close_wait, stopped);
     loop {
         let step = tokio::select! {
-            r = c.stream.readable(), if !c.eof && s.out.is_empty() => r.and_then(|()| pump(c, s)).map(|r| (true, r)),
-            r = s.stream.readable(), if !s.eof && c.out.is_empty() => r.and_then(|()| pump(s, c)).map(|r| (false, r)),
-            r = c.stream.writable(), if !c.out.is_empty() => r.and_then(|()| c.flush()).map(|()| (true, Read::Nothing)),
-            r = s.stream.writable(), if !s.out.is_empty() => r.and_then(|()| s.flush()).map(|()| (false, Read::Nothing)),
+            r = c.stream.readable(), if !c.eof && !s.backlogged() => r.and_then(|()| pump(c, s)).map(|r| (true, r)),
+            r = s.stream.readable(), if !s.eof && !c.backlogged() => r.and_then(|()| pump(s, c)).map(|r| (false, r)),
+            r = c.stream.writable(), if c.backlogged() => r.and_then(|()| c.flush()).map(|()| (true, Read::Nothing)),
+            r = s.stream.writable(), if s.backlogged() => r.and_then(|()| s.flush()).map(|()| (false, Read::Nothing)),
             _ = tick.tick() => {
                 let now = Instant::now();
                 for side in [&mut *c, &mut *s] {
@@ -378,7 +387,7 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
 /// Pings a side that has sent nothing for a ping interval, when the bytes it was sent end
 /// with a whole frame (`toward` follows them) and none are waiting.
 fn ping_the_silent(side: &mut Side, toward: &Frames, now: Instant, interval: Duration) {
-    if side.eof || !side.out.is_empty() || !toward.at_boundary() {
+    if side.eof || side.backlogged() || !toward.at_boundary() {
         return;
     }
     if now.duration_since(side.last_heard) + Duration::from_millis(50) >= interval {

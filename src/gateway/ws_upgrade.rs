@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::access;
 use super::attempt::{Ask, AttemptError, Tries};
+use super::conn::Conn;
 use super::route::Kind;
 use super::table::Backend;
 use super::websocket;
@@ -21,7 +22,7 @@ use super::Gateway;
 type Headers = Vec<(String, Vec<u8>)>;
 
 /// The connection hyper gives back after an upgrade.
-type HyperIo = hyper_util::rt::TokioIo<super::rewind::Rewind<TcpStream>>;
+type HyperIo = hyper_util::rt::TokioIo<super::rewind::Rewind<Conn>>;
 
 /// A server that took the upgrade: its connection, the headers of its 101 for the client,
 /// and any bytes it sent after them.
@@ -168,7 +169,7 @@ pub(super) fn switching_head(headers: &Headers) -> Vec<u8> {
 /// session; or 503 when no server takes it.
 pub(super) async fn open(
     g: Gateway,
-    mut client: TcpStream,
+    mut client: Conn,
     early: Vec<u8>,
     head: Vec<u8>,
     stop: CancellationToken,
@@ -272,10 +273,10 @@ pub(super) async fn from_hyper(
             tracing::error!("an upgraded connection of an unexpected type");
             return;
         };
-        let (tcp, prefix) = parts.io.into_inner().into_parts();
+        let (client, prefix) = parts.io.into_inner().into_parts();
         let mut early = prefix.to_vec();
         early.extend_from_slice(&parts.read_buf);
-        session(g, tcp, early, accepted, stop, opened).await;
+        session(g, client, early, accepted, stop, opened).await;
     });
     resp
 }

@@ -572,6 +572,7 @@ pub struct GatewayProc {
     pub port: u16,
     pub metrics_port: u16,
     log: PathBuf,
+    pipeline: PathBuf,
 }
 
 impl GatewayProc {
@@ -620,6 +621,7 @@ impl GatewayProc {
             port,
             metrics_port,
             log,
+            pipeline: dir.join("p.toml"),
         };
         let url = format!("http://127.0.0.1:{metrics_port}/metrics");
         eventually("the gateway to serve metrics", WAIT, || {
@@ -640,6 +642,11 @@ impl GatewayProc {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The pipeline file it was started with.
+    pub fn pipeline_file(&self) -> &Path {
+        &self.pipeline
     }
 
     /// Its `/metrics` page (empty when it does not answer).

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// A connection to `port` on 127.0.0.1 from `from` (any 127.0.0.0/8 address).
@@ -19,7 +19,7 @@ pub async fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
 }
 
 /// Reads one response head, and the bytes that came with it.
-pub async fn read_head_bytes(s: &mut TcpStream) -> Vec<u8> {
+pub async fn read_head_bytes<S: AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
     let mut all = Vec::new();
     let mut buf = [0u8; 8192];
     while !all.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -34,8 +34,9 @@ pub async fn read_head_bytes(s: &mut TcpStream) -> Vec<u8> {
 }
 
 /// A WebSocket session through the gateway, by hand: the upgrade, then frames as bytes.
-pub struct RawWs {
-    pub s: TcpStream,
+/// Over TCP, or any stream (TLS).
+pub struct RawWs<S = TcpStream> {
+    pub s: S,
     pub buf: Vec<u8>,
 }
 
@@ -47,7 +48,14 @@ impl RawWs {
     }
 
     pub async fn open_at(port: u16, path: &str) -> RawWs {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        RawWs::open_on(s, path).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawWs<S> {
+    /// Opens a session at `path` on the connection `s`, as `open_at` does.
+    pub async fn open_on(mut s: S, path: &str) -> RawWs<S> {
         s.write_all(
             format!(
                 "GET {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -57,6 +65,7 @@ impl RawWs {
         )
         .await
         .unwrap();
+        s.flush().await.unwrap();
         let raw = read_head_bytes(&mut s).await;
         let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         let head = String::from_utf8_lossy(&raw[..at]);
@@ -98,7 +107,8 @@ impl RawWs {
         let key = [7u8, 1, 9, 3];
         f.extend_from_slice(&key);
         f.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
-        self.s.write_all(&f).await
+        self.s.write_all(&f).await?;
+        self.s.flush().await
     }
 
     /// The next frame from the gateway (`None` once it closes): opcode and payload.

@@ -124,3 +124,44 @@ impl Certs {
         ]
     }
 }
+
+impl Certs {
+    /// A TLS connection to 127.0.0.1:`port` that trusts only this CA (ALPN `http/1.1`).
+    pub async fn connect(
+        &self,
+        port: u16,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&self.ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+    }
+
+    /// A client for `https://127.0.0.1:…` that trusts only this CA and keeps no connection
+    /// between requests: each request makes a handshake, so it sees the certificate the
+    /// server has now.
+    pub fn fresh_https(&self) -> reqwest::Client {
+        let ca = std::fs::read(&self.ca).unwrap();
+        rebalancer::contract::tls::install_crypto();
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+            .pool_max_idle_per_host(0)
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .unwrap()
+    }
+}
