@@ -21,17 +21,7 @@ async fn exchange(s: &mut TcpStream, bytes: &[u8]) -> String {
 }
 
 async fn read_all(s: &mut TcpStream) -> String {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 8192];
-    let _ = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(n) if n > 0 => all.extend_from_slice(&buf[..n]),
-                _ => return,
-            }
-        }
-    })
-    .await;
+    let (all, _) = read_until_closed(s, Duration::from_secs(15)).await;
     String::from_utf8_lossy(&all).into_owned()
 }
 

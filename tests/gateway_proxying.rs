@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use support::*;
@@ -28,19 +28,9 @@ async fn exchange(s: &mut TcpStream, bytes: &[u8]) -> String {
 
 async fn exchange_bytes(s: &mut TcpStream, bytes: &[u8]) -> Vec<u8> {
     let _ = s.write_all(bytes).await;
-    let mut all = Vec::new();
-    let mut buf = [0u8; 8192];
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(n) if n > 0 => all.extend_from_slice(&buf[..n]),
-                _ => return,
-            }
-        }
-    })
-    .await;
+    let (all, closed) = read_until_closed(s, Duration::from_secs(10)).await;
     assert!(
-        closed.is_ok(),
+        closed,
         "the gateway kept the connection open after {:?}",
         String::from_utf8_lossy(&all)
     );

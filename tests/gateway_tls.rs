@@ -22,6 +22,20 @@ async fn one_server(redis: &Redis, consul: &ConsulAgent) -> DemoServer {
     server
 }
 
+/// Redis, Consul, one demo server, and a gateway serving TLS with fresh certificates.
+async fn tls_gateway() -> (Redis, ConsulAgent, DemoServer, Certs, GatewayProc) {
+    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
+    let server = one_server(&redis, &consul).await;
+    let certs = Certs::generate();
+    let gw = GatewayProc::start_with(
+        &redis,
+        &consul,
+        &tls_keys(&certs.server_cert, &certs.server_key),
+    )
+    .await;
+    (redis, consul, server, certs, gw)
+}
+
 fn tls_keys(cert: &Path, key: &Path) -> String {
     format!(
         "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
@@ -65,15 +79,7 @@ async fn response<S: AsyncRead + Unpin>(s: &mut S) -> (String, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_and_wss_are_served_on_the_fast_path_and_on_hypers() {
-    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _server = one_server(&redis, &consul).await;
-    let certs = Certs::generate();
-    let gw = GatewayProc::start_with(
-        &redis,
-        &consul,
-        &tls_keys(&certs.server_cert, &certs.server_key),
-    )
-    .await;
+    let (_redis, _consul, _server, certs, gw) = tls_gateway().await;
     let client = certs.http_builder().build().unwrap();
     https_serving(&gw, &client).await;
     let base = format!("https://127.0.0.1:{}", gw.port);
@@ -244,15 +250,7 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_bad_one_changes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_and_silent_handshakes_are_counted_and_closed_and_bad_files_stop_the_start() {
-    let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);
-    let _server = one_server(&redis, &consul).await;
-    let certs = Certs::generate();
-    let gw = GatewayProc::start_with(
-        &redis,
-        &consul,
-        &tls_keys(&certs.server_cert, &certs.server_key),
-    )
-    .await;
+    let (_redis, _consul, _server, certs, gw) = tls_gateway().await;
     https_serving(&gw, &certs.fresh_https()).await;
     let failed = || async {
         gw.metric("rebalancer_gateway_tls_handshake_errors_total", &[])
@@ -268,18 +266,8 @@ async fn failed_and_silent_handshakes_are_counted_and_closed_and_bad_files_stop_
         .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = [0u8; 1024];
-    let mut got = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match plain.read(&mut buf).await {
-                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                _ => return,
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "a plain request on the TLS port is closed");
+    let (got, closed) = read_until_closed(&mut plain, Duration::from_secs(5)).await;
+    assert!(closed, "a plain request on the TLS port is closed");
     assert!(
         !got.starts_with(b"HTTP/"),
         "no plain answer on the TLS port: {got:?}"
@@ -294,6 +282,7 @@ async fn failed_and_silent_handshakes_are_counted_and_closed_and_bad_files_stop_
         .await
         .unwrap();
     let opened = std::time::Instant::now();
+    let mut buf = [0u8; 64];
     let closed = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf)).await;
     assert!(matches!(closed, Ok(Ok(0) | Err(_))), "closed: {closed:?}");
     let waited = opened.elapsed();

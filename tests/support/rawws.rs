@@ -33,6 +33,26 @@ pub async fn read_head_bytes<S: AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
     all
 }
 
+/// Reads until the peer closes or `within` passes: what came, and whether it closed.
+pub async fn read_until_closed<S: AsyncRead + Unpin>(
+    s: &mut S,
+    within: Duration,
+) -> (Vec<u8>, bool) {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 8192];
+    let closed = tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(n) if n > 0 => all.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (all, closed)
+}
+
 /// A WebSocket session through the gateway, by hand: the upgrade, then frames as bytes.
 /// Over TCP, or any stream (TLS).
 pub struct RawWs<S = TcpStream> {
