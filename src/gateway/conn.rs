@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::BufMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A client connection.
@@ -49,6 +49,39 @@ impl Write for Socket<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Reads what `tcp` has into `buf`'s spare capacity, without waiting. A read that leaves
+/// room in `buf` has emptied the socket, so its readiness is cleared there and then: the
+/// next wait is a real one, not a read that only says it would block (a system call saved
+/// per read). tokio clears it only if no readiness came since the read began.
+pub(super) fn try_read_drain<B: BufMut>(tcp: &TcpStream, buf: &mut B) -> io::Result<usize> {
+    let mut got = None;
+    let read = tcp.try_io(Interest::READABLE, || {
+        let room = buf.chunk_mut().len();
+        let n = tcp.try_read_buf(buf)?;
+        got = Some(n);
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match (read, got) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (read, _) => read,
+    }
+}
+
+/// Waits for `tcp` and reads what it has (`try_read_drain`).
+pub(super) async fn read_drain<B: BufMut>(tcp: &TcpStream, buf: &mut B) -> io::Result<usize> {
+    loop {
+        tcp.readable().await?;
+        match try_read_drain(tcp, buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            read => return read,
+        }
     }
 }
 
@@ -191,7 +224,7 @@ impl Conn {
     /// Reads what is there into `buf`'s spare capacity, without waiting.
     pub(super) fn try_read_buf<B: BufMut>(&mut self, buf: &mut B) -> io::Result<usize> {
         match self {
-            Conn::Tcp(s) => s.try_read_buf(buf),
+            Conn::Tcp(s) => try_read_drain(s, buf),
             Conn::Tls(t) => {
                 let mut chunk = [0u8; 16 * 1024];
                 let room = buf.chunk_mut().len().min(chunk.len());

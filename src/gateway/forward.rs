@@ -25,14 +25,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::access;
 use super::attempt::{Ask, AttemptError, Failed, Tries};
-use super::conn::Conn;
+use super::conn::{read_drain, Conn};
 use super::http1::{
     plan, response_head, Chunked, Framing, HeadLimits, Parsed, Plan, ResponseError, ResponseHead,
     CHUNK,
@@ -177,16 +177,16 @@ pub(super) async fn serve(g: Gateway, mut client: Conn, peer: SocketAddr, stop: 
 /// Reads what the client sends next into `buf`. While `buf` holds nothing, it holds no
 /// memory either until the client sends: an idle keep-alive connection costs no buffer.
 async fn read_some(client: &mut Conn, buf: &mut BytesMut) -> io::Result<usize> {
-    if !buf.is_empty() {
-        buf.reserve(1024);
-        return client.read_buf(buf).await;
+    let idle = buf.is_empty();
+    if idle {
+        *buf = BytesMut::new();
     }
-    *buf = BytesMut::new();
     loop {
         client.readable().await?;
-        buf.reserve(4096);
+        buf.reserve(if idle { 4096 } else { 1024 });
         match client.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = BytesMut::new(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && idle => *buf = BytesMut::new(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return r,
         }
     }
@@ -340,7 +340,8 @@ async fn exchange(
             }
             Err(e) => return Err(AttemptError::Sent(e.to_string())),
         }
-        match conn.stream.read_buf(&mut conn.buf).await {
+        conn.buf.reserve(4096);
+        match read_drain(&conn.stream, &mut conn.buf).await {
             Ok(n) if n > 0 => {}
             Ok(_) => {
                 return Err(AttemptError::Sent(
@@ -392,7 +393,7 @@ async fn relay(
         timeout: Duration,
     ) -> Result<io::Result<usize>, tokio::time::error::Elapsed> {
         buf.reserve(CHUNK);
-        tokio::time::timeout(timeout, stream.read_buf(buf)).await
+        tokio::time::timeout(timeout, read_drain(stream, buf)).await
     }
     let timeout = g.0.cfg.request_timeout;
     let mut out = std::mem::take(&mut head.head);

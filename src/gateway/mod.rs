@@ -241,6 +241,24 @@ pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// Accepted connections inherit `TCP_NODELAY` from the listening socket on Linux: set once
+/// there, it saves a system call per connection.
+const NODELAY_INHERITED: bool = cfg!(target_os = "linux");
+
+/// The client listener: `SO_REUSEADDR` (a restart does not wait out `TIME_WAIT`), Nagle off
+/// for every accepted connection, a backlog of 1,024.
+fn client_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Raises the soft open-file limit to the hard one: each client connection holds a socket,
 /// and one to its server. Says so when even that is too few for `max_connections`.
 fn raise_open_files(max_connections: usize) {
@@ -277,9 +295,7 @@ pub async fn run(
             addr: gw_cfg.metrics_listen,
             source,
         })?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Listen { addr, source })?;
+    let listener = client_listener(addr).map_err(|source| GatewayError::Listen { addr, source })?;
     // The fleet: from the controller's feed when one is set, else from the controller's own
     // sources and snapshot code, run here.
     let (topology, _fold) = match &gw_cfg.topology_feed {
@@ -359,7 +375,9 @@ pub async fn run(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        if !NODELAY_INHERITED {
+            let _ = stream.set_nodelay(true);
+        }
         let admitted = match slot.map(|s| admission.admit(s, peer.ip())) {
             Some(Ok(a)) => a,
             refused => {
@@ -401,4 +419,18 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = super::client_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        if super::NODELAY_INHERITED {
+            assert!(accepted.nodelay().unwrap(), "inherited from the listener");
+        }
+    }
 }

@@ -151,11 +151,14 @@ enum End {
     Stopping,
 }
 
-/// Relays a session until it ends. `client_early` and the server's early bytes are what each
-/// side sent before the relay began; `opened` is for the access log.
+/// Relays a session until it ends. `answer` is what the gateway still has to send the
+/// client first (the 101, unless hyper sent it): it goes out with the server's first bytes,
+/// in one write. `client_early` and the server's early bytes are what each side sent before
+/// the relay began; `opened` is for the access log.
 pub(super) async fn session(
     g: Gateway,
     client: Conn,
+    answer: Vec<u8>,
     client_early: Vec<u8>,
     accepted: Accepted,
     stop: CancellationToken,
@@ -180,6 +183,7 @@ pub(super) async fn session(
         passed: 0,
     };
     let (mut c, mut s) = (side(client, false), side(Conn::Tcp(accepted.stream), true));
+    c.out = answer;
     let ended_by = run(&g, &mut c, &mut s, &client_early, &accepted.early, &stop).await;
     if let Some(opened) = opened {
         access::session(
@@ -209,6 +213,10 @@ async fn run(
         relay_early(c, s, client_early),
         relay_early(s, c, server_early),
     );
+    // The 101 and the server's first message, written together.
+    if c.backlogged() && c.flush().is_err() {
+        return "error";
+    }
     let end = match early {
         (Err(_), _) | (_, Err(_)) => return "error",
         (Ok(Some(why)), _) => Some(End::Broken { client: true, why }),

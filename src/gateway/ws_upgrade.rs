@@ -4,7 +4,7 @@
 //! itself, or from hyper, on a connection handed over before.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -82,7 +82,8 @@ pub(super) async fn upgrade_upstream(g: &Gateway, head: &[u8]) -> Result<Accepte
                     Ok(None) => {}
                     Err(e) => return Err(e),
                 }
-                match stream.read_buf(&mut buf).await {
+                buf.reserve(1024);
+                match super::conn::read_drain(&stream, &mut buf).await {
                     Ok(n) if n > 0 => {}
                     Ok(_) => return Err(AttemptError::Sent("the server closed".into())),
                     Err(e) => return Err(AttemptError::Sent(format!("read: {e}"))),
@@ -186,13 +187,8 @@ pub(super) async fn open(
     drop(head);
     match accepted {
         Ok(accepted) => {
-            if client
-                .write_all(&switching_head(&accepted.headers))
-                .await
-                .is_ok()
-            {
-                session(g, client, early, accepted, stop, opened).await;
-            }
+            let answer = switching_head(&accepted.headers);
+            session(g, client, answer, early, accepted, stop, opened).await;
         }
         Err(why) => {
             if let Some(o) = &opened {
@@ -276,7 +272,7 @@ pub(super) async fn from_hyper(
         let (client, prefix) = parts.io.into_inner().into_parts();
         let mut early = prefix.to_vec();
         early.extend_from_slice(&parts.read_buf);
-        session(g, client, early, accepted, stop, opened).await;
+        session(g, client, Vec::new(), early, accepted, stop, opened).await;
     });
     resp
 }
