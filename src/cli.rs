@@ -237,15 +237,13 @@ pub fn gateway(args: &crate::gateway::GatewayArgs) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let built = match args.threads {
-        0 => tokio::runtime::Runtime::new(),
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
+    // The first event loop, on this thread; `run` starts the others on threads of their own.
+    let built = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let loops = match args.threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        n => n,
     };
     let rt = match built.map_err(|e| {
         eprintln!("error: cannot start the async runtime: {e}");
@@ -255,7 +253,7 @@ pub fn gateway(args: &crate::gateway::GatewayArgs) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async move {
-        match crate::gateway::run(cfg, args.listen, on_signal()).await {
+        match crate::gateway::run(cfg, args.listen, loops, on_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

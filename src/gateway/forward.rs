@@ -297,7 +297,7 @@ async fn forward(
             buf: conn.buf,
         };
         // When the pool is full, dropping it closes it.
-        let _ = g.0.raw_pool.put(conn.id, idle, Instant::now());
+        let _ = g.raw_pool().put(conn.id, idle, Instant::now());
     }
     match relayed {
         Ok(()) if head.framing != Framing::Close => Relayed::KeepAlive,
@@ -356,9 +356,9 @@ async fn exchange(
 /// A connection to `target`: an idle one from the shared pool (the most recently used), or a
 /// new one.
 async fn take(g: &Gateway, target: &Target) -> Result<ServerConn, AttemptError> {
-    if let Some(idle) =
-        g.0.raw_pool
-            .take(&target.id, Instant::now(), Idle::still_open)
+    if let Some(idle) = g
+        .raw_pool()
+        .take(&target.id, Instant::now(), Idle::still_open)
     {
         g.0.pooled.increment(1);
         return Ok(ServerConn {
@@ -502,7 +502,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_connection_and_an_idle_session_hold_small_futures() {
         let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Topology::default()));
-        let g = super::Gateway::new(GatewayConfig::default(), rx, None);
+        let g = super::Gateway::new(GatewayConfig::default(), rx, None, 1);
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let conn = || TcpStream::connect(l.local_addr().unwrap());
         let c = conn().await.unwrap();

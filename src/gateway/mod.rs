@@ -66,7 +66,8 @@ pub struct GatewayArgs {
     /// Listen address (overrides gateway.listen).
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
-    /// Runtime worker threads: 0 for one per core, 1 for a single-threaded event loop.
+    /// Event loops, each a thread accepting and serving its own connections: 0 for one per
+    /// core.
     #[arg(long, env = "REBALANCER_GATEWAY_THREADS", default_value_t = 0)]
     pub threads: usize,
 }
@@ -84,8 +85,10 @@ struct Shared {
     /// Idle server connections left by client connections that ended.
     pool: pool::IdlePool<SendRequest<Full<Bytes>>>,
     /// Idle server connections of the plain forwarding path (`forward`), taken by a
-    /// request and put back after its response, whichever client connection it came on.
-    raw_pool: pool::IdlePool<forward::Idle>,
+    /// request and put back after its response, whichever client connection it came on:
+    /// one pool per event loop, so a connection is only ever used on the loop whose poller
+    /// watches it (no wake-up crosses threads).
+    raw_pools: Vec<pool::IdlePool<forward::Idle>>,
     /// `server_connections_total{source="opened"}` and `{source="pool"}`.
     opened: metrics::Counter,
     pooled: metrics::Counter,
@@ -124,6 +127,7 @@ impl Gateway {
         cfg: GatewayConfig,
         topology: watch::Receiver<Arc<Topology>>,
         accounting: Option<accounting::Accounting>,
+        loops: usize,
     ) -> Gateway {
         let tls = cfg.tls.is_some();
         let cache = StaticCache::new(
@@ -144,7 +148,9 @@ impl Gateway {
             http_duration: histogram!(REQUEST_DURATION, "kind" => "http"),
             ws_connect: histogram!(REQUEST_DURATION, "kind" => "ws_connect"),
             pool: pool::IdlePool::new(POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
-            raw_pool: pool::IdlePool::new(RAW_POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT),
+            raw_pools: (0..loops.max(1))
+                .map(|_| pool::IdlePool::new(RAW_POOL_MAX_IDLE_PER_SERVER, POOL_IDLE_TIMEOUT))
+                .collect(),
             opened: counter!(SERVER_CONNECTIONS, "source" => "opened"),
             pooled: counter!(SERVER_CONNECTIONS, "source" => "pool"),
             requests: AtomicU64::new(0),
@@ -241,6 +247,19 @@ pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+thread_local! {
+    /// Which event loop this thread runs (0: the first, or any other thread).
+    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl Gateway {
+    /// The idle server connections of this thread's event loop.
+    fn raw_pool(&self) -> &pool::IdlePool<forward::Idle> {
+        let pools = &self.0.raw_pools;
+        &pools[LOOP.get() % pools.len()]
+    }
+}
+
 /// Accepted connections inherit `TCP_NODELAY` from the listening socket on Linux: set once
 /// there, it saves a system call per connection.
 const NODELAY_INHERITED: bool = cfg!(target_os = "linux");
@@ -254,6 +273,8 @@ fn client_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::Tc
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // Every event loop listens on the address (see `run`).
+    socket.set_reuseport(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
@@ -279,6 +300,7 @@ fn raise_open_files(max_connections: usize) {
 pub async fn run(
     cfg: PipelineConfig,
     listen: Option<std::net::SocketAddr>,
+    loops: usize,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let gw_cfg = cfg.gateway.clone();
@@ -323,7 +345,7 @@ pub async fn run(
     } else {
         None
     };
-    let gateway = Gateway::new(gw_cfg.clone(), topology, accounting);
+    let gateway = Gateway::new(gw_cfg.clone(), topology, accounting, loops);
     gateway
         .0
         .cache
@@ -348,21 +370,70 @@ pub async fn run(
                     () = stop.cancelled() => return,
                     _ = every.tick() => {
                         g.0.pool.prune(Instant::now());
-                        g.0.raw_pool.prune(Instant::now());
+                        for pool in &g.0.raw_pools {
+                            pool.prune(Instant::now());
+                        }
                     }
                 }
             }
         });
     }
     tracing::info!(%addr, service = %cfg.service, metrics = %gw_cfg.metrics_listen, tls = tls.is_some(), "gateway up");
+    // One event loop per thread, each with its own listening socket on the address
+    // (SO_REUSEPORT: the kernel spreads new connections over them), serving what it
+    // accepted to the end: no task, socket or wake-up crosses threads, as in HAProxy and
+    // nginx. This thread's loop also runs the shared tasks above.
+    let mut others = Vec::new();
+    for i in 1..loops.max(1) {
+        let listener = client_listener(addr)
+            .and_then(tokio::net::TcpListener::into_std)
+            .map_err(|source| GatewayError::Listen { addr, source })?;
+        let (g, tls, shutdown) = (gateway.clone(), tls.clone(), shutdown.clone());
+        let started = std::thread::Builder::new()
+            .name(format!("gateway-loop-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    accept_loop(g, i, listener, addr, tls, shutdown).await;
+                    Ok::<(), std::io::Error>(())
+                })
+            })
+            .map_err(|source| GatewayError::Listen { addr, source })?;
+        others.push(started);
+    }
+    accept_loop(gateway, 0, listener, addr, tls, shutdown.clone()).await;
+    // Waited for off this loop, which keeps serving what the others may still use (hyper's
+    // pooled server connections) until they end.
+    let joined = tokio::task::spawn_blocking(move || {
+        for t in others {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "an event loop could not start"),
+                Err(_) => tracing::error!("an event loop panicked"),
+            }
+        }
+    });
+    let _ = joined.await;
+    Ok(())
+}
+
+/// Accepts and serves connections on one event loop (`index`) until `shutdown`, then waits
+/// for those in progress (up to `request_timeout`).
+async fn accept_loop(
+    gateway: Gateway,
+    index: usize,
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+    tls: Option<Arc<tls::Tls>>,
+    shutdown: CancellationToken,
+) {
+    LOOP.set(index);
     let connections = tokio_util::task::TaskTracker::new();
     let admission = &gateway.0.admission;
     loop {
-        // A slot first: with every one taken, accepting pauses (`Admission::slot`).
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => break,
-            slot = admission.slot() => slot,
-        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -374,6 +445,14 @@ pub async fn run(
                     continue;
                 }
             },
+        };
+        // Then a slot for it: with every one taken, this loop accepts nothing more until
+        // one frees or the queue timeout passes (`Admission::slot`), and the connections
+        // behind wait in the kernel's backlog. Taken after accepting, so that no loop holds
+        // a slot for a connection the kernel gives to another.
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = admission.slot() => slot,
         };
         if !NODELAY_INHERITED {
             let _ = stream.set_nodelay(true);
@@ -409,7 +488,7 @@ pub async fn run(
     }
     // Requests in progress finish (each connection closes after its current one).
     connections.close();
-    if tokio::time::timeout(gw_cfg.request_timeout, connections.wait())
+    if tokio::time::timeout(gateway.0.cfg.request_timeout, connections.wait())
         .await
         .is_err()
     {
@@ -418,7 +497,6 @@ pub async fn run(
             "stopping with requests still in progress"
         );
     }
-    Ok(())
 }
 
 #[cfg(test)]
