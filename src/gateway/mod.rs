@@ -485,6 +485,10 @@ async fn accept_loop(
                 forward::serve(g, client, peer, stop).await;
             }
         });
+        // Let the connection start before accepting the next: in a burst, connections
+        // accepted but not yet served would pile up, each with its buffers, and the heap
+        // keeps its high-water mark.
+        tokio::task::yield_now().await;
     }
     // Requests in progress finish (each connection closes after its current one).
     connections.close();
