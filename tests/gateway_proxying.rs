@@ -12,15 +12,6 @@ use tokio::net::TcpStream;
 
 use support::*;
 
-async fn one_server(redis: &Redis, consul: &ConsulAgent) -> DemoServer {
-    let server = DemoServer::start("s1", 100, redis, consul);
-    eventually("the server passing", WAIT, || async {
-        (consul.passing("ws").await.len() == 1).then_some(())
-    })
-    .await;
-    server
-}
-
 /// Writes `bytes` and reads until the gateway closes (within 10 s).
 async fn exchange(s: &mut TcpStream, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&exchange_bytes(s, bytes).await).into_owned()

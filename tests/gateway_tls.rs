@@ -13,15 +13,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use support::*;
 
-async fn one_server(redis: &Redis, consul: &ConsulAgent) -> DemoServer {
-    let server = DemoServer::start("s1", 100, redis, consul);
-    eventually("the server passing", WAIT, || async {
-        (consul.passing("ws").await.len() == 1).then_some(())
-    })
-    .await;
-    server
-}
-
 /// Redis, Consul, one demo server, and a gateway serving TLS with fresh certificates.
 async fn tls_gateway() -> (Redis, ConsulAgent, DemoServer, Certs, GatewayProc) {
     let (redis, consul) = (Redis::start().await, ConsulAgent::start().await);

@@ -566,6 +566,11 @@ impl Drop for Loadgen {
     }
 }
 
+/// One demo server (`s1`, 100 sessions), once it passes in Consul.
+pub async fn one_server(redis: &Redis, consul: &ConsulAgent) -> DemoServer {
+    demo_fleet(redis, consul, 1).await.remove(0)
+}
+
 /// `rebalancer gateway` in front of the test fleet; killed when dropped.
 pub struct GatewayProc {
     child: Child,
