@@ -147,21 +147,29 @@ fn sent_failed(g: &Gateway, e: &hyper::Error) -> AttemptError {
 
 /// A new connection to `target`, within the connect timeout; counted as opened.
 pub(super) async fn connect(g: &Gateway, target: &Target) -> Result<TcpStream, String> {
+    match tokio::time::timeout(g.0.cfg.connect_timeout, connect_unbounded(g, target)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(format!(
+            "connect: no answer within {:?}",
+            g.0.cfg.connect_timeout
+        )),
+    }
+}
+
+/// A new connection to `target`, for a caller whose own deadline covers the connect (one
+/// timer per attempt, not two); counted as opened.
+pub(super) async fn connect_unbounded(g: &Gateway, target: &Target) -> Result<TcpStream, String> {
     let connect = async {
         let tcp = TcpStream::connect(&*target.host).await?;
         tcp.set_nodelay(true)?;
         Ok::<_, std::io::Error>(tcp)
     };
-    match tokio::time::timeout(g.0.cfg.connect_timeout, connect).await {
-        Ok(Ok(tcp)) => {
+    match connect.await {
+        Ok(tcp) => {
             g.0.opened.increment(1);
             Ok(tcp)
         }
-        Ok(Err(e)) => Err(format!("connect: {e}")),
-        Err(_) => Err(format!(
-            "connect: no answer within {:?}",
-            g.0.cfg.connect_timeout
-        )),
+        Err(e) => Err(format!("connect: {e}")),
     }
 }
 

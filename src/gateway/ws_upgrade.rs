@@ -18,17 +18,14 @@ use super::websocket;
 use super::ws_relay::session;
 use super::Gateway;
 
-/// Header fields as a server sent them.
-type Headers = Vec<(String, Vec<u8>)>;
-
 /// The connection hyper gives back after an upgrade.
 type HyperIo = hyper_util::rt::TokioIo<super::rewind::Rewind<Conn>>;
 
-/// A server that took the upgrade: its connection, the headers of its 101 for the client,
-/// and any bytes it sent after them.
+/// A server that took the upgrade: its connection, its 101's head as it sent it (checked
+/// whole: `relayed` gives the headers for the client), and any bytes it sent after it.
 pub(super) struct Accepted {
     pub(super) stream: TcpStream,
-    pub(super) headers: Headers,
+    pub(super) head: BytesMut,
     pub(super) early: BytesMut,
     pub(super) backend: std::sync::Arc<Backend>,
 }
@@ -47,8 +44,9 @@ const NOT_RELAYED: &[&str] = &[
 
 /// Sends the upgrade `head` (less `Host` and its blank line) to a server picked for a new
 /// session, another when one refuses or fails, and returns the one that answered 101, or
-/// why none did.
-pub(super) async fn upgrade_upstream(g: &Gateway, head: &[u8]) -> Result<Accepted, String> {
+/// why none did. `head` is given back as it came.
+pub(super) async fn upgrade_upstream(g: &Gateway, head: &mut Vec<u8>) -> Result<Accepted, String> {
+    let base = head.len();
     let ask = Ask {
         kind: Kind::Session,
         inflight: None,
@@ -59,25 +57,27 @@ pub(super) async fn upgrade_upstream(g: &Gateway, head: &[u8]) -> Result<Accepte
     let started = Instant::now();
     loop {
         let target = tries.next().map_err(str::to_string)?;
+        // This server's `Host` and the blank line, on the head itself (cut off again below).
+        head.truncate(base);
+        head.extend_from_slice(b"host: ");
+        head.extend_from_slice(target.host.as_bytes());
+        head.extend_from_slice(b"\r\n\r\n");
+        let wire = &*head;
+        // Within one deadline, connect included.
         let attempt = async {
-            let mut stream = super::hyper_path::connect(g, &target)
+            let mut stream = super::hyper_path::connect_unbounded(g, &target)
                 .await
                 .map_err(AttemptError::NotSent)?;
-            let mut wire = Vec::with_capacity(head.len() + target.host.len() + 10);
-            wire.extend_from_slice(head);
-            wire.extend_from_slice(b"host: ");
-            wire.extend_from_slice(target.host.as_bytes());
-            wire.extend_from_slice(b"\r\n\r\n");
             stream
-                .write_all(&wire)
+                .write_all(wire)
                 .await
                 .map_err(|e| AttemptError::NotSent(format!("write: {e}")))?;
             let mut buf = BytesMut::with_capacity(1024);
             loop {
                 match switched(&buf, g.0.cfg.limits.max_response_header_bytes) {
-                    Ok(Some((n, headers))) => {
-                        let _ = buf.split_to(n);
-                        return Ok((stream, headers, buf));
+                    Ok(Some(n)) => {
+                        let head = buf.split_to(n);
+                        return Ok((stream, head, buf));
                     }
                     Ok(None) => {}
                     Err(e) => return Err(e),
@@ -90,8 +90,10 @@ pub(super) async fn upgrade_upstream(g: &Gateway, head: &[u8]) -> Result<Accepte
                 }
             }
         };
-        let error = match tokio::time::timeout(g.0.cfg.connect_timeout, attempt).await {
-            Ok(Ok((stream, headers, early))) => {
+        let attempted = tokio::time::timeout(g.0.cfg.connect_timeout, attempt).await;
+        head.truncate(base);
+        let error = match attempted {
+            Ok(Ok((stream, answer, early))) => {
                 g.outcome(&target, true);
                 g.0.ws_connect.record(started.elapsed().as_secs_f64());
                 target
@@ -101,7 +103,7 @@ pub(super) async fn upgrade_upstream(g: &Gateway, head: &[u8]) -> Result<Accepte
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(Accepted {
                     stream,
-                    headers,
+                    head: answer,
                     early,
                     backend: target.backend.clone(),
                 });
@@ -120,9 +122,9 @@ pub(super) async fn upgrade_upstream(g: &Gateway, head: &[u8]) -> Result<Accepte
     }
 }
 
-/// A server's answer to an upgrade: `Some` once its head is whole and it is a 101, with the
-/// head's length and its headers to relay; a refusal otherwise.
-fn switched(buf: &[u8], max_head: usize) -> Result<Option<(usize, Headers)>, AttemptError> {
+/// A server's answer to an upgrade: `Some` with the head's length once it is whole and a
+/// 101; a refusal otherwise.
+fn switched(buf: &[u8], max_head: usize) -> Result<Option<usize>, AttemptError> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
@@ -133,13 +135,7 @@ fn switched(buf: &[u8], max_head: usize) -> Result<Option<(usize, Headers)>, Att
                     resp.code.unwrap_or(0)
                 )));
             }
-            let keep = resp
-                .headers
-                .iter()
-                .filter(|h| !NOT_RELAYED.iter().any(|x| x.eq_ignore_ascii_case(h.name)))
-                .map(|h| (h.name.to_string(), h.value.to_vec()))
-                .collect();
-            Ok(Some((n, keep)))
+            Ok(Some(n))
         }
         Ok(httparse::Status::Partial) if buf.len() <= max_head => Ok(None),
         Ok(_) => Err(AttemptError::Unrelayable(
@@ -151,17 +147,33 @@ fn switched(buf: &[u8], max_head: usize) -> Result<Option<(usize, Headers)>, Att
     }
 }
 
-/// The 101 for the client, with the server's headers.
-pub(super) fn switching_head(headers: &Headers) -> Vec<u8> {
-    let mut out =
-        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-            .to_vec();
-    for (name, value) in headers {
+/// The headers of a server's 101 (`head`, parsed whole by `switched`) that go on to the
+/// client, each passed to `each`.
+fn relayed(head: &[u8], mut each: impl FnMut(&str, &[u8])) {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    if resp.parse(head).is_err() {
+        return; // not after `switched`
+    }
+    for h in resp.headers.iter() {
+        if !NOT_RELAYED.iter().any(|x| x.eq_ignore_ascii_case(h.name)) {
+            each(h.name, h.value);
+        }
+    }
+}
+
+/// The 101 for the client, with the server's headers: one buffer, sized once.
+pub(super) fn switching_head(server_head: &[u8]) -> Vec<u8> {
+    const START: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n";
+    let mut out = Vec::with_capacity(START.len() + server_head.len());
+    out.extend_from_slice(START);
+    relayed(server_head, |name, value| {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
-    }
+    });
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -183,11 +195,12 @@ pub(super) async fn open(
         started: Instant::now(),
     });
     // Boxed: the upgrade's buffers and the closing's are not held through the session.
-    let accepted = Box::pin(upgrade_upstream(&g, &head)).await;
+    let mut head = head;
+    let accepted = Box::pin(upgrade_upstream(&g, &mut head)).await;
     drop(head);
     match accepted {
         Ok(accepted) => {
-            let answer = switching_head(&accepted.headers);
+            let answer = switching_head(&accepted.head);
             session(g, client, answer, early, accepted, stop, opened).await;
         }
         Err(why) => {
@@ -234,8 +247,8 @@ pub(super) async fn from_hyper(
         )
             .into_response();
     }
-    let head = upgrade_head(&g, &req, peer);
-    let accepted = match upgrade_upstream(&g, &head).await {
+    let mut head = upgrade_head(&g, &req, peer);
+    let accepted = match upgrade_upstream(&g, &mut head).await {
         Ok(a) => a,
         Err(why) => return super::unavailable(&why),
     };
@@ -243,9 +256,9 @@ pub(super) async fn from_hyper(
         .status(http::StatusCode::SWITCHING_PROTOCOLS)
         .header("upgrade", "websocket")
         .header("connection", "Upgrade");
-    for (name, value) in &accepted.headers {
-        resp = resp.header(name.as_str(), value.as_slice());
-    }
+    relayed(&accepted.head, |name, value| {
+        resp = std::mem::take(&mut resp).header(name, value);
+    });
     let Ok(resp) = resp.body(axum::body::Body::empty()) else {
         return (
             http::StatusCode::BAD_GATEWAY,
