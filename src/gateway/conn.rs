@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::BufMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -71,6 +71,40 @@ pub(super) fn try_read_drain<B: BufMut>(tcp: &TcpStream, buf: &mut B) -> io::Res
     match (read, got) {
         (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
         (read, _) => read,
+    }
+}
+
+/// Reads with `read` into this thread's scratch buffer and appends what came to `buf`: a
+/// connection's buffer grows by what it was sent (a request head: a few hundred bytes), not
+/// by a read's worth of room it holds while it waits, and a burst of new connections does
+/// not leave the heap at a high-water mark of empty buffers.
+pub(super) fn read_appending(
+    buf: &mut BytesMut,
+    read: impl FnOnce(&mut Vec<u8>) -> io::Result<usize>,
+) -> io::Result<usize> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> =
+            std::cell::RefCell::new(Vec::with_capacity(SCRATCH_BYTES));
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        let n = read(scratch)?;
+        buf.extend_from_slice(&scratch[..n]);
+        Ok(n)
+    })
+}
+
+/// The most one read appends (`read_appending`).
+pub(super) const SCRATCH_BYTES: usize = 16 * 1024;
+
+/// Waits for `tcp` and appends what it has to `buf` (`read_appending`).
+pub(super) async fn read_drain_appending(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        tcp.readable().await?;
+        match read_appending(buf, |scratch| try_read_drain(tcp, scratch)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            read => return read,
+        }
     }
 }
 
@@ -216,9 +250,18 @@ impl Conn {
         }
     }
 
-    /// Waits until the socket can take more.
-    pub(super) async fn writable(&self) -> io::Result<()> {
-        self.tcp().writable().await
+    /// `readable` as a poll, for a loop that waits on several things without a future for
+    /// each (`ws_relay::relay`): one task may wait on it at a time.
+    pub(super) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Conn::Tls(t) if t.plaintext => Poll::Ready(Ok(())),
+            _ => self.tcp().poll_read_ready(cx),
+        }
+    }
+
+    /// Ready when the socket can take more (see `poll_readable`).
+    pub(super) fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp().poll_write_ready(cx)
     }
 
     /// Reads what is there into `buf`'s spare capacity, without waiting.

@@ -113,10 +113,13 @@ pub(super) async fn serve(g: Gateway, mut client: Conn, peer: SocketAddr, stop: 
                     Box::pin(super::serve_connection(g, rest, peer, stop)).await;
                     return;
                 }
-                Parsed::Refuse(limit) => return refuse(&g, client, limit).await,
+                Parsed::Refuse(limit) => return Box::pin(refuse(&g, client, limit)).await,
                 Parsed::BadUpgrade(why) => {
-                    let _ = client.write_all(&super::websocket::bad_upgrade(why)).await;
-                    let _ = client.shutdown().await;
+                    Box::pin(async {
+                        let _ = client.write_all(&super::websocket::bad_upgrade(why)).await;
+                        let _ = client.shutdown().await;
+                    })
+                    .await;
                     return;
                 }
                 Parsed::Upgrade(p) => {
@@ -142,7 +145,9 @@ pub(super) async fn serve(g: Gateway, mut client: Conn, peer: SocketAddr, stop: 
                     }
                 }
                 Ok(_) => return,
-                Err(_) if started => return refuse(&g, client, Limit::HeaderTimeout).await,
+                Err(_) if started => {
+                    return Box::pin(refuse(&g, client, Limit::HeaderTimeout)).await
+                }
                 Err(_) => {
                     g.0.bitten.count(Limit::IdleTimeout);
                     return;
@@ -158,7 +163,7 @@ pub(super) async fn serve(g: Gateway, mut client: Conn, peer: SocketAddr, stop: 
             match tokio::time::timeout_at(deadline, read_some(&mut client, &mut cbuf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return,
-                Err(_) => return refuse(&g, client, Limit::BodyTimeout).await,
+                Err(_) => return Box::pin(refuse(&g, client, Limit::BodyTimeout)).await,
             }
         }
         let body = cbuf.split_to(plan.body_len);
@@ -174,18 +179,16 @@ pub(super) async fn serve(g: Gateway, mut client: Conn, peer: SocketAddr, stop: 
     }
 }
 
-/// Reads what the client sends next into `buf`. While `buf` holds nothing, it holds no
-/// memory either until the client sends: an idle keep-alive connection costs no buffer.
+/// Reads what the client sends next into `buf`, which grows by what came
+/// (`conn::read_appending`). While `buf` holds nothing, it holds no memory either: an idle
+/// keep-alive connection costs no buffer.
 async fn read_some(client: &mut Conn, buf: &mut BytesMut) -> io::Result<usize> {
-    let idle = buf.is_empty();
-    if idle {
+    if buf.is_empty() {
         *buf = BytesMut::new();
     }
     loop {
         client.readable().await?;
-        buf.reserve(if idle { 4096 } else { 1024 });
-        match client.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && idle => *buf = BytesMut::new(),
+        match super::conn::read_appending(buf, |scratch| client.try_read_buf(scratch)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return r,
         }

@@ -206,14 +206,11 @@ impl Gateway {
 impl Gateway {
     /// The client's connection, after its TLS handshake when the gateway terminates TLS: it
     /// must end within `header_timeout`, like a request head.
-    async fn client_conn(
+    async fn tls_conn(
         &self,
         stream: tokio::net::TcpStream,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        config: Arc<rustls::ServerConfig>,
     ) -> Option<conn::Conn> {
-        let Some(config) = tls else {
-            return Some(conn::Conn::Tcp(stream));
-        };
         let deadline = self.0.cfg.limits.header_timeout;
         match tokio::time::timeout(deadline, conn::TlsConn::accept(stream, config)).await {
             Ok(Ok(c)) => Some(conn::Conn::Tls(Box::new(c))),
@@ -502,12 +499,18 @@ async fn accept_loop(
         let tls = tls.as_ref().map(|t| t.config.clone());
         connections.spawn(async move {
             let _admitted = admitted;
-            let Some(client) = g.client_conn(stream, tls).await else {
-                return;
+            // The handshake and hyper's path boxed: their futures are large, and a task's
+            // size is its largest path's, held by every connection.
+            let client = match tls {
+                None => conn::Conn::Tcp(stream),
+                Some(tls) => match Box::pin(g.tls_conn(stream, tls)).await {
+                    Some(c) => c,
+                    None => return,
+                },
             };
             if g.0.accounting.is_some() {
                 // Shared accounting holds a slot in Redis per request: hyper's path does that.
-                serve_connection(g, rewind::Rewind::new(client), peer, stop).await;
+                Box::pin(serve_connection(g, rewind::Rewind::new(client), peer, stop)).await;
             } else {
                 forward::serve(g, client, peer, stop).await;
             }

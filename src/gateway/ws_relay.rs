@@ -6,7 +6,9 @@
 //! through end to end. An idle session holds no buffer: bytes are read into the stack and
 //! written at once; only what a slow reader has not taken yet is kept.
 
+use std::future::Future;
 use std::io;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -164,7 +166,14 @@ pub(super) async fn session(
     stop: CancellationToken,
     opened: Option<access::Opened>,
 ) {
-    let _open = WsOpen::new(&accepted.backend.counts.ws_open);
+    let Accepted {
+        stream,
+        head,
+        early,
+        backend,
+    } = accepted;
+    drop(head);
+    let _open = WsOpen::new(&backend.counts.ws_open);
     let limits = &g.0.cfg.limits;
     let now = Instant::now();
     let side = |stream, server: bool| Side {
@@ -182,14 +191,14 @@ pub(super) async fn session(
         eof: false,
         passed: 0,
     };
-    let (mut c, mut s) = (side(client, false), side(Conn::Tcp(accepted.stream), true));
+    let (mut c, mut s) = (side(client, false), side(Conn::Tcp(stream), true));
     c.out = answer;
-    let ended_by = run(&g, &mut c, &mut s, &client_early, &accepted.early, &stop).await;
+    let ended_by = run(&g, &mut c, &mut s, client_early, early, &stop).await;
     if let Some(opened) = opened {
         access::session(
             &opened,
             &access::Outcome {
-                backend: &accepted.backend.id,
+                backend: &backend.id,
                 up: s.passed,
                 down: c.passed,
                 client_close: c.frames.close_code,
@@ -205,14 +214,16 @@ async fn run(
     g: &Gateway,
     c: &mut Side,
     s: &mut Side,
-    client_early: &[u8],
-    server_early: &[u8],
+    client_early: Vec<u8>,
+    server_early: bytes::BytesMut,
     stop: &CancellationToken,
 ) -> &'static str {
     let early = (
-        relay_early(c, s, client_early),
-        relay_early(s, c, server_early),
+        relay_early(c, s, &client_early),
+        relay_early(s, c, &server_early),
     );
+    // Not held through the session.
+    drop((client_early, server_early));
     // The 101 and the server's first message, written together.
     if c.backlogged() && c.flush().is_err() {
         return "error";
@@ -322,6 +333,15 @@ async fn closing(side: &mut Side) {
     let _ = side.stream.shutdown().await;
 }
 
+/// What a relay's wait came to.
+enum Woke {
+    Readable { client: bool },
+    Writable { client: bool },
+    Tick,
+    Stopping,
+    CloseWaitOver,
+}
+
 /// Passes bytes both ways until the session ends by itself (`None`: both sides closed, or
 /// one failed) or the gateway ends it.
 async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken) -> Option<End> {
@@ -338,13 +358,45 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
     let close_wait = tokio::time::sleep(Duration::from_secs(86_400));
     let stopped = stop.cancelled();
     tokio::pin!(close_wait, stopped);
+    // Which side is looked at first, turn about, so that neither starves the other.
+    let mut client_first = true;
     loop {
-        let step = tokio::select! {
-            r = c.stream.readable(), if !c.eof && !s.backlogged() => r.and_then(|()| pump(c, s)).map(|r| (true, r)),
-            r = s.stream.readable(), if !s.eof && !c.backlogged() => r.and_then(|()| pump(s, c)).map(|r| (false, r)),
-            r = c.stream.writable(), if c.backlogged() => r.and_then(|()| c.flush()).map(|()| (true, Read::Nothing)),
-            r = s.stream.writable(), if s.backlogged() => r.and_then(|()| s.flush()).map(|()| (false, Read::Nothing)),
-            _ = tick.tick() => {
+        client_first = !client_first;
+        // Everything the session waits on, polled in place: no future kept per source (a
+        // session's memory), none made per wake-up.
+        let woke = std::future::poll_fn(|cx| {
+            if stopped.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Woke::Stopping));
+            }
+            if half_closed && close_wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Woke::CloseWaitOver));
+            }
+            if tick.poll_tick(cx).is_ready() {
+                return Poll::Ready(Ok(Woke::Tick));
+            }
+            for client in [client_first, !client_first] {
+                let (this, other) = if client { (&*c, &*s) } else { (&*s, &*c) };
+                if this.backlogged() {
+                    if let Poll::Ready(r) = this.stream.poll_writable(cx) {
+                        return Poll::Ready(r.map(|()| Woke::Writable { client }));
+                    }
+                }
+                if !this.eof && !other.backlogged() {
+                    if let Poll::Ready(r) = this.stream.poll_readable(cx) {
+                        return Poll::Ready(r.map(|()| Woke::Readable { client }));
+                    }
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let step = match woke {
+            Err(e) => Err(e),
+            Ok(Woke::Readable { client: true }) => pump(c, s).map(|r| (true, r)),
+            Ok(Woke::Readable { client: false }) => pump(s, c).map(|r| (false, r)),
+            Ok(Woke::Writable { client: true }) => c.flush().map(|()| (true, Read::Nothing)),
+            Ok(Woke::Writable { client: false }) => s.flush().map(|()| (false, Read::Nothing)),
+            Ok(Woke::Tick) => {
                 let now = Instant::now();
                 for side in [&mut *c, &mut *s] {
                     if !side.eof && now.duration_since(side.last_heard) >= limits.ws_idle_timeout {
@@ -355,8 +407,8 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
                 ping_the_silent(s, &c.frames, now, limits.ws_ping_interval);
                 Ok((true, Read::Nothing))
             }
-            () = &mut stopped => return Some(End::Stopping),
-            () = &mut close_wait, if half_closed => return None,
+            Ok(Woke::Stopping) => return Some(End::Stopping),
+            Ok(Woke::CloseWaitOver) => return None,
         };
         match step {
             Err(_) => return None,

@@ -72,7 +72,7 @@ pub(super) async fn upgrade_upstream(g: &Gateway, head: &mut Vec<u8>) -> Result<
                 .write_all(wire)
                 .await
                 .map_err(|e| AttemptError::NotSent(format!("write: {e}")))?;
-            let mut buf = BytesMut::with_capacity(1024);
+            let mut buf = BytesMut::new();
             loop {
                 match switched(&buf, g.0.cfg.limits.max_response_header_bytes) {
                     Ok(Some(n)) => {
@@ -82,8 +82,7 @@ pub(super) async fn upgrade_upstream(g: &Gateway, head: &mut Vec<u8>) -> Result<
                     Ok(None) => {}
                     Err(e) => return Err(e),
                 }
-                buf.reserve(1024);
-                match super::conn::read_drain(&stream, &mut buf).await {
+                match super::conn::read_drain_appending(&stream, &mut buf).await {
                     Ok(n) if n > 0 => {}
                     Ok(_) => return Err(AttemptError::Sent("the server closed".into())),
                     Err(e) => return Err(AttemptError::Sent(format!("read: {e}"))),
@@ -221,8 +220,11 @@ pub(super) async fn open(
                  content-length: {}\r\nconnection: close\r\n\r\n{text}",
                 text.len()
             );
-            let _ = client.write_all(answer.as_bytes()).await;
-            let _ = client.shutdown().await;
+            Box::pin(async {
+                let _ = client.write_all(answer.as_bytes()).await;
+                let _ = client.shutdown().await;
+            })
+            .await;
         }
     }
 }
