@@ -415,6 +415,7 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
             Ok((_, Read::Nothing | Read::Passed)) => {}
             Ok((client, Read::Broken(why))) => return Some(End::Broken { client, why }),
             Ok((client, Read::Eof)) => {
+                let handshake_done = c.frames.closed && s.frames.closed;
                 let (from, to) = if client {
                     (&mut *c, &mut *s)
                 } else {
@@ -432,6 +433,17 @@ async fn relay(g: &Gateway, c: &mut Side, s: &mut Side, stop: &CancellationToken
                     .await
                     .is_err()
                 {
+                    return None;
+                }
+                if handshake_done && !client {
+                    // The server closed after the closing handshake (each side's close
+                    // frame passed on): nothing more may come from the client, so its
+                    // connection is closed now, as a WebSocket server's is (RFC 6455
+                    // §7.1.1), not half-closed while its FIN is awaited. Over TLS, its
+                    // close_notify first; plain, dropping the socket sends the FIN.
+                    if matches!(to.stream, Conn::Tls(_)) {
+                        let _ = to.stream.shutdown().await;
+                    }
                     return None;
                 }
                 let _ = to.stream.shutdown().await;
