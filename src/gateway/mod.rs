@@ -396,8 +396,11 @@ pub async fn run(
         let started = std::thread::Builder::new()
             .name(format!("gateway-loop-{i}"))
             .spawn(move || {
+                // Sockets and timers only: no signal or child-process driver to consult at
+                // every turn (signals are the first loop's runtime's).
                 let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
+                    .enable_io()
+                    .enable_time()
                     .build()?;
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
