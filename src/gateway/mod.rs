@@ -380,6 +380,12 @@ pub async fn run(
             }
         });
     }
+    // Connections wait in the listener's backlog until the fleet is known, not routed by
+    // least-connections over counts not read yet (every server would look empty).
+    tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        () = first_view(gateway.0.topology.clone()) => {}
+    }
     tracing::info!(%addr, service = %cfg.service, metrics = %gw_cfg.metrics_listen, tls = tls.is_some(), "gateway up");
     // One event loop per thread, each with its own listening socket on the address
     // (SO_REUSEPORT: the kernel spreads new connections over them), serving what it
@@ -429,6 +435,27 @@ pub async fn run(
 
 /// Accepts and serves connections on one event loop (`index`) until `shutdown`, then waits
 /// for those in progress (up to `request_timeout`).
+/// How long a starting gateway waits for its first complete view of the fleet (health,
+/// states and counts all read) before it serves on what it has.
+const FLEET_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits, `FLEET_WAIT` at most, for a snapshot with every source read. Past it (Redis or
+/// Consul down at start), the gateway serves anyway, routing by health and weights while
+/// counts are unknown, and says which source it lacks.
+async fn first_view(mut topology: tokio::sync::watch::Receiver<Arc<Topology>>) {
+    let known = tokio::time::timeout(FLEET_WAIT, topology.wait_for(|t| t.sources.all()))
+        .await
+        .is_ok();
+    if !known {
+        tracing::warn!(
+            missing = ?topology.borrow().sources.missing(),
+            waited = ?FLEET_WAIT,
+            "serving before the fleet is fully read: servers with unknown counts look empty \
+             until their counts come"
+        );
+    }
+}
+
 /// Waits once behind the tasks already queued on this loop. Unlike `tokio::task::yield_now`,
 /// which has the loop ask the OS for events first (an `epoll_wait` per accepted connection),
 /// the task goes straight to the back of the loop's queue.
@@ -552,6 +579,36 @@ mod tests {
             !accepted.quickack().unwrap(),
             "the first request's ACK waits for its answer (a new socket acknowledges at once)"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_starting_gateway_waits_for_counts_then_no_longer_than_fleet_wait() {
+        use crate::fleet::topology::{SourcesSynced, Topology};
+        use std::sync::Arc;
+        let partial = Topology {
+            sources: SourcesSynced {
+                health: true,
+                states: true,
+                sessions: false,
+            },
+            ..Topology::default()
+        };
+        // Counts read 2 s in: served then.
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(partial.clone()));
+        let started = tokio::time::Instant::now();
+        let waiting = tokio::spawn(super::first_view(rx));
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(!waiting.is_finished(), "served before the counts were read");
+        let mut full = partial.clone();
+        full.sources.sessions = true;
+        tx.send(Arc::new(full)).unwrap();
+        waiting.await.unwrap();
+        assert!(started.elapsed() < super::FLEET_WAIT);
+        // Redis down at start: served after FLEET_WAIT anyway.
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(partial));
+        let started = tokio::time::Instant::now();
+        super::first_view(rx).await;
+        assert_eq!(started.elapsed(), super::FLEET_WAIT);
     }
 
     #[tokio::test(flavor = "current_thread")]
