@@ -82,20 +82,28 @@ pub(super) fn read_appending(
     buf: &mut BytesMut,
     read: impl FnOnce(&mut Vec<u8>) -> io::Result<usize>,
 ) -> io::Result<usize> {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> =
-            std::cell::RefCell::new(Vec::with_capacity(SCRATCH_BYTES));
-    }
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.clear();
+    with_scratch(|scratch| {
         let n = read(scratch)?;
         buf.extend_from_slice(&scratch[..n]);
         Ok(n)
     })
 }
 
-/// The most one read appends (`read_appending`).
+/// The most one read takes (`with_scratch`).
 pub(super) const SCRATCH_BYTES: usize = 16 * 1024;
+
+/// Runs `f` with this thread's scratch buffer, emptied: `SCRATCH_BYTES` of capacity, never
+/// zeroed (reads write into its spare capacity). Not to be held across an `.await`.
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> =
+            std::cell::RefCell::new(Vec::with_capacity(SCRATCH_BYTES));
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        f(scratch)
+    })
+}
 
 /// Waits for `tcp` and appends what it has to `buf` (`read_appending`).
 pub(super) async fn read_drain_appending(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {

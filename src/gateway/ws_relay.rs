@@ -3,8 +3,8 @@
 //! `HAProxy` and nginx tunnel them, but followed frame by frame (`websocket::Frames`): frames
 //! and messages over their limits end the session with close 1009, a side silent for
 //! `ws_idle_timeout` (pinged every `ws_ping_interval`) ends it with 1001, and closes pass
-//! through end to end. An idle session holds no buffer: bytes are read into the stack and
-//! written at once; only what a slow reader has not taken yet is kept.
+//! through end to end. An idle session holds no buffer: bytes are read into the loop's
+//! scratch buffer and written at once; only what a slow reader has not taken yet is kept.
 
 use std::future::Future;
 use std::io;
@@ -98,23 +98,16 @@ enum Read {
     Broken(Broken),
 }
 
-/// Reads what `from` has sent into the stack and passes its whole frames on to `to`.
+/// Reads what `from` has sent into the loop's scratch buffer (`conn::with_scratch`) and
+/// passes its whole frames on to `to`.
 fn pump(from: &mut Side, to: &mut Side) -> io::Result<Read> {
-    // One buffer per worker thread, never zeroed: reading writes into its spare capacity.
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(READ));
-    }
-    BUF.with_borrow_mut(|buf| {
-        buf.clear();
+    super::conn::with_scratch(|buf| {
         buf.extend_from_slice(&from.held);
-        // Into the spare capacity (`READ` bytes, less the held ones): nothing to zero.
+        // Into the spare capacity (the scratch's, less the held bytes): nothing to zero.
         let read = from.stream.try_read_buf(buf);
         pass_read(from, to, read, buf)
     })
 }
-
-/// Bytes read at once from one side.
-const READ: usize = 16 * 1024;
 
 fn pass_read(
     from: &mut Side,
